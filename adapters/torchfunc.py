@@ -1,0 +1,137 @@
+"""The reference backend: torch.func transforms over ``functional_call``.
+
+Hessian–vector products are forward-over-reverse (``jvp`` of ``grad``); G–vector products are
+``jvp`` → output Hessian ``diag p − p pᵀ`` → ``vjp``; per-example Jacobians are ``vmap`` over
+``jacrev``. Every product streams over the data one batch at a time. ``dense_hessian`` and
+``dense_ggn`` materialise P × P matrices for the tests' references on small models.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+
+from curvkit.backend import Backend, ClassDeltas, Provenance
+from curvkit.errors import InvalidInputError
+
+DENSE_LIMIT_BYTES = 2 * 1024**3
+
+
+def output_hessian_product(logits: Tensor, u: Tensor) -> Tensor:
+    """``(diag p − p pᵀ) u`` per example, with p = softmax(logits): the CE loss Hessian."""
+    p = torch.softmax(logits, dim=1)
+    return p * u - p * (p * u).sum(dim=1, keepdim=True)
+
+
+def sqrt_output_hessian(logits: Tensor) -> Tensor:
+    """``S`` with ``S Sᵀ = diag p − p pᵀ``, ``S[:, c'] = sqrt(p_{c'}) (e_{c'} − p)``; shape (B, C, C)."""
+    p = torch.softmax(logits, dim=1)
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    return (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]
+
+
+class TorchFuncBackend(Backend):
+    """torch.func: the reference every other backend is tested against."""
+
+    name = "torchfunc"
+    library = "torch"
+    extra = None
+    capabilities = {
+        "hvp": "native",
+        "ggnvp": "native",
+        "class_deltas": "native",
+        "per_example_jacobians": "native",
+        "dense": "native",
+    }
+
+    # -- functional helpers ---------------------------------------------------------------------
+    def _params(self) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in zip(self.problem.names, self.problem.params)}
+
+    def _logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.problem.model, params, (x,))
+
+    def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return self.problem.loss_sum(self._logits(params, x), y)
+
+    # -- primitives -----------------------------------------------------------------------------
+    def hvp(self, v: Tensor) -> Tensor:
+        params, tangent = self._params(), self.problem.named(v)
+        total = self.zeros()
+        for x, y in self.problem.batches():
+            _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (params,), (tangent,))
+            total += self.problem.flatten([hv[n] for n in self.problem.names])
+        return total / self.problem.num_samples
+
+    def ggnvp(self, v: Tensor) -> Tensor:
+        params, tangent = self._params(), self.problem.named(v)
+        total = self.zeros()
+        for x, _ in self.problem.batches():
+            logits, jv = jvp(lambda p: self._logits(p, x), (params,), (tangent,))
+            _, pullback = vjp(lambda p: self._logits(p, x), params)
+            (gv,) = pullback(output_hessian_product(logits.detach(), jv))
+            total += self.problem.flatten([gv[n] for n in self.problem.names])
+        return total / self.problem.num_samples
+
+    def jacobians(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (B, C) and per-example Jacobians ``J_i = ∂f(x_i)/∂θ`` as one (B, C, P) tensor."""
+        params = self._params()
+
+        def single(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return self._logits(p, xi.unsqueeze(0)).squeeze(0)
+
+        jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
+        flat = torch.cat([jac[n].flatten(start_dim=2) for n in self.problem.names], dim=2)
+        with torch.no_grad():
+            logits = self._logits(params, x)
+        return logits, flat
+
+    def class_deltas(self) -> ClassDeltas:
+        start = time.perf_counter()
+        c, p = self.problem.num_classes, self.problem.num_params
+        sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
+        counts = torch.zeros(c, dtype=torch.long)
+        square_norm_sum = 0.0
+        for x, y in self.problem.batches():
+            logits, jac = self.jacobians(x)
+            deltas = torch.einsum("bkc,bkp->bcp", sqrt_output_hessian(logits), jac)
+            sums.index_add_(0, y, deltas)
+            counts += torch.bincount(y.cpu(), minlength=c)
+            square_norm_sum += float((deltas**2).sum())
+        provenance = Provenance(
+            self.name, "torch.func.vmap(jacrev)", seconds=time.perf_counter() - start
+        )
+        return ClassDeltas(sums, counts, square_norm_sum, provenance)
+
+    # -- dense references -----------------------------------------------------------------------
+    def _check_dense_size(self) -> None:
+        p = self.problem.num_params
+        needed = p * p * self.problem.dtype.itemsize * 3
+        if needed > DENSE_LIMIT_BYTES:
+            raise InvalidInputError(
+                f"a dense P × P matrix for P = {p} needs about {needed / 1024**3:.1f} GiB; use the "
+                "matrix-free quantities instead (dense references are for small models)."
+            )
+
+    def dense_hessian(self) -> Tensor:
+        """The P × P Hessian of the data-set loss (small models only)."""
+        self._check_dense_size()
+        flat = self.problem.flatten([p.detach() for p in self.problem.params])
+        total = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
+        for x, y in self.problem.batches():
+            total += torch.func.hessian(lambda f: self._loss(self.problem.named(f), x, y))(flat)
+        return total / self.problem.num_samples
+
+    def dense_ggn(self) -> Tensor:
+        """The P × P Gauss–Newton matrix ``(1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i``."""
+        self._check_dense_size()
+        p = self.problem.num_params
+        total = torch.zeros(p, p, dtype=self.problem.dtype, device=self.problem.device)
+        for x, _ in self.problem.batches():
+            logits, jac = self.jacobians(x)
+            factors = torch.einsum("bkc,bkp->bcp", sqrt_output_hessian(logits), jac).reshape(-1, p)
+            total += factors.T @ factors
+        return total / self.problem.num_samples

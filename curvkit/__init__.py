@@ -1,0 +1,39 @@
+"""curvkit: the curvature of a trained classifier's loss, through one interface over several
+curvature libraries (torch.func, BackPACK, PyHessian, ...).
+
+>>> import curvkit                                                  # doctest: +SKIP
+>>> report = curvkit.analyze(model, loader, backend="torchfunc")    # doctest: +SKIP
+>>> report.hessian.top_eigenvalues                                  # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from curvkit.analysis import analyze  # noqa: E402
+from curvkit.backend import Backend, Options, Provenance  # noqa: E402
+from curvkit.errors import (  # noqa: E402
+    BackendNotFoundError,
+    CurvkitError,
+    InvalidInputError,
+    MissingDependencyError,
+    UnsupportedError,
+)
+from curvkit.problem import Problem, model_guard  # noqa: E402
+from curvkit.registry import backends, get_backend  # noqa: E402
+from curvkit.report import Report  # noqa: E402
+
+__all__ = [
+    "Backend",
+    "BackendNotFoundError",
+    "CurvkitError",
+    "InvalidInputError",
+    "MissingDependencyError",
+    "Options",
+    "Problem",
+    "Provenance",
+    "Report",
+    "UnsupportedError",
+    "analyze",
+    "backends",
+    "get_backend",
+    "model_guard",
+]

@@ -1,0 +1,242 @@
+"""The Backend base class: primitives over the whole data set, plus overridable routines.
+
+A backend adapter is thin. It implements the primitives its library computes (``hvp``,
+``ggnvp``, ``class_deltas``, ``kronecker_factors``) on flat parameter vectors, normalised to the
+data-set mean ``(1/N) Σ_i``. The routines (``top_eigen``, ``trace``, ``density``) default to
+curvkit's own matrix-free numerics on those matvecs; a backend whose library has its own routine
+overrides them and says so in the returned provenance.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from curvkit.errors import UnsupportedError
+from curvkit.linalg import Density, EigenResult, TraceEstimate, estimate_trace, lanczos, slq_density
+from curvkit.problem import Problem
+
+PRIMITIVES = ("hvp", "ggnvp", "class_deltas", "kronecker_factors")
+MATRICES = ("hessian", "ggn", "residual")
+
+
+@dataclass
+class Provenance:
+    """Where a number came from: backend, routine, matvecs used, wall time, derived or native."""
+
+    backend: str
+    routine: str
+    matvecs: int = 0
+    seconds: float = 0.0
+    derived: bool = False
+    note: str = ""
+
+
+@dataclass
+class ClassDeltas:
+    """Per-class sums of Papyan's ``δ_{i,c'} = sqrt(p_{i,c'}) J_iᵀ(e_{c'} − p_i)``.
+
+    ``sums[c, c']`` = Σ_{i: y_i = c} δ_{i,c'} (shape C × C × P); ``counts[c]`` = n_c;
+    ``square_norm_sum`` = Σ_i Σ_{c'} ‖δ_{i,c'}‖² = N · tr G when the backend has per-example
+    factors, else None.
+    """
+
+    sums: Tensor
+    counts: Tensor
+    square_norm_sum: float | None
+    provenance: Provenance
+
+
+@dataclass
+class KroneckerFactors:
+    """A layer's Kronecker factors ``B = E[M]`` (n × n) and ``A = E[a aᵀ]`` (m × m)."""
+
+    B: Tensor
+    A: Tensor
+
+
+@dataclass
+class Options:
+    """Settings of the matrix-free routines (curvkit's own and the backends' native ones)."""
+
+    lanczos_tol: float = 1e-6
+    lanczos_max_iter: int | None = None
+    trace_method: str = "hutch++"
+    trace_matvecs: int = 99
+    density_probes: int = 5
+    density_steps: int = 50
+    density_grid: int = 400
+    density_relative_sigma: float = 0.01
+    progress: bool = False
+    backend: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """Base class of the curvkit backends.
+
+    Subclasses set ``name``, ``library`` (the distribution whose version is reported),
+    ``extra`` (the pip extra that installs it) and ``capabilities``: for each primitive or routine
+    the backend provides, ``"native"`` (its library computes it) or ``"derived"`` (built from the
+    library's other primitives).
+    """
+
+    name: ClassVar[str] = ""
+    library: ClassVar[str | None] = None
+    extra: ClassVar[str | None] = None
+    capabilities: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, problem: Problem, options: Options | None = None) -> None:
+        self.problem = problem
+        self.options = options or Options()
+
+    # -- availability ---------------------------------------------------------------------------
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise MissingDependencyError when the backend's library cannot be imported."""
+
+    @classmethod
+    def version(cls) -> str | None:
+        if cls.library is None:
+            return None
+        try:
+            return importlib.metadata.version(cls.library)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    # -- primitives -----------------------------------------------------------------------------
+    def unsupported(self, what: str, providers: str = "") -> UnsupportedError:
+        hint = f" Backends that provide it: {providers}." if providers else ""
+        return UnsupportedError(f"backend {self.name!r} does not provide {what}.{hint}")
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """Hessian–vector product ``∇²L v`` of the data-set loss (flat vectors)."""
+        raise self.unsupported("hvp")
+
+    def ggnvp(self, v: Tensor) -> Tensor:
+        """Gauss–Newton–vector product ``G v = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i v``."""
+        raise self.unsupported("ggnvp")
+
+    def class_deltas(self) -> ClassDeltas:
+        """Per-class sums of δ_{i,c'} over the data set (one pass)."""
+        raise self.unsupported("class_deltas")
+
+    def kronecker_factors(self) -> dict[str, KroneckerFactors]:
+        """Kronecker factors of every supported layer's weight, keyed by module name."""
+        raise self.unsupported("kronecker_factors")
+
+    def matvec(self, matrix: str) -> Callable[[Tensor], Tensor]:
+        """The matvec of ``hessian``, ``ggn`` or ``residual`` (= Hess − G)."""
+        if matrix == "hessian":
+            return self.hvp
+        if matrix == "ggn":
+            return self.ggnvp
+        if matrix == "residual":
+            return lambda v: self.hvp(v) - self.ggnvp(v)
+        raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")
+
+    def matvecs_per_product(self, matrix: str) -> int:
+        return 2 if matrix == "residual" else 1
+
+    # -- routines (curvkit's defaults; native libraries override) -------------------------------
+    def _numerics_kwargs(self) -> dict[str, Any]:
+        return {"dtype": self.problem.dtype, "device": self.problem.device}
+
+    def top_eigen(self, matrix: str, k: int, seed: int) -> tuple[EigenResult, Provenance]:
+        start = time.perf_counter()
+        result = lanczos(
+            self.matvec(matrix),
+            self.problem.num_params,
+            k,
+            tol=self.options.lanczos_tol,
+            max_iter=self.options.lanczos_max_iter,
+            seed=seed,
+            progress=self.options.progress,
+            **self._numerics_kwargs(),
+        )
+        return result, self._provenance("curvkit.lanczos", matrix, result.matvecs, start)
+
+    def trace(self, matrix: str, seed: int) -> tuple[TraceEstimate, Provenance]:
+        start = time.perf_counter()
+        result = estimate_trace(
+            self.matvec(matrix),
+            self.problem.num_params,
+            self.options.trace_matvecs,
+            method=self.options.trace_method,
+            seed=seed,
+            **self._numerics_kwargs(),
+        )
+        return result, self._provenance(f"curvkit.{result.method}", matrix, result.matvecs, start)
+
+    def density(self, matrix: str, seed: int) -> tuple[Density, Provenance]:
+        start = time.perf_counter()
+        result = slq_density(
+            self.matvec(matrix),
+            self.problem.num_params,
+            num_probes=self.options.density_probes,
+            num_steps=self.options.density_steps,
+            grid_size=self.options.density_grid,
+            relative_sigma=self.options.density_relative_sigma,
+            seed=seed,
+            progress=self.options.progress,
+            **self._numerics_kwargs(),
+        )
+        return result, self._provenance("curvkit.slq", matrix, result.matvecs, start)
+
+    def _provenance(
+        self, routine: str, matrix: str, products: int, start: float, note: str = ""
+    ) -> Provenance:
+        needs = {"hessian": ("hvp",), "ggn": ("ggnvp",), "residual": ("hvp", "ggnvp")}[matrix]
+        derived = any(self.capabilities.get(p) == "derived" for p in needs)
+        return Provenance(
+            backend=self.name,
+            routine=routine,
+            matvecs=products * self.matvecs_per_product(matrix),
+            seconds=time.perf_counter() - start,
+            derived=derived,
+            note=note,
+        )
+
+    # -- helpers for adapters ---------------------------------------------------------------------
+    def zeros(self) -> Tensor:
+        return torch.zeros(
+            self.problem.num_params, dtype=self.problem.dtype, device=self.problem.device
+        )
+
+
+def class_deltas_by_gradient_passes(
+    problem: Problem, model: torch.nn.Module, params: list[Tensor], backend: str
+) -> ClassDeltas:
+    """Σ_{y_i=c} δ_{i,c'} from weighted gradient passes, for libraries without per-example factors.
+
+    Since ``δ_{i,c'} = −sqrt(p_{i,c'}) ∇ℓ(f(x_i), c')``, the group sum for (c, c') is minus the
+    gradient of ``Σ_{y_i=c} sqrt(p_{i,c'}) ℓ(f(x_i), c')`` with the weights held constant: C
+    backward passes per class and batch (about C full backward passes over the data in all).
+    ``params`` are the tensors of ``model`` in the order of ``problem.names``.
+    """
+    start = time.perf_counter()
+    c, p = problem.num_classes, problem.num_params
+    sums = torch.zeros(c, c, p, dtype=problem.dtype, device=problem.device)
+    counts = torch.zeros(c, dtype=torch.long)
+    for x, y in problem.batches():
+        counts += torch.bincount(y.cpu(), minlength=c)
+        for label in y.unique().tolist():
+            logits = model(x[y == label])
+            weights = torch.softmax(logits.detach(), dim=1).sqrt()
+            log_probs = torch.log_softmax(logits, dim=1)  # ℓ(f, c') = −log p_{c'}
+            for other in range(c):
+                weighted = (weights[:, other] * log_probs[:, other]).sum()  # = −Σ w ℓ
+                grads = torch.autograd.grad(weighted, params, retain_graph=other < c - 1)
+                sums[label, other] += problem.flatten(grads)
+    provenance = Provenance(
+        backend,
+        "autograd weighted gradient passes",
+        seconds=time.perf_counter() - start,
+        derived=True,
+    )
+    return ClassDeltas(sums, counts, None, provenance)

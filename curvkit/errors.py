@@ -1,0 +1,26 @@
+"""The exceptions curvkit raises: one sentence saying what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class CurvkitError(Exception):
+    """Base class of every error curvkit raises on purpose."""
+
+
+class InvalidInputError(CurvkitError, ValueError):
+    """The model, the data or a request is not usable as given."""
+
+
+class UnsupportedError(CurvkitError):
+    """A backend cannot compute what was asked for this model or loss."""
+
+
+class BackendNotFoundError(CurvkitError, KeyError):
+    """No backend of that name is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(CurvkitError, ImportError):
+    """A backend's library is not installed."""

@@ -1,0 +1,280 @@
+"""The problem a backend analyses: a model, a loss, the data and the parameters to differentiate.
+
+Everything that is the same for every backend lives here once: input validation, the loop over
+the data (moved to the model's device and dtype), flat-vector bookkeeping, and the guard that gives
+the user's model back exactly as it came.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.errors import InvalidInputError, UnsupportedError
+
+LOSSES = ("cross_entropy",)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What one pass over the data found: N, C and the examples per class."""
+
+    num_samples: int
+    num_classes: int
+    counts: tuple[int, ...]
+
+
+class Problem:
+    """Model + loss + data + parameter selection, validated once.
+
+    The loss is ``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)``, averaged over examples (never over
+    batches). ``params`` selects the parameters by name; by default all that require gradients.
+
+    >>> problem = Problem(model, loader)            # doctest: +SKIP
+    >>> problem.num_params, problem.num_classes     # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Iterable,
+        loss: str = "cross_entropy",
+        params: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}; pass the classifier itself."
+            )
+        if loss not in LOSSES:
+            raise UnsupportedError(
+                f"loss {loss!r} is not supported; use one of {', '.join(LOSSES)}."
+            )
+        if not isinstance(data, Iterable) or isinstance(data, (Tensor, str, bytes)):
+            raise InvalidInputError(
+                f"data must be an iterable of (inputs, labels) batches such as a DataLoader, got {type(data).__name__}."
+            )
+        if iter(data) is data:
+            raise InvalidInputError(
+                "data is a one-shot iterator (e.g. a generator); pass something that can be iterated "
+                "many times, such as a DataLoader or a list of (inputs, labels) batches."
+            )
+        self.model = model
+        self.data = data
+        self.loss = loss
+        self.names, self.params = _select_params(model, params)
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.shapes = [p.shape for p in self.params]
+        self.num_params = sum(p.numel() for p in self.params)
+        self.summary = self._scan()
+
+    # -- data -----------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.summary.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self.summary.num_classes
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield the data's batches on the model's device, floating inputs in the model's dtype."""
+        for index, batch in enumerate(self.data):
+            yield self._prepare(batch, index)
+
+    def _prepare(self, batch: object, index: int) -> tuple[Tensor, Tensor]:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise InvalidInputError(
+                f"batch {index} is a {type(batch).__name__}, not an (inputs, labels) pair; "
+                "make the data yield two tensors per batch."
+            )
+        x, y = batch
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise InvalidInputError(
+                f"batch {index} holds {type(x).__name__} and {type(y).__name__}; inputs and labels "
+                "must both be torch tensors."
+            )
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise InvalidInputError(
+                f"labels in batch {index} have dtype {y.dtype}; class labels must be integers "
+                "(e.g. labels.long())."
+            )
+        if y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise InvalidInputError(
+                f"batch {index} has inputs of shape {tuple(x.shape)} and labels of shape "
+                f"{tuple(y.shape)}; labels must be one integer per example, matching the inputs' "
+                "first dimension."
+            )
+        if x.dtype.is_floating_point:
+            x = x.to(device=self.device, dtype=self.dtype)
+        else:
+            x = x.to(device=self.device)
+        return x, y.to(device=self.device, dtype=torch.long)
+
+    def _scan(self) -> DataSummary:
+        """One forward pass in eval mode that checks every batch and counts the classes."""
+        num_samples, num_classes, counts = 0, None, None
+        with model_guard(self.model), torch.no_grad():
+            for index, batch in enumerate(self.data):
+                x, y = self._prepare(batch, index)
+                if x.dtype.is_floating_point and not torch.isfinite(x).all():
+                    raise InvalidInputError(
+                        f"inputs in batch {index} contain NaN or Inf; clean or filter the data first."
+                    )
+                out = self.model(x)
+                if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                    raise InvalidInputError(
+                        f"the model's output for batch {index} is {shape}; curvkit needs logits of "
+                        "shape (batch, classes) from a classifier."
+                    )
+                if not torch.isfinite(out).all():
+                    raise InvalidInputError(
+                        f"the model's output for batch {index} contains NaN or Inf; check the "
+                        "parameters and inputs."
+                    )
+                if num_classes is None:
+                    num_classes = out.shape[1]
+                    counts = torch.zeros(num_classes, dtype=torch.long)
+                if out.shape[1] != num_classes:
+                    raise InvalidInputError(
+                        f"the model gives {out.shape[1]} outputs for batch {index} but {num_classes} "
+                        "before; every batch must have the same number of classes."
+                    )
+                if y.numel() and (y.min() < 0 or y.max() >= num_classes):
+                    raise InvalidInputError(
+                        f"labels in batch {index} range over [{int(y.min())}, {int(y.max())}] but the "
+                        f"model has {num_classes} outputs; labels must lie in [0, {num_classes - 1}]."
+                    )
+                counts += torch.bincount(y.cpu(), minlength=num_classes)
+                num_samples += y.numel()
+        if num_samples == 0:
+            raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
+        if num_classes < 2:
+            raise InvalidInputError(
+                f"the model has {num_classes} output; a classifier needs at least 2 classes."
+            )
+        return DataSummary(num_samples, num_classes, tuple(int(c) for c in counts))
+
+    # -- loss -----------------------------------------------------------------------------------
+    def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Σ over the batch of ℓ(f(x_i), y_i); divide by N for the data-set loss."""
+        return nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+    # -- flat vectors ---------------------------------------------------------------------------
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate per-parameter tensors into one flat vector (the order of ``names``)."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: Tensor) -> list[Tensor]:
+        """Split a flat vector into tensors shaped like the selected parameters."""
+        if vector.shape != (self.num_params,):
+            raise InvalidInputError(
+                f"expected a flat vector of {self.num_params} entries, got shape {tuple(vector.shape)}."
+            )
+        sizes = [s.numel() for s in self.shapes]
+        return [v.view(s) for v, s in zip(torch.split(vector, sizes), self.shapes)]
+
+    def named(self, vector: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.names, self.unflatten(vector)))
+
+    def slice_of(self, name: str) -> slice:
+        """Where parameter ``name`` sits in a flat vector."""
+        start = 0
+        for n, s in zip(self.names, self.shapes):
+            if n == name:
+                return slice(start, start + s.numel())
+            start += s.numel()
+        raise InvalidInputError(f"{name!r} is not among the selected parameters {self.names}.")
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.model)
+
+
+def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
+    named = dict(model.named_parameters())
+    if names is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+        if not names:
+            raise InvalidInputError(
+                "no parameter of the model requires gradients; enable requires_grad on the "
+                "parameters to analyse or pass params=[...]."
+            )
+    else:
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise InvalidInputError(
+                f"unknown parameter names {missing}; choose from {list(named)}."
+            )
+        if not names:
+            raise InvalidInputError("params is empty; name at least one parameter.")
+    params = [named[n] for n in names]
+    if len({(p.device, p.dtype) for p in params}) > 1:
+        raise InvalidInputError(
+            "the selected parameters live on several devices or dtypes; move the model with "
+            "model.to(device, dtype) first."
+        )
+    if not params[0].dtype.is_floating_point:
+        raise InvalidInputError(f"parameters of dtype {params[0].dtype} cannot be differentiated.")
+    for n, p in zip(names, params):
+        if not torch.isfinite(p).all():
+            raise InvalidInputError(
+                f"parameter {n!r} contains NaN or Inf; curvature is undefined there."
+            )
+    return list(names), params
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the architecture, parameter names and shapes, dtype and device type."""
+    parts = [type(m).__name__ + ":" + n for n, m in model.named_modules()]
+    parts += [f"{n}{tuple(p.shape)}{p.dtype}{p.device.type}" for n, p in model.named_parameters()]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
+    return {
+        k: OrderedDict(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)
+    }
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
+
+    Restored: parameter and buffer values, ``.grad`` fields, ``requires_grad``, each module's
+    train/eval mode and its hook dictionaries. Inside, the model is in eval mode by default.
+    """
+    params = list(model.parameters())
+    saved_params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in params]
+    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    saved_modules = [(m, m.training, _hook_dicts(m)) for m in model.modules()]
+    try:
+        if eval_mode:
+            model.eval()
+        yield model
+    finally:
+        with torch.no_grad():
+            for (p, value, grad, requires_grad), grad_value in zip(saved_params, saved_grads):
+                p.copy_(value)
+                p.requires_grad_(requires_grad)
+                if grad is not None:
+                    grad.copy_(grad_value)
+                p.grad = grad
+            for b, value in saved_buffers:
+                b.copy_(value)
+        for m, training, hooks in saved_modules:
+            m.training = training
+            for name in list(vars(m)):
+                if "hook" in name and isinstance(vars(m)[name], dict) and name not in hooks:
+                    vars(m)[name].clear()
+            for name, value in hooks.items():
+                current = vars(m)[name]
+                current.clear()
+                current.update(value)

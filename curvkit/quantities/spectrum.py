@@ -1,0 +1,66 @@
+"""Spectra of the Hessian, the Gauss–Newton matrix G and the residual H = Hess − G.
+
+For each: the top-k eigenvalues (Lanczos or the backend's native routine), the trace (Hutch++
+by default, with its standard error), the spectral density (SLQ) and the number of outliers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from curvkit.backend import Backend
+from curvkit.report import Spectrum
+
+OUTLIER_SCORE = 3.0
+
+
+def count_outliers(eigenvalues: list[float], min_score: float = OUTLIER_SCORE) -> int:
+    """Number of top eigenvalues that stand out of the bulk, by the most pronounced gap.
+
+    Rule: take the positive top eigenvalues λ₁ ≥ … ≥ λ_k and their log-gaps
+    g_i = log(λ_i / λ_{i+1}). Score each position i by g_i divided by the mean log-gap below it
+    (g_{i+1}, …, g_{k−1}; at least two of them): a gap that is large compared with the spacing of
+    the bulk beneath it. If the best score is at least ``min_score`` the first i eigenvalues are
+    outliers, else none are. The bulk must reach into the computed eigenvalues, so ask for more
+    eigenvalues than you expect outliers (the default top_k = 2C for C classes).
+    """
+    positive = [v for v in eigenvalues if v > 0]
+    gaps = [math.log(positive[i] / positive[i + 1]) for i in range(len(positive) - 1)]
+    best_score, best_index = 0.0, 0
+    for i in range(len(gaps) - 2):
+        below = gaps[i + 1 :]
+        spacing = sum(below) / len(below)
+        score = gaps[i] / spacing if spacing > 0 else math.inf
+        if score > best_score:
+            best_score, best_index = score, i + 1
+    return best_index if best_score >= min_score else 0
+
+
+def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
+    """Top eigenvalues, trace, density and outliers of ``matrix`` (hessian, ggn or residual)."""
+    eigen, eigen_prov = backend.top_eigen(matrix, top_k, seed)
+    if not eigen.converged:
+        warnings.warn(
+            f"Lanczos for the {matrix} did not reach tol={backend.options.lanczos_tol} in "
+            f"{eigen.matvecs} steps; raise lanczos_max_iter for exact top eigenvalues.",
+            stacklevel=2,
+        )
+    trace, trace_prov = backend.trace(matrix, seed + 1)
+    density, density_prov = backend.density(matrix, seed + 2)
+    values = [float(v) for v in eigen.values]
+    return Spectrum(
+        top_eigenvalues=values,
+        trace=float(trace.value),
+        trace_stderr=float(trace.stderr),
+        density={
+            "grid": density.grid.tolist(),
+            "values": density.values.tolist(),
+            "values_stderr": density.values_stderr.tolist(),
+            "sigma": density.sigma,
+        },
+        n_outliers=count_outliers(values),
+        converged=eigen.converged,
+        provenance={"top_eigenvalues": eigen_prov, "trace": trace_prov, "density": density_prov},
+        eigenvectors=eigen.vectors,
+    )

@@ -1,0 +1,220 @@
+"""The Report: what ``analyze`` returns, with stable keys (see DESIGN.md, "Report contract").
+
+Numbers are plain floats, lists are lists, eigenvalues descend; error estimates sit beside their
+numbers under ``*_stderr`` keys. ``to_dict`` gives the contract; ``save`` writes YAML or JSON
+(by suffix) atomically; ``Report.load`` reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import Tensor
+
+from curvkit.backend import Provenance
+from curvkit.errors import InvalidInputError
+
+QUANTITIES = ("hessian", "ggn", "residual", "classmeans")
+
+
+@dataclass
+class ModelInfo:
+    num_params: int
+    num_classes: int
+    num_samples: int
+    fingerprint: str
+    dtype: str = ""
+    device: str = ""
+    mode: str = "eval"
+
+
+@dataclass
+class Spectrum:
+    """Top eigenvalues, trace ± stderr, SLQ density and outlier count of one matrix."""
+
+    top_eigenvalues: list[float]
+    trace: float
+    trace_stderr: float
+    density: dict[str, Any]
+    n_outliers: int
+    converged: bool
+    provenance: dict[str, Provenance]
+    eigenvectors: Tensor | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class ClassMeans:
+    """Papyan's class-mean structure of G (see curvkit.quantities.classmeans)."""
+
+    counts: list[int]
+    class_gram: list[list[float]]
+    group_gram: list[list[float]]
+    eigenvalues: dict[str, list[float]]
+    trace: dict[str, float]
+    trace_stderr: dict[str, float]
+    overlap: dict[str, float]
+    coordinates: dict[str, Any]
+    excluded_classes: list[int]
+    provenance: dict[str, Provenance]
+
+
+@dataclass
+class Report:
+    backend: str
+    model: ModelInfo
+    hessian: Spectrum | None = None
+    ggn: Spectrum | None = None
+    residual: Spectrum | None = None
+    classmeans: ClassMeans | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    matvecs: dict[str, int] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str | None] = field(default_factory=dict)
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain Python types (the contract's keys), quantities not run omitted."""
+        return _plain(self)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write YAML (``.yaml``/``.yml``) or JSON (``.json``) atomically: never a half-written file."""
+        path = Path(path)
+        text = _dump(self.to_dict(), path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Report:
+        """Read a report written by ``save``."""
+        path = Path(path)
+        with open(path) as handle:
+            data = json.load(handle) if path.suffix == ".json" else yaml.safe_load(handle)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        def provenance(d: dict) -> dict[str, Provenance]:
+            return {k: Provenance(**v) for k, v in d.items()}
+
+        def spectrum(d: dict | None) -> Spectrum | None:
+            if d is None:
+                return None
+            return Spectrum(**{**d, "provenance": provenance(d["provenance"])})
+
+        classmeans = data.get("classmeans")
+        if classmeans is not None:
+            classmeans = ClassMeans(
+                **{**classmeans, "provenance": provenance(classmeans["provenance"])}
+            )
+        return cls(
+            backend=data["backend"],
+            model=ModelInfo(**data["model"]),
+            hessian=spectrum(data.get("hessian")),
+            ggn=spectrum(data.get("ggn")),
+            residual=spectrum(data.get("residual")),
+            classmeans=classmeans,
+            timings=data.get("timings", {}),
+            matvecs=data.get("matvecs", {}),
+            config=data.get("config", {}),
+            versions=data.get("versions", {}),
+        )
+
+    # -- summary --------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        m = self.model
+        lines = [
+            f"curvkit report — backend {self.backend}",
+            f"model: {m.num_params} parameters, {m.num_classes} classes, {m.num_samples} examples "
+            f"({m.dtype}, {m.device}, {m.mode} mode)",
+        ]
+        rows = [("matrix", "λ1", "λ2", "λk", "trace ± stderr", "outliers", "seconds")]
+        for name in ("hessian", "ggn", "residual"):
+            s: Spectrum | None = getattr(self, name)
+            if s is None:
+                continue
+            top = s.top_eigenvalues
+            rows.append(
+                (
+                    name,
+                    _g(top[0]),
+                    _g(top[1]) if len(top) > 1 else "",
+                    _g(top[-1]),
+                    f"{_g(s.trace)} ± {_g(s.trace_stderr)}",
+                    str(s.n_outliers),
+                    f"{self.timings.get(name, 0.0):.1f}",
+                )
+            )
+        if len(rows) > 1:
+            lines.append("")
+            lines += _table(rows)
+        if self.classmeans is not None:
+            t = self.classmeans.trace
+            share = {k: t[k] / t["total"] if t["total"] else float("nan") for k in t}
+            lines += [
+                "",
+                "class means (Papyan): tr G = "
+                + " + ".join(
+                    f"{k} {_g(t[k])} ({share[k]:.0%})" for k in ("own", "class", "cross", "within")
+                ),
+                "overlap of span{δ_c} with top-C eigenspace: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),
+            ]
+        return "\n".join(lines)
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if value is None or isinstance(value, Tensor):
+                continue
+            out[f.name] = _plain(value)
+        return out
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.tolist()
+    if isinstance(obj, str):
+        return str(obj)  # plain str, also for subclasses such as torch's version string
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
+    return obj
+
+
+def _dump(data: dict[str, Any], path: Path) -> str:
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_dump(data, sort_keys=False)
+    if path.suffix == ".json":
+        return json.dumps(data, indent=1)
+    raise InvalidInputError(
+        f"cannot tell the format of {str(path)!r}; name the file *.yaml, *.yml or *.json."
+    )

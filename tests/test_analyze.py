@@ -1,0 +1,164 @@
+"""analyze() end to end on the digits MLP: spectra against dense eigvalsh, report round trip,
+the model given back untouched, and clear errors for bad requests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import curvkit
+from curvkit.errors import BackendNotFoundError, InvalidInputError
+from curvkit.quantities.spectrum import count_outliers
+from curvkit.report import Report
+
+
+@pytest.fixture(scope="module")
+def report(digits_problem):
+    model, loader = digits_problem
+    return curvkit.analyze(model, loader, backend="torchfunc", top_k=12, progress=False)
+
+
+def test_top_eigenvalues_match_dense(report, dense_mlp):
+    for name, dense in (
+        ("hessian", dense_mlp["hessian"]),
+        ("ggn", dense_mlp["ggn"]),
+        ("residual", dense_mlp["hessian"] - dense_mlp["ggn"]),
+    ):
+        exact = np.linalg.eigvalsh(dense.numpy())[::-1][:12]
+        got = np.array(getattr(report, name).top_eigenvalues)
+        assert getattr(report, name).converged
+        np.testing.assert_allclose(got, exact, rtol=1e-4, err_msg=name)
+
+
+def test_traces_within_error_bars_and_a_few_percent(report, dense_mlp):
+    for name, dense in (("hessian", dense_mlp["hessian"]), ("ggn", dense_mlp["ggn"])):
+        exact = float(torch.trace(dense))
+        s = getattr(report, name)
+        assert abs(s.trace - exact) < 4 * s.trace_stderr + 1e-12, name
+        assert abs(s.trace - exact) < 0.03 * abs(exact), name
+
+
+def test_density_is_normalised(report):
+    d = report.hessian.density
+    assert np.trapezoid(d["values"], d["grid"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_report_contract_and_round_trip(report, tmp_path):
+    data = report.to_dict()
+    assert set(data["model"]) >= {"num_params", "num_classes", "num_samples", "fingerprint"}
+    for name in ("hessian", "ggn", "residual"):
+        block = data[name]
+        assert set(block) >= {
+            "top_eigenvalues",
+            "trace",
+            "trace_stderr",
+            "density",
+            "n_outliers",
+            "provenance",
+        }
+        assert block["top_eigenvalues"] == sorted(block["top_eigenvalues"], reverse=True)
+        assert isinstance(block["trace"], float) and isinstance(block["top_eigenvalues"][0], float)
+        assert block["provenance"]["top_eigenvalues"]["routine"] == "curvkit.lanczos"
+    assert data["model"]["num_params"] == 2410 and data["model"]["num_samples"] == 300
+    for suffix in (".yaml", ".json"):
+        path = report.save(tmp_path / f"r{suffix}")
+        assert Report.load(path).to_dict() == data
+    assert "hessian" in str(report) and "λ1" in str(report)
+
+
+def test_save_rejects_unknown_suffix_and_leaves_no_file(report, tmp_path):
+    with pytest.raises(InvalidInputError, match="yaml"):
+        report.save(tmp_path / "r.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _state(model):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+        [dict(m._forward_hooks) for m in model.modules()],
+    )
+
+
+def test_model_is_untouched(digits_problem):
+    model, loader = digits_problem
+    model.train()
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    model[2].bias.requires_grad_(False)
+    handle = model[0].register_forward_hook(lambda *a: None)
+    try:
+        before = _state(model)
+        curvkit.analyze(
+            model,
+            loader,
+            quantities=["hessian"],
+            top_k=2,
+            progress=False,
+            options={"trace_matvecs": 6, "density_probes": 1, "density_steps": 5},
+        )
+        after = _state(model)
+        for a, b in zip(
+            before[0] + [g for g in before[1] if g is not None],
+            after[0] + [g for g in after[1] if g is not None],
+        ):
+            assert torch.equal(a, b)
+        assert [g is None for g in before[1]] == [g is None for g in after[1]]
+        assert before[2:] == after[2:]
+        torch.func.grad(
+            lambda p: torch.func.functional_call(model, p, (loader.dataset[:5][0],)).sum()
+        )({n: p.detach() for n, p in model.named_parameters()})
+    finally:
+        handle.remove()
+        model[0].weight.grad = None
+        model[2].bias.requires_grad_(True)
+        model.eval()
+
+
+def test_same_seed_same_report(digits_problem):
+    model, loader = digits_problem
+    kwargs = dict(
+        quantities=["ggn"],
+        top_k=3,
+        progress=False,
+        options={"trace_matvecs": 9, "density_probes": 2, "density_steps": 10},
+    )
+    one = curvkit.analyze(model, loader, seed=1, **kwargs).to_dict()
+    two = curvkit.analyze(model, loader, seed=1, **kwargs).to_dict()
+    three = curvkit.analyze(model, loader, seed=2, **kwargs).to_dict()
+    for d in (one, two, three):
+        for p in d["ggn"]["provenance"].values():
+            p["seconds"] = 0.0
+        d.pop("timings")
+    assert one == two
+    assert one["ggn"]["trace"] != three["ggn"]["trace"]
+    np.testing.assert_allclose(
+        one["ggn"]["top_eigenvalues"], three["ggn"]["top_eigenvalues"], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"backend": "nope"}, BackendNotFoundError, "torchfunc"),
+        ({"quantities": ["curvature"]}, InvalidInputError, "hessian"),
+        ({"quantities": []}, InvalidInputError, "empty"),
+        ({"top_k": 10**6}, InvalidInputError, "top_k"),
+        ({"options": {"lanczos_tolerance": 1}}, InvalidInputError, "lanczos_tol"),
+        ({"loss": "mse"}, curvkit.UnsupportedError, "cross_entropy"),
+        ({"params": ["0.nope"]}, InvalidInputError, "0.weight"),
+    ],
+)
+def test_bad_requests_raise_clear_errors(digits_problem, kwargs, error, match):
+    model, loader = digits_problem
+    with pytest.raises(error, match=match):
+        curvkit.analyze(model, loader, progress=False, **kwargs)
+
+
+def test_count_outliers_rule():
+    bulk = list(np.linspace(1.0, 0.8, 12))
+    assert count_outliers([50.0, 30.0, 20.0] + bulk) == 3
+    assert count_outliers(bulk) == 0
+    assert count_outliers([1.0, -1.0]) == 0

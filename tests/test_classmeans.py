@@ -1,0 +1,141 @@
+"""Papyan's decomposition against a dense per-example reference on the digits MLP (float64).
+
+Identity and Gram-route eigenvalues are exact linear algebra: 1e-10 relative for the identity,
+1e-8 for eigenvalues (eigvalsh of a 2410² matrix carries ~1e-13 ‖A‖ rounding; the small ones sit
+near that floor, so eigenvalues are compared relative to the largest of each term).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import curvkit
+from curvkit.problem import Problem, model_guard
+from curvkit.quantities.classmeans import classmeans, low_rank_factors, subspace_overlap
+from curvkit.registry import get_backend
+from tests import reference
+
+
+def dense_terms(deltas: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four terms built literally from the definitions, example by example."""
+    n, c, p = deltas.shape
+    present = sorted(set(labels.tolist()))
+    group = {k: deltas[labels == k].mean(0) for k in present}  # (C, P): δ_{k,c'}
+    mean = {k: (group[k].sum(0) - group[k][k]) / (c - 1) for k in present}
+    w = {k: float((labels == k).sum()) / n for k in present}
+    own = sum(w[k] * torch.outer(group[k][k], group[k][k]) for k in present)
+    cls = (c - 1) * sum(w[k] * torch.outer(mean[k], mean[k]) for k in present)
+    cross = sum(
+        w[k] * torch.outer(group[k][o] - mean[k], group[k][o] - mean[k])
+        for k in present
+        for o in range(c)
+        if o != k
+    )
+    centred = deltas - torch.stack([group[int(y)] for y in labels])
+    within = torch.einsum("ncp,ncq->pq", centred, centred) / n
+    return {"own": own, "class": cls, "cross": cross, "within": within}
+
+
+@pytest.fixture(scope="module")
+def result(digits_problem):
+    model, loader = digits_problem
+    with model_guard(model):
+        backend = get_backend("torchfunc")(Problem(model, loader))
+        return classmeans(backend, top_k=10)
+
+
+def test_decomposition_is_exact(dense_mlp):
+    terms = dense_terms(dense_mlp["deltas"], dense_mlp["labels"])
+    total = sum(terms.values())
+    assert reference.rel_err(total, dense_mlp["ggn"]) < 1e-10
+
+
+def test_gram_route_matches_dense_terms(result, dense_mlp):
+    terms = dense_terms(dense_mlp["deltas"], dense_mlp["labels"])
+    for name in ("own", "class", "cross"):
+        exact = np.linalg.eigvalsh(terms[name].numpy())[::-1]
+        got = np.array(result.eigenvalues[name])
+        np.testing.assert_allclose(
+            got, exact[: len(got)], rtol=0, atol=1e-8 * exact[0], err_msg=name
+        )
+        assert exact[len(got) :].max(initial=0) < 1e-10 * exact[0]  # nothing nonzero was dropped
+        assert result.trace[name] == pytest.approx(float(torch.trace(terms[name])), rel=1e-10)
+    exact_within = np.linalg.eigvalsh(terms["within"].numpy())[::-1][:10]
+    np.testing.assert_allclose(result.eigenvalues["within"], exact_within, rtol=1e-4)
+    assert len(result.eigenvalues["own"]) <= 10 and len(result.eigenvalues["cross"]) <= 90
+
+
+def test_traces_add_up(result, dense_mlp):
+    t = result.trace
+    assert t["total"] == pytest.approx(float(torch.trace(dense_mlp["ggn"])), rel=1e-10)
+    assert t["own"] + t["class"] + t["cross"] + t["within"] == pytest.approx(t["total"], rel=1e-12)
+    assert min(t.values()) > 0
+
+
+def test_overlap_matches_dense(result, dense_mlp):
+    d, y = dense_mlp["deltas"], dense_mlp["labels"]
+    means = torch.stack([(d[y == k].mean(0).sum(0) - d[y == k].mean(0)[k]) / 9 for k in range(10)])
+    q, _ = torch.linalg.qr(means.T)
+    for name in ("ggn", "hessian"):
+        _, vectors = torch.linalg.eigh(dense_mlp[name])
+        u = vectors[:, -10:]
+        assert result.overlap[name] == pytest.approx(subspace_overlap(u, q), abs=1e-6)
+        assert 0 <= result.overlap[name] <= 1
+
+
+def test_group_gram_and_coordinates(result, dense_mlp):
+    assert np.array(result.group_gram).shape == (100, 100)
+    assert np.array(result.class_gram).shape == (10, 10)
+    assert np.array(result.coordinates["class_means"]).shape == (10, 2)
+    assert np.array(result.coordinates["group_means"]).shape == (10, 10, 2)
+
+
+@pytest.mark.parametrize("name", ["backpack", "pyhessian"])
+def test_backends_agree_with_torchfunc(name, result, digits_problem):
+    model, loader = digits_problem
+    with model_guard(model):
+        other = classmeans(get_backend(name)(Problem(model, loader)), top_k=10)
+    for term in ("own", "class", "cross"):
+        np.testing.assert_allclose(other.eigenvalues[term], result.eigenvalues[term], rtol=1e-8)
+    if name == "backpack":  # exact tr G from per-example factors
+        assert other.trace == pytest.approx(result.trace, rel=1e-10)
+    else:  # tr G by Hutch++ on G: within its error bars
+        assert abs(other.trace["total"] - result.trace["total"]) < 4 * other.trace_stderr["total"]
+        assert other.provenance["deltas"].derived
+
+
+def test_unbalanced_and_absent_classes(digits_problem):
+    """Drop class 3 entirely and thin class 5: weights n_c/N, class 3 excluded with a warning."""
+    model, loader = digits_problem
+    x, y = reference.all_data(loader)
+    keep = (y != 3) & ~((y == 5) & (torch.arange(len(y)) % 3 != 0))
+    x, y = x[keep], y[keep]
+    data = [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(y), 100)]
+    with model_guard(model), pytest.warns(UserWarning, match=r"classes \[3\]"):
+        out = classmeans(get_backend("torchfunc")(Problem(model, data)), top_k=5)
+    assert out.excluded_classes == [3] and out.counts[3] == 0
+    terms = dense_terms(reference.papyan_deltas(model, x), y)
+    for name in ("own", "class", "cross", "within"):
+        assert out.trace[name] == pytest.approx(float(torch.trace(terms[name])), rel=1e-9)
+
+
+def test_single_class_is_refused(digits_problem):
+    model, loader = digits_problem
+    x, y = reference.all_data(loader)
+    data = [(x[y == 2], y[y == 2])]
+    with model_guard(model), pytest.raises(curvkit.InvalidInputError, match="two classes"):
+        classmeans(get_backend("torchfunc")(Problem(model, data)), top_k=3)
+
+
+def test_low_rank_factors_reproduce_terms_on_random_deltas():
+    g = torch.Generator().manual_seed(0)
+    c, p = 4, 30
+    deltas = torch.randn(50, c, p, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, c, (50,), generator=g)
+    sums = torch.stack([deltas[labels == k].sum(0) for k in range(c)])
+    factors, _, _, _ = low_rank_factors(sums, torch.bincount(labels, minlength=c), 50)
+    terms = dense_terms(deltas, labels)
+    for name in ("own", "class", "cross"):
+        assert reference.rel_err(factors[name] @ factors[name].T, terms[name]) < 1e-12

@@ -1,0 +1,106 @@
+"""Lanczos, trace estimators and SLQ against exact eigendecompositions of random matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curvkit.linalg import estimate_trace, hutch_plus_plus, hutchinson, lanczos, slq_density
+
+N = 200
+
+
+def symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
+    return q @ torch.diag(eigenvalues) @ q.T
+
+
+def spectra() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    rest = torch.rand(N, generator=g, dtype=torch.float64)
+    return {
+        "indefinite": torch.randn(N, generator=g, dtype=torch.float64),
+        "repeated": torch.cat(
+            [torch.tensor([5.0, 5.0, 5.0, 3.0, 3.0], dtype=torch.float64), rest[5:]]
+        ),
+        "clustered": torch.cat([5 + 1e-7 * torch.arange(4, dtype=torch.float64), rest[4:]]),
+        "outliers": torch.cat([torch.linspace(10, 50, 10, dtype=torch.float64), 0.1 * rest[10:]]),
+    }
+
+
+@pytest.mark.parametrize("name", list(spectra()))
+def test_lanczos_top_k_matches_eigvalsh(name):
+    eigs = spectra()[name]
+    a = symmetric(eigs)
+    exact = np.linalg.eigvalsh(a.numpy())[::-1][:10]
+    result = lanczos(lambda v: a @ v, N, 10, tol=1e-10, max_iter=N)
+    assert result.converged
+    # residual tol 1e-10 of ‖A‖ bounds each eigenvalue error by 1e-10 ‖A‖; allow rounding on top
+    np.testing.assert_allclose(result.values.numpy(), exact, rtol=0, atol=1e-9 * abs(exact).max())
+    # eigenvectors: orthonormal, and A u = λ u
+    u = result.vectors
+    assert torch.allclose(u.T @ u, torch.eye(10, dtype=u.dtype), atol=1e-10)
+    assert float((a @ u - u * result.values).norm(dim=0).max()) < 1e-8 * float(eigs.abs().max())
+
+
+def test_lanczos_outliers_converge_in_few_steps():
+    a = symmetric(spectra()["outliers"])
+    result = lanczos(lambda v: a @ v, N, 10)
+    assert result.converged and result.matvecs < 40
+
+
+def test_lanczos_is_deterministic_and_seeded():
+    a = symmetric(spectra()["indefinite"])
+    one = lanczos(lambda v: a @ v, N, 3, max_iter=30, seed=3)
+    two = lanczos(lambda v: a @ v, N, 3, max_iter=30, seed=3)
+    three = lanczos(lambda v: a @ v, N, 3, max_iter=30, seed=4)
+    assert torch.equal(one.values, two.values)
+    assert not torch.equal(one.values, three.values)
+
+
+def test_lanczos_rejects_bad_k():
+    with pytest.raises(ValueError):
+        lanczos(lambda v: v, 5, 6)
+
+
+@pytest.mark.parametrize("estimator", [hutchinson, hutch_plus_plus])
+def test_trace_estimators_within_error_bars(estimator):
+    eigs = spectra()["outliers"]
+    a = symmetric(eigs)
+    exact = float(eigs.sum())
+    estimate = estimator(lambda v: a @ v, N, 90, seed=2)
+    assert estimate.matvecs == 90
+    # 4 standard errors: fails by chance with probability < 1e-4 (CLT)
+    assert abs(estimate.value - exact) < 4 * estimate.stderr
+
+
+def test_hutch_plus_plus_beats_hutchinson_on_outliers():
+    a = symmetric(spectra()["outliers"])
+    plain = hutchinson(lambda v: a @ v, N, 90, seed=2)
+    plus = hutch_plus_plus(lambda v: a @ v, N, 90, seed=2)
+    assert plus.stderr < plain.stderr / 5
+
+
+def test_trace_is_exact_when_budget_covers_dimension():
+    a = symmetric(spectra()["indefinite"])
+    estimate = estimate_trace(lambda v: a @ v, N, N)
+    assert estimate.method == "exact" and estimate.stderr == 0
+    assert estimate.value == pytest.approx(float(torch.trace(a)), rel=1e-12)
+
+
+def test_slq_density_integrates_to_one_and_matches_histogram():
+    g = torch.Generator().manual_seed(0)
+    eigs = torch.cat(
+        [torch.rand(N // 2, generator=g), 3 + torch.rand(N // 2, generator=g)]
+    ).double()
+    a = symmetric(eigs)
+    density = slq_density(lambda v: a @ v, N, num_probes=20, num_steps=60, relative_sigma=0.02)
+    grid, values = density.grid.numpy(), density.values.numpy()
+    assert np.trapezoid(values, grid) == pytest.approx(1.0, abs=1e-3)
+    # half the mass in each of the two bands [0, 1] and [3, 4]: compare the integrated mass
+    low = np.trapezoid(np.where(grid < 2, values, 0), grid)
+    assert low == pytest.approx(0.5, abs=0.05)
+    assert (density.weights.sum(1) - 1).abs().max() < 1e-10
+    assert density.matvecs == 20 * 60
