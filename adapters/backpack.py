@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.backend import Backend, ClassDeltas, Provenance
+from curvkit.backend import Backend, ClassDeltas, KroneckerFactors, Provenance, kronecker_layers
 from curvkit.errors import MissingDependencyError, UnsupportedError
 
 OTHER_BACKENDS = "torchfunc, pyhessian"
@@ -31,6 +31,7 @@ class BackPACKBackend(Backend):
         "hvp": "native",  # backpack.hessianfree.hvp (double backward)
         "ggnvp": "native",  # backpack.hessianfree.ggnvp (R-op, output Hessian, L-op)
         "class_deltas": "native",  # SqrtGGNExact
+        "kronecker_factors": "native",  # KFLR
     }
 
     @classmethod
@@ -122,10 +123,44 @@ class BackPACKBackend(Backend):
 
         return self._products(v, ggn_vector_product_from_plist)
 
+    def _backward_with(self, extension: Any, loss: Tensor, name: str) -> None:
+        from backpack import backpack
+
+        try:
+            with backpack(extension), warnings.catch_warnings():
+                # BackPACK's hooks fire on outputs when inputs need no gradient: harmless
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+        except NotImplementedError as error:
+            raise self._unsupported(error, name) from error
+
+    def kronecker_factors(self) -> dict[str, KroneckerFactors]:
+        """KFLR factors summed over batches: with a summed loss BackPACK gives per batch
+        ``[Σ_i M_i, (1/B) Σ_i a_i a_iᵀ]`` (Conv2d: bias-GGN factor and unfolded patches)."""
+        from backpack.extensions import KFLR
+
+        model, params, loss_fn = self._extended()
+        names = kronecker_layers(self.problem)
+        weights = {n: params[self.problem.names.index(f"{n}.weight")] for n in names}
+        sums = {n: None for n in names}
+        for x, y in self.problem.batches():
+            self._backward_with(KFLR(), loss_fn(model(x), y), "KFLR")
+            for n, w in weights.items():
+                b, a = w.kflr
+                batch = (b, a * x.shape[0])
+                sums[n] = batch if sums[n] is None else (sums[n][0] + b, sums[n][1] + batch[1])
+            for q in params:
+                if hasattr(q, "kflr"):
+                    del q.kflr
+                q.grad = None
+        n = self.problem.num_samples
+        return {
+            name: KroneckerFactors(b.detach() / n, a.detach() / n) for name, (b, a) in sums.items()
+        }
+
     def class_deltas(self) -> ClassDeltas:
         """Σ_{y_i=c} δ_{i,c'} from ``SqrtGGNExact``: with a summed CE loss its factor for
         example i and class c' is exactly ``sqrt(p_{i,c'}) J_iᵀ(e_{c'} − p_i)``."""
-        from backpack import backpack
         from backpack.extensions import SqrtGGNExact
 
         start = time.perf_counter()
@@ -135,14 +170,7 @@ class BackPACKBackend(Backend):
         counts = torch.zeros(c, dtype=torch.long)
         square_norm_sum = 0.0
         for x, y in self.problem.batches():
-            loss = loss_fn(model(x), y)
-            try:
-                with backpack(SqrtGGNExact()), warnings.catch_warnings():
-                    # BackPACK's hooks fire on outputs when inputs need no gradient: harmless
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-            except NotImplementedError as error:
-                raise self._unsupported(error, "SqrtGGNExact") from error
+            self._backward_with(SqrtGGNExact(), loss_fn(model(x), y), "SqrtGGNExact")
             # (C, B, *shape) per parameter -> (B, C, P)
             factors = torch.cat([q.sqrt_ggn_exact.flatten(start_dim=2) for q in params], dim=2)
             deltas = factors.transpose(0, 1)

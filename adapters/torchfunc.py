@@ -8,13 +8,22 @@ Hessian–vector products are forward-over-reverse (``jvp`` of ``grad``); G–ve
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from curvkit.backend import Backend, ClassDeltas, Provenance
+from curvkit.backend import (
+    Backend,
+    ClassDeltas,
+    KroneckerFactors,
+    Provenance,
+    kronecker_layers,
+    kronecker_shape,
+    unfolded_input,
+)
 from curvkit.errors import InvalidInputError
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -43,6 +52,7 @@ class TorchFuncBackend(Backend):
         "hvp": "native",
         "ggnvp": "native",
         "class_deltas": "native",
+        "kronecker_factors": "native",
         "per_example_jacobians": "native",
         "dense": "native",
     }
@@ -105,6 +115,65 @@ class TorchFuncBackend(Backend):
             self.name, "torch.func.vmap(jacrev)", seconds=time.perf_counter() - start
         )
         return ClassDeltas(sums, counts, square_norm_sum, provenance)
+
+    def kronecker_factors(self) -> dict[str, KroneckerFactors]:
+        """Per-example Kronecker factors, summed exactly (the reference for BackPACK's KFLR).
+
+        Linear: ``B = (1/N) Σ_i J_zᵀ H_i J_z`` at the pre-activation z, ``A = (1/N) Σ_i a_i a_iᵀ``.
+        Conv2d (BackPACK's convention): B from the Jacobian summed over output positions (the
+        bias's Gauss–Newton block), ``A = (1/N) Σ_i Σ_s ã_{i,s} ã_{i,s}ᵀ`` over unfolded patches.
+        """
+        layers = kronecker_layers(self.problem)
+        model = copy.deepcopy(self.problem.model).eval()
+        modules = dict(model.named_modules())
+        recorded: dict[str, tuple[Tensor, torch.Size]] = {}  # layer input, per-example z shape
+        shifts: dict[str, Tensor] = {}
+
+        def hook(name: str):
+            def record_or_shift(module, args, output):
+                if name in shifts:  # inside the Jacobian: z ↦ z + shift, differentiated at 0
+                    return output + shifts[name]
+                recorded[name] = (args[0].detach(), output.shape[1:])
+                return output
+
+            return record_or_shift
+
+        def logits_of_shift(shift: dict[str, Tensor], xi: Tensor) -> Tensor:
+            shifts.update({n: t.unsqueeze(0) for n, t in shift.items()})
+            try:
+                return model(xi.unsqueeze(0)).squeeze(0)
+            finally:
+                shifts.clear()
+
+        handles = [modules[name].register_forward_hook(hook(name)) for name in layers]
+        sums = {
+            name: [
+                torch.zeros(s, s, dtype=self.problem.dtype, device=self.problem.device)
+                for s in kronecker_shape(modules[name])
+            ]
+            for name in layers
+        }
+        try:
+            for x, _ in self.problem.batches():
+                with torch.no_grad():
+                    sqrt_h = sqrt_output_hessian(model(x))
+                zeros = {n: x.new_zeros(recorded[n][1]) for n in layers}
+                jac = vmap(jacrev(logits_of_shift), in_dims=(None, 0))(zeros, x)  # (B, C, *z)
+                for name in layers:
+                    jz = jac[name]
+                    if jz.dim() > 3:  # convolution: sum over output positions
+                        jz = jz.flatten(start_dim=3).sum(-1)
+                    v = torch.einsum("bkc,bkn->bcn", sqrt_h, jz)
+                    sums[name][0] += torch.einsum("bcn,bcm->nm", v, v)
+                    a = unfolded_input(modules[name], recorded[name][0])
+                    sums[name][1] += torch.einsum("bil,bjl->ij", a, a)
+        finally:
+            for handle in handles:
+                handle.remove()
+        n = self.problem.num_samples
+        return {
+            name: KroneckerFactors(b.detach() / n, a.detach() / n) for name, (b, a) in sums.items()
+        }
 
     # -- dense references -----------------------------------------------------------------------
     def _check_dense_size(self) -> None:

@@ -18,6 +18,7 @@ from curvkit.errors import (  # noqa: E402
     UnsupportedError,
 )
 from curvkit.problem import Problem, model_guard  # noqa: E402
+from curvkit.quantities.layerwise import layer_trace_penalty  # noqa: E402
 from curvkit.registry import backends, get_backend  # noqa: E402
 from curvkit.report import Report  # noqa: E402
 
@@ -35,5 +36,6 @@ __all__ = [
     "analyze",
     "backends",
     "get_backend",
+    "layer_trace_penalty",
     "model_guard",
 ]

@@ -15,6 +15,7 @@ from curvkit.backend import MATRICES, Options
 from curvkit.errors import InvalidInputError
 from curvkit.problem import Problem, model_guard
 from curvkit.quantities.classmeans import classmeans
+from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
 from curvkit.registry import get_backend
 from curvkit.report import QUANTITIES, ModelInfo, Report
@@ -52,8 +53,8 @@ def analyze(
     """Measure the curvature of ``model``'s loss on ``data`` with one backend.
 
     ``data`` is any re-iterable of ``(inputs, labels)`` batches; the loss is the mean over
-    examples. ``quantities`` (default: all) are among ``hessian``, ``ggn``, ``residual`` (= Hess − G)
-    and ``classmeans``; ``top_k`` eigenvalues are reported per spectrum (default 2C). The model runs
+    examples. ``quantities`` (default: all) are among ``hessian``, ``ggn``, ``residual`` (= Hess − G),
+    ``classmeans`` and ``layerwise``; ``top_k`` eigenvalues are reported per spectrum (default 2C). The model runs
     in eval mode and comes back exactly as it was. Stochastic estimates are seeded by ``seed``.
 
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
@@ -109,8 +110,10 @@ def analyze(
             if name in MATRICES:
                 result = spectrum(engine, name, k, seed)
                 report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
-            else:
+            elif name == "classmeans":
                 result = classmeans(engine, k, seed, spectra=report)
+            else:
+                result = layerwise(engine, k, seed, spectra=report)
             setattr(report, name, result)
             report.timings[name] = time.perf_counter() - start
     return report

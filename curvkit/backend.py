@@ -209,6 +209,36 @@ class Backend:
         )
 
 
+def kronecker_layers(problem: Problem) -> list[str]:
+    """Names of the Linear and Conv2d modules whose weight is among the selected parameters."""
+    selected = set(problem.names)
+    return [
+        name
+        for name, m in problem.model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and f"{name}.weight" in selected
+    ]
+
+
+def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
+    """(n, m) of a layer's weight as a matrix: out features × (in features · kernel size)."""
+    weight = module.weight
+    return weight.shape[0], weight[0].numel()
+
+
+def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
+    """A layer's input as (batch, m, positions): Linear inputs as one position, Conv2d unfolded."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise UnsupportedError(
+                f"Kronecker factors of Conv2d need groups=1 and zero padding, got groups="
+                f"{module.groups}, padding_mode={module.padding_mode!r}."
+            )
+        return torch.nn.functional.unfold(
+            inputs, module.kernel_size, module.dilation, module.padding, module.stride
+        )
+    return inputs.reshape(inputs.shape[0], -1, 1)
+
+
 def class_deltas_by_gradient_passes(
     problem: Problem, model: torch.nn.Module, params: list[Tensor], backend: str
 ) -> ClassDeltas:

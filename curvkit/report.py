@@ -21,7 +21,7 @@ from torch import Tensor
 from curvkit.backend import Provenance
 from curvkit.errors import InvalidInputError
 
-QUANTITIES = ("hessian", "ggn", "residual", "classmeans")
+QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
 
 
 @dataclass
@@ -66,6 +66,23 @@ class ClassMeans:
 
 
 @dataclass
+class Layer:
+    """One layer's Hessian block against its Kronecker approximation (curvkit.quantities.layerwise)."""
+
+    shape: list[int]
+    trace: float
+    trace_stderr: float
+    max_eigenvalue: float
+    top_eigenvalues: list[float]
+    kronecker: dict[str, Any]
+    overlap: dict[str, float]
+    rank1: list[float]
+    spectrum_distance: float
+    closest_to_full: bool
+    provenance: dict[str, Provenance]
+
+
+@dataclass
 class Report:
     backend: str
     model: ModelInfo
@@ -73,6 +90,7 @@ class Report:
     ggn: Spectrum | None = None
     residual: Spectrum | None = None
     classmeans: ClassMeans | None = None
+    layerwise: dict[str, Layer] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     matvecs: dict[str, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -121,6 +139,12 @@ class Report:
             classmeans = ClassMeans(
                 **{**classmeans, "provenance": provenance(classmeans["provenance"])}
             )
+        layerwise = data.get("layerwise")
+        if layerwise is not None:
+            layerwise = {
+                name: Layer(**{**layer, "provenance": provenance(layer["provenance"])})
+                for name, layer in layerwise.items()
+            }
         return cls(
             backend=data["backend"],
             model=ModelInfo(**data["model"]),
@@ -128,6 +152,7 @@ class Report:
             ggn=spectrum(data.get("ggn")),
             residual=spectrum(data.get("residual")),
             classmeans=classmeans,
+            layerwise=layerwise,
             timings=data.get("timings", {}),
             matvecs=data.get("matvecs", {}),
             config=data.get("config", {}),
@@ -174,6 +199,34 @@ class Report:
                 "overlap of span{δ_c} with top-C eigenspace: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),
             ]
+        if self.layerwise:
+            rows = [
+                (
+                    "layer",
+                    "shape",
+                    "trace",
+                    "λ_max",
+                    "Kronecker λ1",
+                    "overlap H",
+                    "rank-1",
+                    "W1 to full",
+                )
+            ]
+            for name, layer in self.layerwise.items():
+                rows.append(
+                    (
+                        name + (" *" if layer.closest_to_full else ""),
+                        "×".join(map(str, layer.shape)),
+                        _g(layer.trace),
+                        _g(layer.max_eigenvalue),
+                        _g(layer.kronecker["top_eigenvalues"][0]),
+                        f"{layer.overlap['hessian']:.3f}",
+                        f"{layer.rank1[0]:.3f}",
+                        f"{layer.spectrum_distance:.3f}",
+                    )
+                )
+            lines += ["", "layers (Wu et al., Sankar et al.; * closest to the full spectrum):"]
+            lines += _table(rows)
         return "\n".join(lines)
 
 

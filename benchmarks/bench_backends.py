@@ -1,0 +1,336 @@
+"""Backends side by side in one run: products, per-example factors, eigen/trace/density routines,
+and the class-mean pass. Writes benchmarks/results/backends_<device>.md.
+
+    python benchmarks/bench_backends.py [--device cpu|cuda] [--quick]
+
+Times are medians of repeats after a warm-up; ratios are taken within this one run because the
+machines are shared. Peak memory is measured in a fresh subprocess per measurement (CPU: growth
+of the peak resident set; CUDA: torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import curvkit
+from curvkit.datasets import digits_loader, digits_tensors
+from curvkit.models import digits_cnn, digits_mlp, mlp, train
+from curvkit.problem import Problem, model_guard
+from curvkit.quantities.classmeans import classmeans
+from curvkit.registry import get_backend
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def models(device: str, dtype=torch.float64) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    wide = mlp(64, (512, 128), 10).to(dtype)
+    return {
+        "digits MLP": digits_mlp(dtype=dtype),
+        "wide MLP": wide,
+        "CNN": digits_cnn(dtype=dtype),
+    }
+
+
+def trained(name: str, device: str) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
+    model = models(device)[name]
+    train(model, digits_loader(batch_size=64, shuffle=True), epochs=15, progress=False)
+    return model.to(device), _loader(600, 128, device)
+
+
+def _loader(n: int, batch: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = digits_tensors()
+    x, y = x[:n].to(device), y[:n].to(device)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def _gradient(problem: Problem) -> None:
+    total = None
+    for x, y in problem.batches():
+        g = torch.autograd.grad(problem.loss_sum(problem.model(x), y), problem.params)
+        total = g if total is None else [a + b for a, b in zip(total, g)]
+
+
+def table(rows: list[list[str]]) -> str:
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    return head + "".join("| " + " | ".join(r) + " |\n" for r in rows[1:])
+
+
+# -- measurements ------------------------------------------------------------------------------
+def products(device: str) -> str:
+    """Issue 3/4: HVP and GVP cost as multiples of a gradient, per backend."""
+    rows = [
+        ["model", "P", "backend", "gradient ms", "HVP ms", "HVP / grad", "GVP ms", "GVP / grad"]
+    ]
+    for name, model in models(device).items():
+        model = model.to(device)
+        data = _loader(600, 128, device)
+        with model_guard(model):
+            problem = Problem(model, data)
+            v = torch.randn(problem.num_params, dtype=problem.dtype, device=device)
+            grad_t = median_time(lambda: _gradient(problem))
+            for backend_name in ("torchfunc", "backpack", "pyhessian"):
+                backend = get_backend(backend_name)(problem)
+                hvp_t = median_time(lambda: backend.hvp(v))
+                gvp_t = median_time(lambda: backend.ggnvp(v))
+                rows.append(
+                    [
+                        name,
+                        str(problem.num_params),
+                        backend_name,
+                        f"{grad_t * 1e3:.1f}",
+                        f"{hvp_t * 1e3:.1f}",
+                        f"{hvp_t / grad_t:.1f}",
+                        f"{gvp_t * 1e3:.1f}",
+                        f"{gvp_t / grad_t:.1f}",
+                    ]
+                )
+    return table(rows)
+
+
+def _factor_pass(args: tuple[str, str, str]) -> tuple[float, float]:
+    """In a fresh process: time of one class-delta pass and the peak-memory growth in MiB."""
+    backend_name, model_name, device = args
+    torch.manual_seed(0)
+    model = models(device)[model_name].to(device)
+    data = _loader(600, 128, device)
+    with model_guard(model):
+        backend = get_backend(backend_name)(Problem(model, data))
+        backend.class_deltas()  # warm-up
+        base = _peak(device)
+        start = time.perf_counter()
+        backend.class_deltas()
+        seconds = time.perf_counter() - start
+        return seconds, _peak(device) - base
+
+
+def _peak(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _in_subprocess(fn, args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, (args,))
+
+
+def factors(device: str) -> str:
+    """Issue 4: BackPACK SqrtGGNExact vs torch.func vmap(jacrev) for all δ_{i,c'} (600 digits)."""
+    rows = [
+        [
+            "model",
+            "torchfunc s/pass",
+            "backpack s/pass",
+            "speed-up",
+            "torchfunc peak MiB",
+            "backpack peak MiB",
+        ]
+    ]
+    for model_name in models(device):
+        tf = _in_subprocess(_factor_pass, ("torchfunc", model_name, device))
+        bp = _in_subprocess(_factor_pass, ("backpack", model_name, device))
+        rows.append(
+            [
+                model_name,
+                f"{tf[0]:.3f}",
+                f"{bp[0]:.3f}",
+                f"{tf[0] / bp[0]:.1f}×",
+                f"{tf[1]:.0f}",
+                f"{bp[1]:.0f}",
+            ]
+        )
+    return table(rows)
+
+
+def eigen_routines(device: str) -> str:
+    """Issue 5: PyHessian's power iteration vs curvkit's Lanczos for the top-10 Hessian eigenvalues,
+    PyHessian's Hutchinson vs Hutch++, and both SLQs at the same resolution."""
+    model, data = trained("digits MLP", device)
+    rows = [["routine", "setting", "HVPs", "seconds", "max rel. error of top-10 / trace error"]]
+    with model_guard(model):
+        problem = Problem(model, data)
+        exact = np.linalg.eigvalsh(get_backend("torchfunc")(problem).dense_hessian().cpu().numpy())
+        top = exact[::-1][:10]
+        trace = exact.sum()
+        for tol in (1e-6, 1e-8):
+            backend = get_backend("torchfunc")(problem, curvkit.Options(lanczos_tol=tol))
+            start = time.perf_counter()
+            result, prov = backend.top_eigen("hessian", 10, 0)
+            err = np.abs(result.values.cpu().numpy() - top).max() / abs(top).max()
+            rows.append(
+                [
+                    "curvkit.lanczos",
+                    f"tol {tol:g}",
+                    str(prov.matvecs),
+                    f"{time.perf_counter() - start:.2f}",
+                    f"{err:.1e}",
+                ]
+            )
+        for tol in (1e-3, 1e-5, 1e-7):
+            backend = get_backend("pyhessian")(problem, curvkit.Options(backend={"power_tol": tol}))
+            start = time.perf_counter()
+            result, prov = backend.top_eigen("hessian", 10, 0)
+            err = np.abs(result.values.cpu().numpy() - top).max() / abs(top).max()
+            rows.append(
+                [
+                    "pyhessian.eigenvalues",
+                    f"tol {tol:g}",
+                    f"{prov.matvecs - 10} (+10 checks)",
+                    f"{time.perf_counter() - start:.2f}",
+                    f"{err:.1e}",
+                ]
+            )
+        for method, name in (
+            ("hutch++", "torchfunc"),
+            ("hutchinson", "torchfunc"),
+            (None, "pyhessian"),
+        ):
+            opts = curvkit.Options(trace_method=method or "hutchinson", trace_matvecs=99)
+            backend = get_backend(name)(problem, opts)
+            start = time.perf_counter()
+            est, prov = backend.trace("hessian", 1)
+            rows.append(
+                [
+                    prov.routine,
+                    "99 probes",
+                    str(prov.matvecs),
+                    f"{time.perf_counter() - start:.2f}",
+                    f"{abs(est.value - trace) / abs(trace):.1%} (stderr {est.stderr / abs(trace):.1%})",
+                ]
+            )
+        for name in ("torchfunc", "pyhessian"):
+            backend = get_backend(name)(
+                problem, curvkit.Options(density_probes=5, density_steps=50)
+            )
+            start = time.perf_counter()
+            _, prov = backend.density("hessian", 2)
+            rows.append(
+                [
+                    prov.routine,
+                    "5 probes × 50 steps",
+                    str(prov.matvecs),
+                    f"{time.perf_counter() - start:.2f}",
+                    "—",
+                ]
+            )
+    return table(rows)
+
+
+def _classmean_pass(args: tuple[str, int, str]) -> tuple[float, float]:
+    backend_name, n, device = args
+    torch.manual_seed(0)
+    model = digits_mlp().to(device)
+    data = _loader(n, 128, device)
+    with model_guard(model):
+        backend = get_backend(backend_name)(Problem(model, data))
+        base = _peak(device)
+        start = time.perf_counter()
+        backend.class_deltas()
+        return time.perf_counter() - start, _peak(device) - base
+
+
+def classmean_scaling(device: str) -> str:
+    """Issue 6: time and peak memory of the class-mean pass at N = 200, 600, 1797."""
+    rows = [["backend", "N", "seconds", "peak growth MiB"]]
+    for backend_name in ("torchfunc", "backpack", "pyhessian"):
+        for n in (200, 600, 1797):
+            seconds, mib = _in_subprocess(_classmean_pass, (backend_name, n, device))
+            rows.append([backend_name, str(n), f"{seconds:.2f}", f"{mib:.0f}"])
+    return table(rows)
+
+
+def classmean_overlap(device: str) -> str:
+    """Issue 6: overlap of span{δ_c} with the top-C eigenspaces, and the cost of both routes."""
+    rows = [
+        [
+            "model",
+            "overlap G",
+            "overlap Hessian",
+            "class-mean pass s",
+            "Lanczos top-C of G s",
+            "Lanczos matvecs",
+        ]
+    ]
+    for name in ("digits MLP", "CNN"):
+        model, data = trained(name, device)
+        with model_guard(model):
+            backend = get_backend("backpack")(Problem(model, data))
+            result = classmeans(backend, top_k=10)
+            _, prov = backend.top_eigen("ggn", 10, 0)
+        rows.append(
+            [
+                name,
+                f"{result.overlap['ggn']:.3f}",
+                f"{result.overlap['hessian']:.3f}",
+                f"{result.provenance['deltas'].seconds:.2f}",
+                f"{prov.seconds:.2f}",
+                str(prov.matvecs),
+            ]
+        )
+    return table(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    sections = [
+        (
+            "Products: HVP and G–vector product as multiples of a gradient (600 digits, batches of 128, float64)",
+            products,
+        ),
+        (
+            "Per-example per-class factors δ_{i,c'}: one full pass (600 digits, batches of 128, float64)",
+            factors,
+        ),
+        (
+            "Eigenvalues, trace and density routines on the trained digits MLP (600 digits)",
+            eigen_routines,
+        ),
+        (
+            "Class-mean pass: time and memory against N (digits MLP, batches of 128)",
+            classmean_scaling,
+        ),
+        ("Class-mean span vs top-C eigenspaces (trained models, 600 digits)", classmean_overlap),
+    ]
+    lines = [
+        f"# Backends side by side ({args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)\n",
+        f"Command: `python {' '.join(sys.argv)}`\n",
+    ]
+    for title, fn in sections:
+        print(f"== {title}", flush=True)
+        text = fn(args.device)
+        print(text, flush=True)
+        lines += [f"## {title}\n", text]
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"backends_{args.device}.md"
+    out.write_text("\n".join(lines))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
