@@ -113,25 +113,18 @@ def layerwise(
         dim = shape[0] * shape[1]
         k = min(top_k, dim)
         hessian_block = block_matvec(backend, "hessian", f"{name}.weight")
-        ggn_block = block_matvec(backend, "ggn", f"{name}.weight")
         t0 = time.perf_counter()
-        exact = lanczos(
-            hessian_block,
-            dim,
-            k,
-            tol=opts.lanczos_tol,
-            max_iter=opts.lanczos_max_iter,
-            seed=seed,
-            **numerics,
-        )
-        exact_g = lanczos(
-            ggn_block,
-            dim,
-            k,
-            tol=opts.lanczos_tol,
-            max_iter=opts.lanczos_max_iter,
-            seed=seed,
-            **numerics,
+        exact, exact_g = (
+            lanczos(
+                block_matvec(backend, matrix, f"{name}.weight"),
+                dim,
+                k,
+                tol=opts.lanczos_tol,
+                max_iter=opts.lanczos_max_iter,
+                seed=seed,
+                **numerics,
+            )
+            for matrix in ("hessian", "ggn")
         )
         trace = estimate_trace(
             hessian_block,
