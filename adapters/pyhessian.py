@@ -99,9 +99,8 @@ class PyHessianBackend(Backend):
 
     def __init__(self, problem, options=None) -> None:
         super().__init__(problem, options)
-        settings = self.options.backend
-        self.power_iter = int(settings.get("power_iter", 1000))
-        self.power_tol = float(settings.get("power_tol", 1e-7))
+        settings = self.settings({"power_iter": 1000, "power_tol": 1e-7})
+        self.power_iter, self.power_tol = settings["power_iter"], settings["power_tol"]
         model = copy.deepcopy(problem.model).eval()
         named = dict(model.named_parameters())
         for n, p in named.items():

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvkit.errors import UnsupportedError
+from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Density, EigenResult, TraceEstimate, estimate_trace, lanczos, slq_density
 from curvkit.problem import Problem
 
@@ -74,7 +74,7 @@ class Options:
     density_grid: int = 400
     density_relative_sigma: float = 0.01
     progress: bool = False
-    backend: dict[str, Any] = field(default_factory=dict)
+    backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
 
 
 class Backend:
@@ -94,6 +94,29 @@ class Backend:
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
         self.problem = problem
         self.options = options or Options()
+
+    def settings(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+        """This backend's own settings, ``options.backend[name]``, over ``defaults``.
+
+        Each value is converted to the type of its default; an unknown key is an error.
+        """
+        given = dict(self.options.backend.get(self.name) or {})
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise InvalidInputError(
+                f"unknown setting(s) {', '.join(unknown)} for backend {self.name!r}; its settings "
+                f"are {', '.join(sorted(defaults)) or 'none'}."
+            )
+        merged = dict(defaults)
+        for key, value in given.items():
+            try:
+                merged[key] = type(defaults[key])(value)
+            except (TypeError, ValueError) as error:
+                raise InvalidInputError(
+                    f"setting {key!r} of backend {self.name!r} must be a "
+                    f"{type(defaults[key]).__name__}, got {value!r}."
+                ) from error
+        return merged
 
     # -- availability ---------------------------------------------------------------------------
     @classmethod

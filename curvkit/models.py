@@ -24,10 +24,19 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def digits_mlp(hidden: Sequence[int] = (32,), seed: int = 0, dtype=torch.float64) -> nn.Sequential:
-    """The default MLP on the digits: 64 → 32 → 10, P = 2410 (small enough for dense references)."""
+def digits_mlp(
+    hidden: Sequence[int] = (32,),
+    seed: int = 0,
+    dtype=torch.float64,
+    activation: type[nn.Module] = nn.ReLU,
+) -> nn.Sequential:
+    """The default MLP on the digits: 64 → 32 → 10, P = 2410 (small enough for dense references).
+
+    With ReLU the network is piecewise linear, so Hess = G almost everywhere (the residual is
+    zero); a smooth ``activation`` such as ``nn.Tanh`` gives a nonzero residual.
+    """
     torch.manual_seed(seed)
-    return mlp(DIGITS_FEATURES, hidden, DIGITS_CLASSES).to(dtype)
+    return mlp(DIGITS_FEATURES, hidden, DIGITS_CLASSES, activation).to(dtype)
 
 
 def digits_cnn(seed: int = 0, dtype=torch.float64) -> nn.Sequential:
