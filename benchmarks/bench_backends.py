@@ -190,7 +190,9 @@ def eigen_routines(device: str) -> str:
                 ]
             )
         for tol in (1e-3, 1e-5, 1e-7):
-            backend = get_backend("pyhessian")(problem, curvkit.Options(backend={"pyhessian": {"power_tol": tol}}))
+            backend = get_backend("pyhessian")(
+                problem, curvkit.Options(backend={"pyhessian": {"power_tol": tol}})
+            )
             start = time.perf_counter()
             result, prov = backend.top_eigen("hessian", 10, 0)
             err = np.abs(result.values.cpu().numpy() - top).max() / abs(top).max()
