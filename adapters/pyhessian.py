@@ -22,12 +22,17 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.backend import Backend, ClassDeltas, Provenance, class_deltas_by_gradient_passes
+from curvkit.backend import (
+    Backend,
+    ClassDeltas,
+    CountingBatches,
+    Provenance,
+    class_deltas_by_gradient_passes,
+)
 from curvkit.errors import MissingDependencyError
 from curvkit.linalg import Density, EigenResult, TraceEstimate
 from curvkit.linalg.lanczos import broadened_density
@@ -54,18 +59,6 @@ CRITERIA = {
     "ggn": gauss_newton_surrogate,
     "residual": residual_criterion,
 }
-
-
-class _CountingLoader:
-    """The problem's batches as PyHessian expects them, counting full passes (= products)."""
-
-    def __init__(self, problem) -> None:
-        self.problem = problem
-        self.passes = 0
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self.passes += 1
-        return self.problem.batches()
 
 
 def _eig_with_eigh(matrix: Tensor, eigenvectors: bool = True) -> tuple[Tensor, Tensor]:
@@ -123,7 +116,7 @@ class PyHessianBackend(Backend):
             torch.set_default_dtype(self.problem.dtype)
             torch.eig = _eig_with_eigh
             try:
-                loader = _CountingLoader(self.problem)
+                loader = CountingBatches(self.problem)
                 engine = hessian(
                     self._model,
                     CRITERIA[matrix],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -230,6 +230,18 @@ class Backend:
         return torch.zeros(
             self.problem.num_params, dtype=self.problem.dtype, device=self.problem.device
         )
+
+
+class CountingBatches:
+    """The problem's batches as a re-iterable for libraries that take a loader, counting passes."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        self.passes = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.passes += 1
+        return self.problem.batches()
 
 
 def kronecker_layers(problem: Problem) -> list[str]:

@@ -3,7 +3,8 @@ for the backends with per-example factors).
 
 Tolerances: products and class sums are exact computations, so 1e-8 relative (rounding only);
 top eigenvalues 1e-4 relative through Lanczos with curvkit's defaults (error ≤ residual ≈ 1e-6 ‖A‖)
-and 1e-3 through PyHessian's power iteration (its Rayleigh-quotient stopping rule).
+and through ARPACK (curvlinops, tol 1e-6 relative), 1e-3 through PyHessian's power iteration (its
+Rayleigh-quotient stopping rule).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from curvkit.problem import Problem, model_guard
 from curvkit.registry import get_backend
 from tests import reference
 
-BACKENDS = ["torchfunc", "backpack", "pyhessian"]
+BACKENDS = ["torchfunc", "backpack", "pyhessian", "curvlinops"]
 RTOL = 1e-8
-EIG_RTOL = {"torchfunc": 1e-4, "backpack": 1e-4, "pyhessian": 1e-3}
+EIG_RTOL = {"torchfunc": 1e-4, "backpack": 1e-4, "pyhessian": 1e-3, "curvlinops": 1e-4}
 
 
 def make(name, model, loader):

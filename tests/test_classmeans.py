@@ -92,7 +92,7 @@ def test_group_gram_and_coordinates(result, dense_mlp):
     assert np.array(result.coordinates["group_means"]).shape == (10, 10, 2)
 
 
-@pytest.mark.parametrize("name", ["backpack", "pyhessian"])
+@pytest.mark.parametrize("name", ["backpack", "pyhessian", "curvlinops"])
 def test_backends_agree_with_torchfunc(name, result, digits_problem):
     model, loader = digits_problem
     with model_guard(model):
