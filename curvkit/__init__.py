@@ -1,5 +1,5 @@
 """curvkit: the curvature of a trained classifier's loss, through one interface over several
-curvature libraries (torch.func, BackPACK, PyHessian, ...).
+curvature libraries (torch.func, BackPACK, PyHessian, curvlinops).
 
 >>> import curvkit                                                  # doctest: +SKIP
 >>> report = curvkit.analyze(model, loader, backend="torchfunc")    # doctest: +SKIP
@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 
 from curvkit.analysis import analyze  # noqa: E402
 from curvkit.backend import Backend, Options, Provenance  # noqa: E402
+from curvkit.bench import bench  # noqa: E402
+from curvkit.compare import assert_backends_agree, compare  # noqa: E402
 from curvkit.errors import (  # noqa: E402
     BackendNotFoundError,
     CurvkitError,
@@ -34,7 +36,10 @@ __all__ = [
     "Report",
     "UnsupportedError",
     "analyze",
+    "assert_backends_agree",
     "backends",
+    "bench",
+    "compare",
     "get_backend",
     "layer_trace_penalty",
     "model_guard",

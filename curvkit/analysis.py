@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,12 +14,13 @@ from torch import nn
 
 from curvkit import __version__
 from curvkit.backend import MATRICES, Options
-from curvkit.errors import InvalidInputError
-from curvkit.problem import Problem, model_guard
+from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
+from curvkit.errors import InvalidInputError, UnsupportedError
+from curvkit.problem import Problem, fingerprint, model_guard
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
-from curvkit.registry import get_backend
+from curvkit.registry import backends, get_backend
 from curvkit.report import QUANTITIES, ModelInfo, Report
 
 
@@ -49,6 +52,8 @@ def analyze(
     loss: str = "cross_entropy",
     params: Sequence[str] | None = None,
     options: Mapping[str, Any] | None = None,
+    skip_unsupported: bool = False,
+    choice_file: str | os.PathLike | None = None,
 ) -> Report:
     """Measure the curvature of ``model``'s loss on ``data`` with one backend.
 
@@ -56,6 +61,11 @@ def analyze(
     examples. ``quantities`` (default: all) are among ``hessian``, ``ggn``, ``residual`` (= Hess − G),
     ``classmeans`` and ``layerwise``; ``top_k`` eigenvalues are reported per spectrum (default 2C). The model runs
     in eval mode and comes back exactly as it was. Stochastic estimates are seeded by ``seed``.
+    With ``skip_unsupported``, a quantity the backend cannot compute for this model is left out
+    and the reason recorded in ``report.skipped`` instead of raising UnsupportedError.
+    ``backend="auto"`` uses the per-quantity choice that ``curvkit bench --save-choice`` stored
+    for this model (in ``choice_file``, see curvkit.choice), else the first installed backend of
+    ``curvkit.choice.AUTO_ORDER`` that can compute each quantity; it warns which it used.
 
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
@@ -68,6 +78,16 @@ def analyze(
             if unknown
             else f"quantities is empty; choose from {', '.join(QUANTITIES)} or pass None for all."
         )
+    settings = {
+        "top_k": top_k,
+        "seed": seed,
+        "progress": progress,
+        "loss": loss,
+        "params": params,
+        "options": options,
+    }
+    if backend == "auto":
+        return _analyze_auto(model, data, names, settings, skip_unsupported, choice_file)
     backend_cls = get_backend(backend)
     opts = make_options(options, progress)
     with model_guard(model):
@@ -107,13 +127,77 @@ def analyze(
         )
         for name in names:
             start = time.perf_counter()
-            if name in MATRICES:
-                result = spectrum(engine, name, k, seed)
-                report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
-            elif name == "classmeans":
-                result = classmeans(engine, k, seed, spectra=report)
-            else:
-                result = layerwise(engine, k, seed, spectra=report)
+            try:
+                if name in MATRICES:
+                    result = spectrum(engine, name, k, seed)
+                    report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
+                elif name == "classmeans":
+                    result = classmeans(engine, k, seed, spectra=report)
+                else:
+                    result = layerwise(engine, k, seed, spectra=report)
+            except UnsupportedError as error:
+                if not skip_unsupported:
+                    raise
+                report.skipped[name] = str(error)
+                continue
             setattr(report, name, result)
             report.timings[name] = time.perf_counter() - start
     return report
+
+
+def _analyze_auto(
+    model: nn.Module,
+    data: Iterable,
+    names: list[str],
+    settings: dict[str, Any],
+    skip_unsupported: bool,
+    choice_file: str | os.PathLike | None,
+) -> Report:
+    """``backend="auto"``: the saved per-quantity choice, else the installed backends in order."""
+    installed = [name for name, row in backends().items() if row["installed"]]
+    saved = saved_choice(fingerprint(model), choice_file)
+    plan = {q: saved[q] for q in names if saved.get(q) in installed}
+    report: Report | None = None
+    used: dict[str, str] = {}
+    for name in dict.fromkeys(plan.values()):  # the saved choices, one run per backend
+        group = [q for q in names if plan.get(q) == name]
+        report = _merge(report, analyze(model, data, name, group, **settings), used)
+    for name in [b for b in AUTO_ORDER if b in installed]:  # the rest, in the documented order
+        remaining = [q for q in names if q not in used]
+        if not remaining:
+            break
+        part = analyze(model, data, name, remaining, **settings, skip_unsupported=True)
+        report = _merge(report, part, used)
+    if report is None:
+        raise UnsupportedError(f"no installed backend can compute {names} for this model.")
+    report.skipped = {q: why for q, why in report.skipped.items() if q not in used}
+    if report.skipped and not skip_unsupported:
+        raise UnsupportedError(f"no installed backend can compute {sorted(report.skipped)}: "
+                               f"{'; '.join(report.skipped.values())}")  # fmt: skip
+    source = (
+        f"the choice saved in {choice_path(choice_file)}"
+        if plan
+        else f"no saved choice for this model in {choice_path(choice_file)}, so the first installed "
+        f"backend of {', '.join(AUTO_ORDER)} that can compute each quantity"
+    )
+    report.backend = used[names[0]] if len(set(used.values())) == 1 else "auto"
+    report.config.update(backend="auto", quantities=names, backends=used)
+    warnings.warn(f"curvkit: backend='auto' used {used} ({source}).", stacklevel=3)
+    return report
+
+
+def _merge(into: Report | None, part: Report, used: dict[str, str]) -> Report:
+    """Add the quantities ``part`` computed to ``into``, noting which backend computed each."""
+    done = [q for q in part.config["quantities"] if q not in part.skipped]
+    used.update({q: part.backend for q in done})
+    if into is None:
+        return part
+    for q in done:
+        setattr(into, q, getattr(part, q))
+        into.timings[q] = part.timings[q]
+        if q in part.matvecs:
+            into.matvecs[q] = part.matvecs[q]
+        into.skipped.pop(q, None)
+    into.skipped.update({q: why for q, why in part.skipped.items() if q not in used})
+    into.versions.update(part.versions)
+    return into

@@ -133,9 +133,17 @@ class Backend:
             return None
 
     # -- primitives -----------------------------------------------------------------------------
-    def unsupported(self, what: str, providers: str = "") -> UnsupportedError:
-        hint = f" Backends that provide it: {providers}." if providers else ""
-        return UnsupportedError(f"backend {self.name!r} does not provide {what}.{hint}")
+    def unsupported(self, what: str) -> UnsupportedError:
+        """The error for a primitive this backend lacks, naming the installed ones that have it."""
+        from curvkit.registry import backends
+
+        providers = [
+            name
+            for name, row in backends().items()
+            if row["installed"] and what in row["capabilities"]
+        ]
+        hint = f"; use one of {', '.join(providers)}" if providers else ""
+        return UnsupportedError(f"backend {self.name!r} does not provide {what}{hint}.")
 
     def hvp(self, v: Tensor) -> Tensor:
         """Hessian–vector product ``∇²L v`` of the data-set loss (flat vectors)."""

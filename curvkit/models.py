@@ -76,15 +76,16 @@ def train(
 
 
 def trained_digits_mlp(
-    epochs: int = 30, seed: int = 0, progress: bool = True
+    epochs: int = 30, seed: int = 0, progress: bool = True, samples_per_class: int | None = None
 ) -> tuple[nn.Module, torch.utils.data.DataLoader]:
-    """The embedded default problem: the digits MLP trained on all 1797 digits (float64)."""
+    """The embedded default problem: the digits MLP trained on the digits (float64), all 1797
+    of them or the first ``samples_per_class`` of each class."""
     model = digits_mlp(seed=seed)
     train(
         model,
-        digits_loader(batch_size=64, shuffle=True, seed=seed),
+        digits_loader(batch_size=64, shuffle=True, seed=seed, samples_per_class=samples_per_class),
         epochs,
         seed=seed,
         progress=progress,
     )
-    return model, digits_loader(batch_size=512)
+    return model, digits_loader(batch_size=512, samples_per_class=samples_per_class)

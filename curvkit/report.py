@@ -93,6 +93,7 @@ class Report:
     layerwise: dict[str, Layer] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     matvecs: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # quantity -> why the backend could not
     config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
 
@@ -104,16 +105,7 @@ class Report:
     def save(self, path: str | os.PathLike) -> Path:
         """Write YAML (``.yaml``/``.yml``) or JSON (``.json``) atomically: never a half-written file."""
         path = Path(path)
-        text = _dump(self.to_dict(), path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(path, _dump(self.to_dict(), path))
         return path
 
     @classmethod
@@ -155,6 +147,7 @@ class Report:
             layerwise=layerwise,
             timings=data.get("timings", {}),
             matvecs=data.get("matvecs", {}),
+            skipped=data.get("skipped", {}),
             config=data.get("config", {}),
             versions=data.get("versions", {}),
         )
@@ -228,6 +221,19 @@ class Report:
             lines += ["", "layers (Wu et al., Sankar et al.; * closest to the full spectrum):"]
             lines += _table(rows)
         return "\n".join(lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _g(x: float) -> str:

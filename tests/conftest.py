@@ -6,6 +6,9 @@ every test of the residual H = Hess − G would then compare zeros."""
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import pytest
 from torch import nn
 
@@ -48,3 +51,21 @@ def dense_mlp(digits_problem):
         "deltas": reference.papyan_deltas(model, x),
         "labels": y,
     }
+
+
+@pytest.fixture
+def plugin_backend(tmp_path, monkeypatch):
+    """Register a third-party backend: ``plugin_backend(name, class_source)`` writes a module and
+    a dist-info with an entry point in the group ``curvkit.backends`` onto sys.path."""
+
+    def register(name: str, source: str) -> None:
+        module = f"plugin_{name}"
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+        dist = tmp_path / f"{module}-1.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+        (dist / "entry_points.txt").write_text(f"[curvkit.backends]\n{name} = {module}:Plugin\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+    return register

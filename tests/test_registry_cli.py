@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import textwrap
-
 import pytest
 import yaml
 
@@ -25,28 +22,19 @@ def test_unknown_backend_lists_the_known_ones():
         get_backend("nope")
 
 
-def test_third_party_backend_through_entry_point(tmp_path, monkeypatch):
-    """A fake distribution on sys.path declares a backend; curvkit finds it without changes."""
-    (tmp_path / "fakebackend.py").write_text(
-        textwrap.dedent("""
-        from adapters_fake_base import *  # noqa
-    """).replace(
-            "from adapters_fake_base import *  # noqa",
-            textwrap.dedent("""
+def test_third_party_backend_through_entry_point(plugin_backend):
+    """A distribution on sys.path declares a backend; curvkit finds it without changes."""
+    plugin_backend(
+        "fake",
+        """
         from curvkit.adapters.torchfunc import TorchFuncBackend
-        class FakeBackend(TorchFuncBackend):
+
+        class Plugin(TorchFuncBackend):
             name = "fake"
-    """),
-        )
+        """,
     )
-    dist = tmp_path / "fakebackend-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakebackend\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[curvkit.backends]\nfake = fakebackend:FakeBackend\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     assert "fake" in backend_names()
-    assert get_backend("fake").__name__ == "FakeBackend"
-    sys.modules.pop("fakebackend", None)
+    assert get_backend("fake").__name__ == "Plugin"
 
 
 def test_cli_analyze_writes_report(tmp_path, capsys):

@@ -1,0 +1,9 @@
+"""Helpers for a user's own test suite.
+
+>>> from curvkit.testing import assert_backends_agree                      # doctest: +SKIP
+>>> assert_backends_agree(model, loader, ["torchfunc", "backpack"])        # doctest: +SKIP
+"""
+
+from curvkit.compare import assert_backends_agree
+
+__all__ = ["assert_backends_agree"]

@@ -1,0 +1,208 @@
+"""Cross-backend comparison, the benchmark, per-model choices and backend="auto"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import curvkit
+from curvkit.bench import bench
+from curvkit.choice import AUTO_ORDER, load_choices
+from curvkit.cli import main
+from curvkit.compare import assert_backends_agree, compare, compare_reports
+
+ALL = ["torchfunc", "backpack", "pyhessian", "curvlinops"]
+
+
+def kinds(checks):
+    return {c.path: (c.kind, c.passed) for c in checks}
+
+
+def test_comparison_rules():
+    """Each kind of number with its tolerance: one passing and one failing case each."""
+    reference = {
+        "hessian": {
+            "top_eigenvalues": [1.0, 1e-6],
+            "trace": 2.0,
+            "trace_stderr": 0.01,
+            "n_outliers": 1,
+            "provenance": {"top_eigenvalues": "not compared"},
+        },
+        "classmeans": {"overlap": {"ggn": 0.9}, "counts": [3, 4]},
+        "timings": {"hessian": 1.0},
+    }
+    close = {
+        "hessian": {
+            # 5e-4 relative on λ1; 5e-5 on a tiny eigenvalue is within atol · λ1 = 1e-4
+            "top_eigenvalues": [1.0005, 5e-5],
+            "trace": 2.05,  # 3.5 standard errors of sqrt(0.01² + 0.01²)
+            "trace_stderr": 0.01,
+            "n_outliers": 1,
+            "provenance": {"top_eigenvalues": "different"},
+        },
+        "classmeans": {"overlap": {"ggn": 0.91}, "counts": [3, 4]},
+        "timings": {"hessian": 9.0},
+    }
+    checks = compare_reports(reference, close, "other")
+    assert all(c.passed for c in checks), [c for c in checks if not c.passed]
+    assert kinds(checks) == {
+        "hessian.top_eigenvalues[0]": ("iterative", True),
+        "hessian.top_eigenvalues[1]": ("iterative", True),
+        "hessian.trace": ("stochastic", True),
+        "hessian.n_outliers": ("iterative", True),
+        "classmeans.overlap.ggn": ("subspace", True),
+        "classmeans.counts[0]": ("count", True),
+        "classmeans.counts[1]": ("count", True),
+    }
+    far = {
+        "hessian": {
+            "top_eigenvalues": [1.002, 2e-4],
+            "trace": 2.06,
+            "trace_stderr": 0.01,
+            "n_outliers": 1,
+        },
+        "classmeans": {"overlap": {"ggn": 0.93}, "counts": [3, 5]},
+    }
+    failed = {c.path for c in compare_reports(reference, far, "other") if not c.passed}
+    assert failed == {
+        "hessian.top_eigenvalues[0]",
+        "hessian.top_eigenvalues[1]",
+        "hessian.trace",
+        "classmeans.overlap.ggn",
+        "classmeans.counts[1]",
+    }
+
+
+def test_all_backends_agree_on_the_digits_mlp(digits_problem):
+    model, loader = digits_problem
+    comparison = assert_backends_agree(
+        model, loader, ALL, quantities=["hessian", "classmeans"], top_k=5
+    )
+    assert comparison.reference == "torchfunc"
+    assert {c.backend for c in comparison.checks} == set(ALL[1:])
+    assert {c.kind for c in comparison.checks} >= {"iterative", "stochastic", "density", "count"}
+    assert "agree" in str(comparison)
+
+
+def test_a_wrong_backend_is_caught(digits_problem, plugin_backend):
+    """A plugin whose G is 1 % too large: its eigenvalues fail, assert_backends_agree says so."""
+    plugin_backend(
+        "skewed",
+        """
+        from curvkit.adapters.torchfunc import TorchFuncBackend
+
+        class Plugin(TorchFuncBackend):
+            name = "skewed"
+
+            def ggnvp(self, v):
+                return 1.01 * super().ggnvp(v)
+        """,
+    )
+    model, loader = digits_problem
+    with pytest.raises(AssertionError, match=r"skewed:ggn.top_eigenvalues\[0\]"):
+        assert_backends_agree(model, loader, ["torchfunc", "skewed"], quantities=["ggn"], top_k=3)
+
+
+def test_unsupported_quantities_are_listed_not_fatal(digits_problem):
+    model, loader = digits_problem
+    comparison = compare(model, loader, ["pyhessian", "torchfunc"], quantities=["layerwise"])
+    assert comparison.reference == "torchfunc"
+    assert "kronecker_factors" in comparison.skipped["pyhessian"]["layerwise"]
+    assert comparison.agree
+    assert {c.path.split(".")[0] for c in comparison.checks} == {"model"}  # only the sizes
+    with pytest.raises(curvkit.InvalidInputError, match="at least two backends"):
+        compare(model, loader, ["torchfunc"])
+
+
+def test_bench_choice_and_auto(digits_problem, tmp_path):
+    model, loader = digits_problem
+    result = bench(model, loader, ["torchfunc", "backpack"], ["ggn"], repeats=1, top_k=3)
+    assert [r.backend for r in result.rows] == ["torchfunc", "backpack"]
+    assert all(r.status == "ok" and r.agrees and r.seconds > 0 for r in result.rows)
+    assert result.reference.startswith("dense torch.func")
+    assert all(r.max_relative_error < 1e-8 for r in result.rows)  # Lanczos to 1e-6 residual
+    files = result.save(tmp_path / "bench")
+    assert yaml.safe_load(files[0].read_text())["rows"][0]["quantity"] == "ggn"
+    assert "| ggn | backpack |" in files[1].read_text()
+
+    choice_file = tmp_path / "choices.yaml"
+    result.save_choice(choice_file)
+    fingerprint = curvkit.Problem(model, loader).fingerprint()
+    assert load_choices(choice_file)[fingerprint]["choices"] == result.choices
+    with pytest.warns(UserWarning, match="choice saved in"):
+        report = curvkit.analyze(
+            model,
+            loader,
+            backend="auto",
+            quantities=["ggn"],
+            top_k=3,
+            progress=False,
+            choice_file=choice_file,
+        )
+    assert report.config["backends"] == result.choices
+    assert report.backend == result.choices["ggn"]
+
+
+def test_auto_without_choice_falls_back_in_order(digits_problem, tmp_path):
+    """No saved choice: BackPACK first; where it lacks a layer (LayerNorm), the next backend."""
+    _, loader = digits_problem
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 10)
+    ).double()
+    with pytest.warns(UserWarning, match="no saved choice"):
+        report = curvkit.analyze(
+            model,
+            loader,
+            backend="auto",
+            quantities=["hessian", "classmeans"],
+            top_k=3,
+            progress=False,
+            choice_file=tmp_path / "none.yaml",
+        )
+    assert AUTO_ORDER[:2] == ("backpack", "torchfunc")
+    assert report.config["backends"] == {"hessian": "backpack", "classmeans": "torchfunc"}
+    assert report.backend == "auto" and not report.skipped
+
+
+def test_cli_compare_exit_codes(capsys):
+    args = ["compare", "--backends", "torchfunc,backpack", "--quantities", "ggn"]
+    args += ["--top-k", "3", "--epochs", "1", "--samples-per-class", "10", "--quiet"]
+    assert main(args) == 0
+    assert "agree" in capsys.readouterr().out
+    # no tolerance at all: BackPACK's exact trace differs from torch.func's Hutch++ estimate
+    assert main([*args, "--rtol", "0", "--atol", "0", "--sigmas", "0"]) == 1
+    assert "DISAGREE" in capsys.readouterr().out
+    assert main(["compare", "--backends", "torchfunc,nope", "--epochs", "0", "--quiet"]) == 2
+
+
+def test_cli_bench_saves_tables_and_choice(tmp_path, capsys):
+    code = main(
+        [
+            "bench",
+            "--backends",
+            "torchfunc,backpack",
+            "--quantities",
+            "ggn",
+            "--top-k",
+            "3",
+            "--epochs",
+            "1",
+            "--samples-per-class",
+            "10",
+            "--repeats",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--save-choice",
+            "--choice-file",
+            str(tmp_path / "choices.yaml"),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.yaml").exists()
+    (entry,) = load_choices(tmp_path / "choices.yaml").values()
+    assert entry["choices"]["ggn"] in ("torchfunc", "backpack")
+    assert "saved in" in capsys.readouterr().out
