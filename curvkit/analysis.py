@@ -24,16 +24,27 @@ from curvkit.registry import backends, get_backend
 from curvkit.report import QUANTITIES, ModelInfo, Report
 
 
-def make_options(options: Mapping[str, Any] | None, progress: bool) -> Options:
-    """Options from a mapping, rejecting unknown keys with the list of known ones."""
+def make_options(
+    options: Mapping[str, Any] | None, progress: bool, quantity: str | None = None
+) -> Options:
+    """Options from a mapping, with the overrides under ``options[quantity]`` applied; unknown
+    keys are rejected with the list of known ones."""
     options = dict(options or {})
     known = {f.name for f in dataclasses.fields(Options)} - {"progress"}
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - known - set(QUANTITIES))
+    for name in QUANTITIES:
+        if name in options and not isinstance(options[name], Mapping):
+            raise InvalidInputError(f"option {name!r} must map option names to values.")
+        unknown += sorted(f"{name}.{key}" for key in set(options.get(name, {})) - known)
     if unknown:
         raise InvalidInputError(
-            f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}."
+            f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}, "
+            f"each also settable for one quantity under its name ({', '.join(QUANTITIES)})."
         )
-    return Options(**options, progress=progress)
+    merged = {k: v for k, v in options.items() if k in known}
+    if quantity is not None:
+        merged.update(options.get(quantity, {}))
+    return Options(**merged, progress=progress)
 
 
 def default_top_k(num_classes: int, num_params: int) -> int:
@@ -118,6 +129,9 @@ def analyze(
                 "loss": loss,
                 "params": list(problem.names),
                 "options": {f: v for f, v in dataclasses.asdict(opts).items() if f != "progress"},
+                "quantity_options": {
+                    q: dict(options[q]) for q in QUANTITIES if q in (options or {})
+                },
             },
             versions={
                 "curvkit": __version__,
@@ -127,6 +141,7 @@ def analyze(
         )
         for name in names:
             start = time.perf_counter()
+            engine.options = make_options(options, progress, name)
             try:
                 if name in MATRICES:
                     result = spectrum(engine, name, k, seed)

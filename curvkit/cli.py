@@ -12,12 +12,19 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from curvkit.errors import BackendNotFoundError, CurvkitError, InvalidInputError
+from curvkit.errors import (
+    BackendNotFoundError,
+    CurvkitError,
+    InvalidInputError,
+    MissingDependencyError,
+)
 
 ANALYZE_EXAMPLES = """examples:
   curvkit analyze                                 # train the digits MLP, analyse it, write curvkit-out/report.yaml
   curvkit analyze --backend torchfunc --quantities hessian ggn --top-k 5 --output out/
   curvkit analyze --backend auto                  # the choice saved by `curvkit bench --save-choice`
+  curvkit analyze --config run.yaml --top-k 30    # a run config; flags override its keys
+  curvkit analyze --config run.yaml --print-config
 """
 BENCH_EXAMPLES = """examples:
   curvkit bench                                   # every installed backend on every quantity
@@ -40,19 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser(
         "analyze",
         help="analyse the embedded default problem (the digits MLP) and write a report",
-        description="Train the embedded digits MLP (deterministic), measure its curvature and write "
-        "report.yaml into --output.",
+        description="Measure the curvature of the model a run config describes (default: train "
+        "the embedded digits MLP) and write report.yaml into the output folder.",
         epilog=ANALYZE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     analyze.add_argument(
-        "--backend",
-        default="torchfunc",
-        help="backend name (see `curvkit backends`), or auto (the saved choice)",
+        "--backend", help="backend name (see `curvkit backends`), or auto (the saved choice)"
     )
     _problem_arguments(analyze)
-    analyze.add_argument("--output", type=Path, default=Path("curvkit-out"), help="output folder")
+    analyze.add_argument("--output", type=Path, help="output folder (curvkit-out)")
     analyze.add_argument("--choice-file", type=Path, help="choice file for --backend auto")
+    analyze.add_argument(
+        "--no-plots", action="store_true", help="write no PNG figures (needs matplotlib anyway)"
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -87,6 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--atol", type=float, default=1e-4, help="eigenvalues: times λ1")
     compare.add_argument("--sigmas", type=float, default=4.0, help="traces: standard errors")
 
+    plot = commands.add_parser(
+        "plot",
+        help="draw the figures of a saved report",
+        description="Write PNG figures (spectral densities, Papyan's terms, class Gram, "
+        "hierarchy, layers) of a report.yaml or report.json.",
+        epilog="examples:\n  curvkit plot curvkit-out/report.yaml --output figures/\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("report", type=Path, help="a report written by curvkit analyze")
+    plot.add_argument("--output", type=Path, help="folder for the PNG files (the report's)")
+
     commands.add_parser(
         "backends",
         help="list the registered backends, their versions and capabilities",
@@ -96,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _problem_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run-config flags; each overrides its key of --config (see curvkit.config)."""
+    parser.add_argument("--config", type=Path, help="a YAML run config (flags override its keys)")
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the effective config and exit"
+    )
     parser.add_argument(
         "--quantities",
         nargs="+",
@@ -105,18 +129,13 @@ def _problem_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top-k", type=int, default=None, help="eigenvalues per spectrum (default 2C)"
     )
+    parser.add_argument("--seed", type=int, help="seed of training and of the estimators (0)")
+    parser.add_argument("--epochs", type=int, help="training epochs of a zoo model (30)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of training and of the estimators"
+        "--samples-per-class", type=int, help="the first N examples of each class (default: all)"
     )
-    parser.add_argument(
-        "--epochs", type=int, default=30, help="training epochs of the default model"
-    )
-    parser.add_argument(
-        "--samples-per-class",
-        type=int,
-        default=None,
-        help="use the first N digits of each class (default: all 1797)",
-    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:<index> (cpu)")
+    parser.add_argument("--dtype", help="float64 or float32 (float64)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
 
 
@@ -129,82 +148,132 @@ def _backends_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _default_problem(args: argparse.Namespace):
-    from curvkit.models import trained_digits_mlp
+def _config(args: argparse.Namespace) -> dict:
+    from curvkit.config import load_config
 
-    if args.epochs < 0:
-        raise InvalidInputError(f"--epochs must be ≥ 0, got {args.epochs}.")
-    if args.samples_per_class is not None and args.samples_per_class < 1:
-        raise InvalidInputError(f"--samples-per-class must be ≥ 1, got {args.samples_per_class}.")
-    return trained_digits_mlp(
-        epochs=args.epochs,
-        seed=args.seed,
-        progress=not args.quiet,
-        samples_per_class=args.samples_per_class,
-    )
+    overrides = {
+        "backend": getattr(args, "backend", None),
+        "quantities": args.quantities,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
+        "output": str(args.output) if getattr(args, "output", None) is not None else None,
+        "model": {"epochs": args.epochs} if args.epochs is not None else None,
+        "data": (
+            {"samples_per_class": args.samples_per_class}
+            if args.samples_per_class is not None
+            else None
+        ),
+    }
+    return load_config(args.config, overrides)
 
 
-def _analyze(args: argparse.Namespace) -> int:
+def _problem(args: argparse.Namespace, config: dict):
+    from curvkit.config import build
+
+    return build(config, progress=not args.quiet)
+
+
+def _analyze(args: argparse.Namespace, config: dict) -> int:
     import curvkit
 
     progress = not args.quiet
-    model, loader = _default_problem(args)
+    model, data = _problem(args, config)
     report = curvkit.analyze(
         model,
-        loader,
-        backend=args.backend,
-        quantities=args.quantities,
-        top_k=args.top_k,
-        seed=args.seed,
+        data,
+        backend=config["backend"],
+        quantities=config["quantities"],
+        top_k=config["top_k"],
+        seed=config["seed"],
         progress=progress,
+        options=config["options"],
         choice_file=args.choice_file,
     )
-    path = report.save(args.output / "report.yaml")
+    report.config["run"] = config
+    output = Path(config["output"])
+    path = report.save(output / "report.yaml")
+    figures = [] if args.no_plots else _figures(lambda: _plot_report(report, output))
     if not args.quiet:
         print(report)
         print(f"\nreport written to {path}")
+        for figure in figures:
+            print(f"figure written to {figure}")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _plot_report(report, folder: Path) -> list[Path]:
+    from curvkit.plot import plot_report
+
+    return plot_report(report, folder)
+
+
+def _figures(make) -> list[Path]:
+    """``make()``'s figures, or none (with a note on stderr) when matplotlib is missing."""
+    try:
+        return make()
+    except MissingDependencyError as error:
+        print(f"curvkit: no figures: {error}", file=sys.stderr)
+        return []
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from curvkit.plot import plot_report
+    from curvkit.report import Report
+
+    if not args.report.exists():
+        raise InvalidInputError(f"report {args.report} does not exist.")
+    for path in plot_report(Report.load(args.report), args.output or args.report.parent):
+        print(f"figure written to {path}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, config: dict) -> int:
     from curvkit.bench import bench
 
     if args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}.")
-    model, loader = _default_problem(args)
+    model, data = _problem(args, config)
     result = bench(
         model,
-        loader,
+        data,
         backends=args.backends,
-        quantities=args.quantities,
+        quantities=config["quantities"],
         repeats=args.repeats,
-        top_k=args.top_k,
-        seed=args.seed,
+        top_k=config["top_k"],
+        seed=config["seed"],
+        options=config["options"],
         progress=not args.quiet,
     )
     print(result)
     if args.output is not None:
         for path in result.save(args.output):
             print(f"written {path}")
+        from curvkit.plot import plot_bench
+
+        for path in _figures(lambda: [plot_bench(result, args.output)]):
+            print(f"written {path}")
     if args.save_choice:
         print(f"choice {result.choices} saved in {result.save_choice(args.choice_file)}")
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _compare(args: argparse.Namespace, config: dict) -> int:
     from curvkit.compare import compare
 
-    model, loader = _default_problem(args)
+    model, data = _problem(args, config)
     comparison = compare(
         model,
-        loader,
+        data,
         backends=args.backends,
-        quantities=args.quantities,
+        quantities=config["quantities"],
         rtol=args.rtol,
         atol=args.atol,
         sigmas=args.sigmas,
-        top_k=args.top_k,
-        seed=args.seed,
+        top_k=config["top_k"],
+        seed=config["seed"],
+        options=config["options"],
         progress=not args.quiet,
     )
     print(comparison)
@@ -233,10 +302,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "backends":
+            return _backends()
+        if args.command == "plot":
+            return _plot(args)
+        config = _config(args)
+        if args.print_config:
+            from curvkit.config import dump
+
+            print(dump(config), end="")
+            return 0
         commands = {"analyze": _analyze, "bench": _bench, "compare": _compare}
-        if args.command in commands:
-            return commands[args.command](args)
-        return _backends()
+        return commands[args.command](args, config)
     except (InvalidInputError, BackendNotFoundError) as error:
         print(f"curvkit: error: {error}", file=sys.stderr)
         return 2

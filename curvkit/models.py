@@ -32,8 +32,9 @@ def digits_mlp(
 ) -> nn.Sequential:
     """The default MLP on the digits: 64 → 32 → 10, P = 2410 (small enough for dense references).
 
-    With ReLU the network is piecewise linear, so Hess = G almost everywhere (the residual is
-    zero); a smooth ``activation`` such as ``nn.Tanh`` gives a nonzero residual.
+    With ReLU, each layer's own block of the residual Hess − G vanishes (its trace is exactly 0)
+    and only the blocks between layers remain; a smooth ``activation`` such as ``nn.Tanh`` gives
+    nonzero diagonal blocks too.
     """
     torch.manual_seed(seed)
     return mlp(DIGITS_FEATURES, hidden, DIGITS_CLASSES, activation).to(dtype)

@@ -1,8 +1,8 @@
 """Shared test problems: a trained digits MLP (float64, P = 2410) on a 300-example subset
 with an unequal last batch (128 + 128 + 44), and its dense references.
 
-The MLP uses tanh, not ReLU: a piecewise-linear network has Hess = G almost everywhere, and
-every test of the residual H = Hess − G would then compare zeros."""
+The MLP uses tanh, not ReLU: in a ReLU network each layer's own block of H = Hess − G vanishes,
+so tr H = 0 and every trace test of H would compare zeros."""
 
 from __future__ import annotations
 

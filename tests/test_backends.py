@@ -127,7 +127,7 @@ def test_backpack_exact_traces(fixture, request):
         for matrix, dense in expected.items():
             estimate, provenance = backend.trace(matrix, seed=0)
             exact = float(torch.trace(dense))
-            scale = float(torch.trace(hessian).abs())  # the residual of the ReLU CNN is 0
+            scale = float(torch.trace(hessian).abs())  # tr H = 0 for the ReLU CNN
             assert abs(estimate.value - exact) < RTOL * scale, matrix
             assert estimate.stderr == 0.0 and provenance.routine.startswith("backpack.Diag")
 

@@ -1,0 +1,250 @@
+"""Run configurations: a YAML file (read with ``yaml.safe_load`` only) plus command-line flags.
+
+```yaml
+model: digits-mlp          # a zoo name, or {factory: "mypkg.models:make_model", checkpoint: w.pt}
+data:                      # or just "digits", or {factory: "mypkg.data:make_loader"}
+  name: digits
+  samples_per_class: null  # the first n examples of each class (Papyan's subsets)
+  batch_size: 512
+backend: torchfunc         # or auto
+quantities: [hessian, ggn, residual, classmeans, layerwise]
+top_k: null                # default 2C
+seed: 0
+device: cpu
+dtype: float64
+output: curvkit-out
+options:                   # curvkit.Options; a quantity's name holds overrides for it alone
+  trace_matvecs: 99
+  hessian: {density_steps: 80}
+  backend: {pyhessian: {power_tol: 1.0e-7}}
+```
+
+Zoo models (``digits-mlp``, ``digits-cnn``) are trained on the data first (``model.epochs``,
+default 30). A factory model is built by calling ``package.module:factory()``; its optional
+``checkpoint`` is a state dict loaded with ``torch.load(..., weights_only=True)``, so a pickle
+that would run code is refused. A data factory returns a re-iterable of (inputs, labels).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from curvkit.errors import InvalidInputError
+
+ZOO = ("digits-mlp", "digits-cnn")
+DATASETS = ("digits",)
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"name": "digits-mlp", "factory": None, "checkpoint": None, "epochs": 30},
+    "data": {"name": "digits", "factory": None, "samples_per_class": None, "batch_size": 512},
+    "backend": "torchfunc",
+    "quantities": None,
+    "top_k": None,
+    "seed": 0,
+    "device": "cpu",
+    "dtype": "float64",
+    "output": "curvkit-out",
+    "options": {},
+}
+TYPES: dict[str, tuple[type, ...]] = {
+    "model.name": (str,),
+    "model.factory": (str,),
+    "model.checkpoint": (str,),
+    "model.epochs": (int,),
+    "data.name": (str,),
+    "data.factory": (str,),
+    "data.samples_per_class": (int,),
+    "data.batch_size": (int,),
+    "backend": (str,),
+    "quantities": (list,),
+    "top_k": (int,),
+    "seed": (int,),
+    "device": (str,),
+    "dtype": (str,),
+    "output": (str,),
+    "options": (dict,),
+}
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> dict:
+    """The effective config: defaults, then the file, then ``overrides`` (flags; None = unset)."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        _merge(config, _read(Path(path)), where=str(path))
+    _merge(config, {k: v for k, v in (overrides or {}).items() if v is not None}, where="flags")
+    _check(config)
+    return config
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as error:
+        raise InvalidInputError(f"config file {path} does not exist.") from error
+    except yaml.YAMLError as error:
+        raise InvalidInputError(f"config file {path} is not valid YAML: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config file {path} must be a mapping of keys to values.")
+    return data
+
+
+def _merge(config: dict[str, Any], given: Mapping[str, Any], where: str) -> None:
+    for key, value in given.items():
+        if key not in DEFAULTS:
+            raise InvalidInputError(
+                f"unknown config key {key!r} in {where}; the keys are {', '.join(DEFAULTS)}."
+            )
+        if key in ("model", "data") and isinstance(value, str):
+            value = {"factory": value, "name": None} if ":" in value else {"name": value}
+        if key in ("model", "data") and isinstance(value, dict):
+            unknown = sorted(set(value) - set(DEFAULTS[key]))
+            if unknown:
+                raise InvalidInputError(
+                    f"unknown config key(s) {', '.join(f'{key}.{u}' for u in unknown)} in "
+                    f"{where}; {key} takes {', '.join(DEFAULTS[key])}."
+                )
+            if value.get("factory"):
+                config[key]["name"] = None
+            config[key].update(value)
+        else:
+            config[key] = value
+
+
+def _check(config: dict[str, Any]) -> None:
+    for dotted, types in TYPES.items():
+        section, _, leaf = dotted.partition(".")
+        value = config[section][leaf] if leaf else config[section]
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise InvalidInputError(
+                f"config key {dotted!r} must be a {' or '.join(t.__name__ for t in types)}, "
+                f"got {value!r}."
+            )
+    model, data = config["model"], config["data"]
+    if model["factory"] is None and model["name"] not in ZOO:
+        raise InvalidInputError(
+            f"config key 'model' is {model['name']!r}; use one of {', '.join(ZOO)} or a "
+            "factory 'package.module:function'."
+        )
+    if data["factory"] is None and data["name"] not in DATASETS:
+        raise InvalidInputError(
+            f"config key 'data' is {data['name']!r}; use one of {', '.join(DATASETS)} or a "
+            "factory 'package.module:function'."
+        )
+    if config["dtype"] not in DTYPES:
+        raise InvalidInputError(
+            f"config key 'dtype' is {config['dtype']!r}; use one of {', '.join(DTYPES)}."
+        )
+    if config["device"] not in ("cpu", "cuda") and not config["device"].startswith("cuda:"):
+        raise InvalidInputError(
+            f"config key 'device' is {config['device']!r}; use cpu, cuda or cuda:<index>."
+        )
+    if config["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError("config key 'device' asks for CUDA, but no GPU is available.")
+    for key in ("model.epochs", "data.batch_size", "data.samples_per_class"):
+        section, leaf = key.split(".")
+        value = config[section][leaf]
+        if value is not None and value < (0 if leaf == "epochs" else 1):
+            raise InvalidInputError(f"config key {key!r} must be positive, got {value}.")
+
+
+def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, Any]:
+    """The model and data a config describes, on its device and in its dtype."""
+    from curvkit.datasets import digits_loader
+    from curvkit.models import digits_cnn, digits_mlp, train
+
+    dtype, device = DTYPES[config["dtype"]], torch.device(config["device"])
+    model_cfg, data_cfg, seed = config["model"], config["data"], config["seed"]
+    if data_cfg["factory"]:
+        data = _call(data_cfg["factory"], "data")
+    else:
+        data = digits_loader(
+            batch_size=data_cfg["batch_size"],
+            dtype=dtype,
+            samples_per_class=data_cfg["samples_per_class"],
+        )
+        if device.type != "cpu":
+            data = _Moved(data, device)
+    if model_cfg["factory"]:
+        model = _call(model_cfg["factory"], "model")
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(
+                f"the model factory {model_cfg['factory']!r} returned a "
+                f"{type(model).__name__}, not a torch.nn.Module."
+            )
+        if model_cfg["checkpoint"]:
+            model.load_state_dict(load_checkpoint(model_cfg["checkpoint"]))
+        return model.to(device=device, dtype=dtype), data
+    make = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn}[model_cfg["name"]]
+    model = make(seed=seed, dtype=dtype)
+    if model_cfg["checkpoint"]:
+        model.load_state_dict(load_checkpoint(model_cfg["checkpoint"]))
+    elif model_cfg["epochs"]:
+        training = digits_loader(
+            batch_size=64,
+            dtype=dtype,
+            samples_per_class=data_cfg["samples_per_class"],
+            shuffle=True,
+            seed=seed,
+        )
+        train(model, training, model_cfg["epochs"], seed=seed, progress=progress)
+    return model.to(device), data
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict read with ``weights_only=True``: tensors only, never code from a pickle."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise InvalidInputError(f"checkpoint {path} does not exist.") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise InvalidInputError(
+            f"checkpoint {path} is not a plain state dict of tensors (torch.load with "
+            "weights_only=True refused it); save it with torch.save(model.state_dict(), path)."
+        ) from error
+    if not isinstance(state, dict):
+        raise InvalidInputError(
+            f"checkpoint {path} holds a {type(state).__name__}, not a state dict."
+        )
+    return state
+
+
+def _call(spec: str, what: str) -> Any:
+    """Import ``package.module:function`` and call it without arguments."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise InvalidInputError(
+            f"the {what} factory {spec!r} must look like 'package.module:function'."
+        )
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise InvalidInputError(f"cannot import the {what} factory {spec!r}: {error}.") from error
+    return factory()
+
+
+class _Moved:
+    """A loader whose batches are moved to ``device`` (a re-iterable)."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
+
+
+def dump(config: Mapping[str, Any]) -> str:
+    """The config as YAML, in the order of the defaults."""
+    return yaml.safe_dump(dict(config), sort_keys=False)

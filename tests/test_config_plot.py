@@ -1,0 +1,198 @@
+"""Run configs (YAML + flags), checkpoints, figures and the commands that use them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+import curvkit
+from curvkit.cli import main
+from curvkit.config import DEFAULTS, build, load_checkpoint, load_config
+from curvkit.plot import plot_report
+from curvkit.report import Report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write(path, text):
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_config_file_and_flags(tmp_path):
+    path = write(
+        tmp_path / "run.yaml",
+        """
+        model: {name: digits-cnn, epochs: 3}
+        data: {samples_per_class: 20}
+        top_k: 12
+        options: {trace_matvecs: 30, hessian: {density_steps: 20}}
+        """,
+    )
+    config = load_config(path, {"top_k": 4, "seed": None, "data": {"batch_size": 64}})
+    assert config["model"] == {**DEFAULTS["model"], "name": "digits-cnn", "epochs": 3}
+    assert config["data"]["samples_per_class"] == 20 and config["data"]["batch_size"] == 64
+    assert config["top_k"] == 4  # the flag wins; an unset flag (None) changes nothing
+    assert config["seed"] == 0 and config["backend"] == "torchfunc"
+    assert load_config(None) == DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("topk: 3", "unknown config key 'topk'.*the keys are model, data"),
+        ("top_k: ten", "'top_k' must be a int, got 'ten'"),
+        ("seed: true", "'seed' must be a int"),
+        ("model: {name: resnet}", "'model' is 'resnet'; use one of digits-mlp, digits-cnn"),
+        ("model: {layers: 3}", r"model\.layers.*model takes name, factory, checkpoint, epochs"),
+        ("data: imagenet", "'data' is 'imagenet'; use one of digits"),
+        ("dtype: float16", "'dtype' is 'float16'; use one of float64, float32"),
+        ("device: tpu", "'device' is 'tpu'"),
+        ("data: {batch_size: 0}", "'data.batch_size' must be positive"),
+        ("[1, 2]", "must be a mapping"),
+        ("a: [", "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, match):
+    with pytest.raises(curvkit.InvalidInputError, match=match):
+        load_config(write(tmp_path / "bad.yaml", text))
+
+
+def test_configs_are_read_safely(tmp_path):
+    """yaml.safe_load: a tag that would construct a Python object is an error, not a call."""
+    marker = tmp_path / "ran"
+    text = f"top_k: !!python/object/apply:os.system ['touch {marker}']"
+    with pytest.raises(curvkit.InvalidInputError, match="not valid YAML"):
+        load_config(write(tmp_path / "evil.yaml", text))
+    assert not marker.exists()
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    model = curvkit.models.digits_mlp()
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    state = load_checkpoint(tmp_path / "good.pt")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    marker = tmp_path / "ran"
+    with open(tmp_path / "evil.pt", "wb") as handle:
+        pickle.dump({"weight": Exploit(marker)}, handle)
+    with pytest.raises(curvkit.InvalidInputError, match="weights_only=True refused it"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(curvkit.InvalidInputError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
+    write(
+        tmp_path / "userproject.py",
+        """
+        import torch
+        from curvkit.datasets import digits_loader
+
+        def make_model():
+            torch.manual_seed(5)
+            return torch.nn.Sequential(torch.nn.Linear(64, 10))
+
+        def make_loader():
+            return digits_loader(batch_size=50, samples_per_class=5)
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(1)
+    trained = torch.nn.Sequential(torch.nn.Linear(64, 10)).double()
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    config = load_config(
+        None,
+        {
+            "model": {
+                "factory": "userproject:make_model",
+                "checkpoint": str(tmp_path / "weights.pt"),
+            },
+            "data": "userproject:make_loader",
+        },
+    )
+    model, data = build(config, progress=False)
+    assert torch.equal(model[0].weight, trained[0].weight)
+    assert model[0].weight.dtype == torch.float64
+    assert sum(len(y) for _, y in data) == 50
+    with pytest.raises(curvkit.InvalidInputError, match="cannot import the model factory"):
+        build(load_config(None, {"model": "userproject:nothing"}), progress=False)
+
+
+def test_per_quantity_options(digits_problem):
+    model, loader = digits_problem
+    options = {"density_steps": 30, "density_probes": 2, "hessian": {"density_steps": 20}}
+    report = curvkit.analyze(
+        model, loader, quantities=["hessian", "ggn"], top_k=3, progress=False, options=options
+    )
+    assert report.hessian.provenance["density"].matvecs == 2 * 20
+    assert report.ggn.provenance["density"].matvecs == 2 * 30
+    assert report.config["quantity_options"] == {"hessian": {"density_steps": 20}}
+    with pytest.raises(curvkit.InvalidInputError, match=r"unknown option\(s\) hessian.steps"):
+        curvkit.analyze(model, loader, progress=False, options={"hessian": {"steps": 3}})
+
+
+@pytest.fixture(scope="module")
+def full_report():
+    model, loader = curvkit.models.trained_digits_mlp(
+        epochs=5, progress=False, samples_per_class=20
+    )
+    return curvkit.analyze(model, loader, backend="backpack", top_k=12, progress=False)
+
+
+def test_every_figure_is_written(full_report, tmp_path):
+    files = plot_report(full_report, tmp_path)
+    names = {f.name for f in files}
+    assert names == {
+        "spectral_density.png",
+        "top_eigenvalues.png",
+        "class_gram.png",
+        "hierarchy.png",
+        "layers.png",
+    }
+    for f in files:
+        assert f.read_bytes()[:8] == PNG and f.stat().st_size > 10_000
+    partial = Report.from_dict({**full_report.to_dict(), "classmeans": None, "layerwise": None})
+    assert {f.name for f in plot_report(partial, tmp_path / "partial")} == {
+        "spectral_density.png",
+        "top_eigenvalues.png",
+    }
+
+
+def test_cli_analyze_with_config_writes_report_and_figures(tmp_path, capsys):
+    path = write(
+        tmp_path / "run.yaml",
+        f"""
+        model: {{epochs: 1}}
+        data: {{samples_per_class: 10}}
+        quantities: [ggn]
+        top_k: 3
+        output: {tmp_path / "out"}
+        """,
+    )
+    assert main(["analyze", "--config", str(path), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == load_config(path)
+    assert main(["analyze", "--config", str(path), "--seed", "2", "--quiet"]) == 0
+    data = yaml.safe_load((tmp_path / "out" / "report.yaml").read_text())
+    assert data["config"]["run"]["seed"] == 2 and data["model"]["num_samples"] == 100
+    assert (tmp_path / "out" / "spectral_density.png").read_bytes()[:8] == PNG
+    figures = tmp_path / "figures"
+    assert main(["plot", str(tmp_path / "out" / "report.yaml"), "--output", str(figures)]) == 0
+    assert (figures / "top_eigenvalues.png").exists()
+    assert main(["plot", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["analyze", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
