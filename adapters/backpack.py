@@ -45,6 +45,7 @@ class BackPACKBackend(Backend):
         "kronecker_factors": "native",  # KFLR (exact) or KFAC (Monte Carlo)
         "trace": "native",  # sum of DiagHessian / DiagGGNExact (or DiagGGNMC)
     }
+    default_settings = {"ggn_trace": "exact", "kronecker": "kflr", "mc_samples": 1}
     CHOICES = {"ggn_trace": ("exact", "mc"), "kronecker": ("kflr", "kfac")}
 
     @classmethod
@@ -58,7 +59,6 @@ class BackPACKBackend(Backend):
 
     def __init__(self, problem, options=None) -> None:
         super().__init__(problem, options)
-        self.config = self.settings({"ggn_trace": "exact", "kronecker": "kflr", "mc_samples": 1})
         for key, allowed in self.CHOICES.items():
             if self.config[key] not in allowed:
                 raise InvalidInputError(

@@ -69,7 +69,6 @@ class CurvlinopsBackend(Backend):
 
     def __init__(self, problem, options=None) -> None:
         super().__init__(problem, options)
-        self.settings({})  # no settings of its own: reject any
         model = copy.deepcopy(problem.model).eval()
         named = dict(model.named_parameters())
         for n, p in named.items():

@@ -80,6 +80,7 @@ class PyHessianBackend(Backend):
         "trace": "native",  # hessian.trace (Hutchinson)
         "density": "native",  # hessian.density (SLQ)
     }
+    default_settings = {"power_iter": 1000, "power_tol": 1e-7}
 
     @classmethod
     def check_available(cls) -> None:
@@ -92,8 +93,7 @@ class PyHessianBackend(Backend):
 
     def __init__(self, problem, options=None) -> None:
         super().__init__(problem, options)
-        settings = self.settings({"power_iter": 1000, "power_tol": 1e-7})
-        self.power_iter, self.power_tol = settings["power_iter"], settings["power_tol"]
+        self.power_iter, self.power_tol = self.config["power_iter"], self.config["power_tol"]
         model = copy.deepcopy(problem.model).eval()
         named = dict(model.named_parameters())
         for n, p in named.items():

@@ -90,16 +90,19 @@ class Backend:
     library: ClassVar[str | None] = None
     extra: ClassVar[str | None] = None
     capabilities: ClassVar[Mapping[str, str]] = {}
+    default_settings: ClassVar[Mapping[str, Any]] = {}  # options.backend[name] keys and defaults
 
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
         self.problem = problem
         self.options = options or Options()
+        self.config = self._read_settings()
 
-    def settings(self, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    def _read_settings(self) -> dict[str, Any]:
         """This backend's own settings, ``options.backend[name]``, over ``defaults``.
 
         Each value is converted to the type of its default; an unknown key is an error.
         """
+        defaults = self.default_settings
         given = dict(self.options.backend.get(self.name) or {})
         unknown = sorted(set(given) - set(defaults))
         if unknown:

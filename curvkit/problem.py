@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import InvalidInputError, UnsupportedError
+from curvkit.errors import CurvkitError, InvalidInputError, UnsupportedError
 
 LOSSES = ("cross_entropy",)
 
@@ -47,10 +47,7 @@ class Problem:
         loss: str = "cross_entropy",
         params: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise InvalidInputError(
-                f"model must be a torch.nn.Module, got {type(model).__name__}; pass the classifier itself."
-            )
+        check_module(model)
         if loss not in LOSSES:
             raise UnsupportedError(
                 f"loss {loss!r} is not supported; use one of {', '.join(LOSSES)}."
@@ -84,9 +81,27 @@ class Problem:
         return self.summary.num_classes
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield the data's batches on the model's device, floating inputs in the model's dtype."""
-        for index, batch in enumerate(self.data):
+        """Yield the data's batches on the model's device, floating inputs in the model's dtype.
+
+        An exception raised by the user's loader becomes an InvalidInputError naming the batch
+        (KeyboardInterrupt and other BaseExceptions pass through).
+        """
+        iterator = iter(self.data)
+        index = 0
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except CurvkitError:
+                raise
+            except Exception as error:
+                raise InvalidInputError(
+                    f"the data raised {type(error).__name__} when asked for batch {index} "
+                    f"({error}); fix the loader."
+                ) from error
             yield self._prepare(batch, index)
+            index += 1
 
     def _prepare(self, batch: object, index: int) -> tuple[Tensor, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -121,13 +136,19 @@ class Problem:
         """One forward pass in eval mode that checks every batch and counts the classes."""
         num_samples, num_classes, counts = 0, None, None
         with model_guard(self.model), torch.no_grad():
-            for index, batch in enumerate(self.data):
-                x, y = self._prepare(batch, index)
+            for index, (x, y) in enumerate(self.batches()):
                 if x.dtype.is_floating_point and not torch.isfinite(x).all():
                     raise InvalidInputError(
                         f"inputs in batch {index} contain NaN or Inf; clean or filter the data first."
                     )
-                out = self.model(x)
+                try:
+                    out = self.model(x)
+                except Exception as error:
+                    raise InvalidInputError(
+                        f"the model raised {type(error).__name__} on batch {index} of inputs "
+                        f"shaped {tuple(x.shape)} ({str(error).splitlines()[0] if str(error) else ''}); "
+                        "check that the data matches the model."
+                    ) from error
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise InvalidInputError(
@@ -142,6 +163,11 @@ class Problem:
                 if num_classes is None:
                     num_classes = out.shape[1]
                     counts = torch.zeros(num_classes, dtype=torch.long)
+                    if num_classes < 2:
+                        raise InvalidInputError(
+                            f"the model has {num_classes} output; a classifier needs at least 2 "
+                            "classes."
+                        )
                 if out.shape[1] != num_classes:
                     raise InvalidInputError(
                         f"the model gives {out.shape[1]} outputs for batch {index} but {num_classes} "
@@ -156,10 +182,6 @@ class Problem:
                 num_samples += y.numel()
         if num_samples == 0:
             raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
-        if num_classes < 2:
-            raise InvalidInputError(
-                f"the model has {num_classes} output; a classifier needs at least 2 classes."
-            )
         return DataSummary(num_samples, num_classes, tuple(int(c) for c in counts))
 
     # -- loss -----------------------------------------------------------------------------------
@@ -195,6 +217,13 @@ class Problem:
 
     def fingerprint(self) -> str:
         return fingerprint(self.model)
+
+
+def check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; pass the classifier itself."
+        )
 
 
 def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
@@ -250,6 +279,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     Restored: parameter and buffer values, ``.grad`` fields, ``requires_grad``, each module's
     train/eval mode and its hook dictionaries. Inside, the model is in eval mode by default.
     """
+    check_module(model)
     params = list(model.parameters())
     saved_params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in params]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]

@@ -42,8 +42,9 @@ def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
     eigen, eigen_prov = backend.top_eigen(matrix, top_k, seed)
     if not eigen.converged:
         warnings.warn(
-            f"Lanczos for the {matrix} did not reach tol={backend.options.lanczos_tol} in "
-            f"{eigen.matvecs} steps; raise lanczos_max_iter for exact top eigenvalues.",
+            f"{eigen_prov.routine} for the {matrix} did not converge in {eigen.matvecs} "
+            "products; the top eigenvalues are approximate (raise lanczos_max_iter, or the "
+            "backend's own iteration limit).",
             stacklevel=2,
         )
     trace, trace_prov = backend.trace(matrix, seed + 1)

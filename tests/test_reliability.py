@@ -1,0 +1,251 @@
+"""Bad input, faults and determinism, for every installed backend: one clear curvkit error per
+mistake, the model restored after an interrupt, identical reports for identical seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit
+from curvkit.cli import main
+from curvkit.errors import InvalidInputError, MissingDependencyError
+from curvkit.problem import Problem, model_guard
+from curvkit.registry import get_backend
+
+BACKENDS = ["torchfunc", "backpack", "pyhessian", "curvlinops"]
+QUICK = {"trace_matvecs": 6, "density_probes": 1, "density_steps": 5}
+
+
+def digits_batches(n=40, batch=20):
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=n // 10)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+
+
+class RaisingLoader:
+    """Yields the digits batches, then raises ``error`` at batch ``at`` from pass ``from_pass`` on."""
+
+    def __init__(self, error: BaseException, at: int = 1, from_pass: int = 1) -> None:
+        self.batches, self.error, self.at, self.from_pass = digits_batches(), error, at, from_pass
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        for index, batch in enumerate(self.batches):
+            if index == self.at and self.passes >= self.from_pass:
+                raise self.error
+            yield batch
+
+
+def bad_data():
+    (x, y), (x2, y2) = digits_batches()
+    nan = x.clone()
+    nan[0, 3] = math.nan
+    inf = x.clone()
+    inf[1, 0] = math.inf
+    return {
+        "empty": ([], "no examples"),
+        "not iterable": (5, "iterable of \\(inputs, labels\\) batches"),
+        "one-shot": ((b for b in [(x, y)]), "one-shot iterator"),
+        "not a pair": ([(x, y, y)], "not an \\(inputs, labels\\) pair"),
+        "not tensors": ([(x.tolist(), y)], "must both be torch tensors"),
+        "float labels": (
+            [(x, y.double())],
+            "labels must be integers|class labels must be integers",
+        ),
+        "negative labels": ([(x, y - 1)], "labels must lie in \\[0, 9\\]"),
+        "labels too large": ([(x, y + 10)], "labels must lie in \\[0, 9\\]"),
+        "label count": ([(x, y[:-1])], "one integer per example"),
+        "NaN inputs": ([(nan, y)], "inputs in batch 0 contain NaN or Inf"),
+        "Inf inputs": ([(x, y), (inf, y2)], "inputs in batch 1 contain NaN or Inf"),
+        "inconsistent shapes": ([(x, y), (x2[:, :60], y2)], "model raised RuntimeError on batch 1"),
+        "loader raises": (RaisingLoader(OSError("disk gone")), "data raised OSError.*batch 1"),
+    }
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", list(bad_data()))
+def test_bad_data_gets_one_clear_error(name, case):
+    data, match = bad_data()[case]
+    with pytest.raises(InvalidInputError, match=match):
+        curvkit.analyze(tiny_model(), data, backend=name, quantities=["ggn"], progress=False)
+
+
+class Flat(nn.Module):
+    def forward(self, x):
+        return self.linear(x).sum(1)
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10).double()
+
+
+def bad_models():
+    nan_model = tiny_model()
+    with torch.no_grad():
+        nan_model[2].weight[0, 0] = math.nan
+    frozen = tiny_model().requires_grad_(False)
+    return {
+        "1-D output": (Flat(), "logits of shape \\(batch, classes\\)"),
+        "NaN parameter": (nan_model, "parameter '2.weight' contains NaN"),
+        "nothing to differentiate": (frozen, "no parameter of the model requires gradients"),
+        "one class": (nn.Linear(64, 1).double(), "at least 2 classes"),
+        "not a module": (lambda x: x, "must be a torch.nn.Module"),
+    }
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", list(bad_models()))
+def test_bad_models_get_one_clear_error(name, case):
+    model, match = bad_models()[case]
+    with pytest.raises(InvalidInputError, match=match):
+        curvkit.analyze(model, digits_batches(), backend=name, quantities=["ggn"], progress=False)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_bad_requests_per_backend(name):
+    model, data = tiny_model(), digits_batches()
+    with pytest.raises(InvalidInputError, match="top_k=10000 but the model has 610 parameters"):
+        curvkit.analyze(model, data, backend=name, top_k=10_000, progress=False)
+    with pytest.raises(InvalidInputError, match="unknown quantities.*hessian, ggn"):
+        curvkit.analyze(model, data, backend=name, quantities=["hess"], progress=False)
+    with pytest.raises(InvalidInputError, match=f"unknown setting.*{name}"):
+        curvkit.analyze(model, data, backend=name, options={"backend": {name: {"x": 1}}})
+
+
+def test_missing_library_names_the_extra(plugin_backend):
+    plugin_backend(
+        "needslib",
+        """
+        from curvkit.adapters.torchfunc import TorchFuncBackend
+        from curvkit.errors import MissingDependencyError
+
+        class Plugin(TorchFuncBackend):
+            name = "needslib"
+
+            @classmethod
+            def check_available(cls):
+                raise MissingDependencyError(
+                    "backend 'needslib' needs somelib; install it with pip install 'curvkit[somelib]'."
+                )
+        """,
+    )
+    assert not curvkit.backends()["needslib"]["installed"]
+    with pytest.raises(MissingDependencyError, match=r"pip install 'curvkit\[somelib\]'"):
+        get_backend("needslib")
+
+
+def test_dense_reference_too_large_is_refused_before_allocating():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 320), nn.Tanh(), nn.Linear(320, 10)).double()  # P = 24 k
+    with model_guard(model):
+        backend = get_backend("torchfunc")(Problem(model, digits_batches()))
+        with pytest.raises(InvalidInputError, match=r"P = 24010 needs about 12\.9 GiB"):
+            backend.dense_hessian()
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_train_mode_batchnorm_and_dropout_run_in_eval_mode(name):
+    """Analysis runs in eval mode (Dropout off, BatchNorm's running statistics), restores train
+    mode, and the report says so: the result equals that of the same model put in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 10)
+    ).double()
+    model(digits_batches()[0][0])  # running statistics differ from the initial ones
+    model.train()
+    kwargs = {"quantities": ["ggn"], "top_k": 3, "progress": False, "options": QUICK}
+    report = curvkit.analyze(model, digits_batches(), backend=name, **kwargs)
+    assert model.training and all(m.training for m in model.modules())
+    assert report.model.mode == "eval"
+    reference = curvkit.analyze(model.eval(), digits_batches(), backend="torchfunc", **kwargs)
+    torch.testing.assert_close(
+        torch.tensor(report.ggn.top_eigenvalues),
+        torch.tensor(reference.ggn.top_eigenvalues),
+        rtol=1e-3,
+        atol=0,
+    )
+
+
+def snapshot(model):
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [p.requires_grad for p in model.parameters()],
+        [m.training for m in model.modules()],
+        [dict(m._forward_hooks) for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("worker died")])
+def test_interrupt_mid_analysis_leaves_the_model_as_it_was(name, error):
+    """The loader fails on the third pass, after the scan, in the middle of the computation."""
+    model = tiny_model().train()
+    model[0].register_forward_hook(lambda *args: None)
+    model[2].bias.requires_grad_(False)
+    before = snapshot(model)
+    loader = RaisingLoader(error, at=1, from_pass=3)
+    expected = KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else InvalidInputError
+    with pytest.raises(expected):
+        curvkit.analyze(model, loader, backend=name, quantities=["hessian"], progress=False)
+    after = snapshot(model)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1:] == after[1:]
+    assert all(p.grad is None for p in model.parameters())
+    torch.func.grad(lambda p: torch.func.functional_call(model, p, (loader.batches[0][0],)).sum())(
+        {n: p.detach() for n, p in model.named_parameters()}
+    )
+
+
+def test_interrupted_command_writes_no_report(tmp_path, monkeypatch):
+    """curvkit analyze interrupted mid-run: exit 130, the previous report.yaml left as it was."""
+    (tmp_path / "interrupting.py").write_text(
+        "from tests.test_reliability import RaisingLoader\n"
+        "def make_loader():\n"
+        "    return RaisingLoader(KeyboardInterrupt(), at=1, from_pass=3)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.yaml").write_text("previous: report\n")
+    args = ["analyze", "--quiet", "--epochs", "0", "--output", str(out), "--quantities", "ggn"]
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    config = tmp_path / "run.yaml"
+    config.write_text("data: interrupting:make_loader\n")
+    assert main([*args, "--config", str(config)]) == 130
+    assert (out / "report.yaml").read_text() == "previous: report\n"
+    assert [p.name for p in out.iterdir()] == ["report.yaml"]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_same_seed_gives_identical_reports(name):
+    """Bit-identical on CPU for the same seed; another seed changes only stochastic estimates."""
+    model, data = tiny_model(), digits_batches()
+    kwargs = {"quantities": ["hessian", "classmeans"], "top_k": 3, "progress": False}
+
+    def run(seed):
+        options = {**QUICK, "density_probes": 2}  # one probe has a NaN error bar, and NaN ≠ NaN
+        d = curvkit.analyze(model, data, backend=name, seed=seed, options=options, **kwargs)
+        d = d.to_dict()
+        d.pop("timings")
+        for quantity in ("hessian", "classmeans"):
+            for record in d[quantity]["provenance"].values():
+                record["seconds"] = 0.0
+        return d
+
+    one, two, other = run(1), run(1), run(2)
+    assert one == two
+    assert one["hessian"]["trace"] != other["hessian"]["trace"] or name == "backpack"
+    torch.testing.assert_close(
+        torch.tensor(one["hessian"]["top_eigenvalues"]),
+        torch.tensor(other["hessian"]["top_eigenvalues"]),
+        rtol=1e-4,
+        atol=1e-8,
+    )
