@@ -53,7 +53,8 @@ class _Krylov:
 
     Keeps the orthonormal basis Q and the tridiagonal coefficients α, β. When the Krylov space
     becomes invariant (β ≈ 0) it continues with a fresh random vector orthogonal to Q, so that the
-    whole space can be explored (repeated eigenvalues then appear as well).
+    whole space can be explored (repeated eigenvalues then appear as well); ``block_start`` is
+    the index where the newest such block begins (0 while there was none).
     """
 
     def __init__(self, matvec: Matvec, start: Tensor, capacity: int, generator: torch.Generator):
@@ -65,6 +66,7 @@ class _Krylov:
         self.alpha: list[float] = []
         self.beta: list[float] = []
         self.size = 1
+        self.block_start = 0
         self.matvecs = 0
         self._last_norm = 0.0
 
@@ -92,6 +94,7 @@ class _Krylov:
             beta = 0.0
             w = random_rademacher(self.dim, self.generator, v.dtype, v.device)
             w = self._orthogonalise(w)
+            self.block_start = self.size
         self.beta.append(beta)
         self.basis[self.size] = w / w.norm()
         self.size += 1
@@ -120,6 +123,12 @@ def lanczos(
     Converged when every wanted Ritz pair (θ_i, u_i) has residual ``‖A u_i − θ_i u_i‖ =
     |β_m s_{m,i}| ≤ tol · max|θ|``; since the eigenvalue error is at most the residual (and
     typically its square over the gap), ``tol`` bounds the error relative to the spectral norm.
+    Once the Krylov space has become invariant, the Ritz values found are exact but further
+    copies of them can only lie in its complement: convergence then also needs the newest block
+    (started from a random vector in the complement) to have converged its largest Ritz value
+    below θ_k, which shows that the complement holds nothing of the top k. Without such a
+    breakdown, a single start vector sees repeated eigenvalues only through rounding, so an
+    exactly repeated top eigenvalue can be missed (a limitation of single-vector Lanczos).
     Deterministic for a given ``seed``.
     """
     if not 1 <= k <= dim:
@@ -142,13 +151,28 @@ def lanczos(
             theta, s = theta.flip(0)[:k], s.flip(1)[:, :k]
             bound = abs(krylov.beta[-1]) * s[-1].abs()
             scale = max(float(theta.abs().max()), 1e-300)
-            converged = bool((bound <= tol * scale).all()) or m == dim
+            converged = bool((bound <= tol * scale).all()) and _complement_explored(
+                krylov, float(theta[-1]), tol * scale
+            )
+            converged = converged or m == dim
             if converged or m >= max_iter:
                 break
     q = krylov.basis[:m]
     vectors = q.T @ s.to(dtype=q.dtype, device=q.device)
     values = theta.to(dtype=dtype)
     return EigenResult(values, vectors, bound.to(dtype), krylov.matvecs, converged)
+
+
+def _complement_explored(krylov: _Krylov, theta_k: float, tol: float) -> bool:
+    """After a breakdown: has the newest block converged its top Ritz value below θ_k?"""
+    start, m = krylov.block_start, len(krylov.alpha)
+    if start == 0:
+        return True
+    if m <= start:
+        return False
+    values, vectors = torch.linalg.eigh(krylov.tridiagonal()[start:m, start:m])
+    top_bound = abs(krylov.beta[-1]) * float(vectors[-1, -1].abs())
+    return top_bound <= tol and float(values[-1]) < theta_k - tol
 
 
 def slq_density(
