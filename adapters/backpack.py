@@ -44,6 +44,7 @@ class BackPACKBackend(Backend):
         "class_deltas": "native",  # SqrtGGNExact
         "kronecker_factors": "native",  # KFLR (exact) or KFAC (Monte Carlo)
         "trace": "native",  # sum of DiagHessian / DiagGGNExact (or DiagGGNMC)
+        "block_products": "native",  # backpack.hessianfree on one parameter
     }
     default_settings = {"ggn_trace": "exact", "kronecker": "kflr", "mc_samples": 1}
     CHOICES = {"ggn_trace": ("exact", "mc"), "kronecker": ("kflr", "kfac")}
@@ -134,27 +135,35 @@ class BackPACKBackend(Backend):
         return UnsupportedError(f"BackPACK's {extension} {what}; use one of {OTHER_BACKENDS}.")
 
     # -- primitives -----------------------------------------------------------------------------
-    def _products(self, v: Tensor, product: Any) -> Tensor:
-        """Σ over batches of ``product(summed loss, output, params, v)``, divided by N."""
-        vs = self.problem.unflatten(v)
-        total = self.zeros()
+    def _products(self, matrix: str, params: list[Tensor], vs: list[Tensor]) -> Tensor:
+        """Σ over batches of BackPACK's Hessian- or G-vector product with respect to ``params``,
+        divided by N (flat)."""
+        from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
+        from backpack.hessianfree.hvp import hessian_vector_product
+
+        total = 0
         for x, y in self.problem.batches():
             output = self._plain(x)
             loss = self.problem.loss_sum(output, y)
-            total += self.problem.flatten(product(loss, output, self._plain_params, vs))
+            if matrix == "hessian":
+                parts = hessian_vector_product(loss, params, vs)
+            else:
+                parts = ggn_vector_product_from_plist(loss, output, params, vs)
+            total = total + torch.cat([part.flatten() for part in parts])
         return total / self.problem.num_samples
 
     def hvp(self, v: Tensor) -> Tensor:
-        from backpack.hessianfree.hvp import hessian_vector_product
-
-        return self._products(
-            v, lambda loss, _out, params, vs: hessian_vector_product(loss, params, vs)
-        )
+        return self._products("hessian", self._plain_params, self.problem.unflatten(v))
 
     def ggnvp(self, v: Tensor) -> Tensor:
-        from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
+        return self._products("ggn", self._plain_params, self.problem.unflatten(v))
 
-        return self._products(v, ggn_vector_product_from_plist)
+    def block_matvec(self, matrix: str, name: str):
+        """``backpack.hessianfree`` products with respect to one parameter."""
+        if matrix not in ("hessian", "ggn"):
+            return super().block_matvec(matrix, name)
+        param = self._plain_params[self.problem.names.index(name)]
+        return lambda v: self._products(matrix, [param], [v.view_as(param)])
 
     def _extension_pass(self, extensions: dict[str, Any], batch_sums: Any) -> None:
         """One backward pass per batch with ``extensions`` ({name: instance}); ``batch_sums(x,

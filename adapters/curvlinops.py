@@ -55,6 +55,7 @@ class CurvlinopsBackend(Backend):
         "top_eigen": "native",  # scipy eigsh on to_scipy()
         "trace": "native",  # hutchpp_trace / hutchinson_trace
         "density": "native",  # fast_lanczos (Papyan 2020)
+        "block_products": "native",  # the operators built on one parameter
     }
 
     @classmethod
@@ -79,32 +80,39 @@ class CurvlinopsBackend(Backend):
         self._operators: dict[str, Any] = {}
 
     # -- operators ------------------------------------------------------------------------------
-    def _common(self) -> dict[str, Any]:
+    def _common(self, params: list[Tensor] | None = None) -> dict[str, Any]:
         return {
             "model_func": self._model,
             "loss_func": nn.CrossEntropyLoss(reduction="mean"),
-            "params": self._params,
+            "params": self._params if params is None else params,
             "data": self._batches,
             "check_deterministic": False,  # curvkit's Problem already validated the data
             "num_data": self.problem.num_samples,
         }
 
-    def operator(self, matrix: str) -> Any:
-        """curvlinops' linear operator of ``hessian``, ``ggn`` or ``residual`` (their difference)."""
-        if matrix not in self._operators:
+    def operator(self, matrix: str, name: str | None = None) -> Any:
+        """curvlinops' linear operator of ``hessian``, ``ggn`` or ``residual`` (their difference),
+        for all selected parameters or for the one parameter ``name`` (its diagonal block)."""
+        key = (matrix, name)
+        if key not in self._operators:
             from curvlinops import GGNLinearOperator, HessianLinearOperator
 
+            params = None if name is None else [self._params[self.problem.names.index(name)]]
             if matrix == "hessian":
-                self._operators[matrix] = HessianLinearOperator(**self._common())
+                self._operators[key] = HessianLinearOperator(**self._common(params))
             elif matrix == "ggn":
-                self._operators[matrix] = GGNLinearOperator(**self._common())
+                self._operators[key] = GGNLinearOperator(**self._common(params))
             else:
-                self._operators[matrix] = self.operator("hessian") - self.operator("ggn")
-        return self._operators[matrix]
+                self._operators[key] = self.operator("hessian", name) - self.operator("ggn", name)
+        return self._operators[key]
 
-    def _apply(self, matrix: str, v: Tensor) -> Tensor:
+    def block_matvec(self, matrix: str, name: str):
+        """Products with the operator built on one parameter."""
+        return lambda v: self._apply(matrix, v, name)
+
+    def _apply(self, matrix: str, v: Tensor, name: str | None = None) -> Tensor:
         try:
-            return self.operator(matrix) @ v
+            return self.operator(matrix, name) @ v
         finally:
             for p in self._params:
                 p.grad = None

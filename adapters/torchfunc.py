@@ -53,6 +53,7 @@ class TorchFuncBackend(Backend):
         "ggnvp": "native",
         "class_deltas": "native",
         "kronecker_factors": "native",
+        "block_products": "native",
         "per_example_jacobians": "native",
         "dense": "native",
     }
@@ -68,23 +69,39 @@ class TorchFuncBackend(Backend):
         return self.problem.loss_sum(self._logits(params, x), y)
 
     # -- primitives -----------------------------------------------------------------------------
-    def hvp(self, v: Tensor) -> Tensor:
-        params, tangent = self._params(), self.problem.named(v)
-        total = self.zeros()
-        for x, y in self.problem.batches():
-            _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (params,), (tangent,))
-            total += self.problem.flatten([hv[n] for n in self.problem.names])
+    def _hvp(self, params: dict[str, Tensor], tangent: dict[str, Tensor]) -> Tensor:
+        """Σ_batches ∇²L v with respect to ``params`` only (the others held fixed), flat."""
+        total = 0
+        with torch.no_grad():  # the transforms differentiate anyway; nothing else is recorded
+            for x, y in self.problem.batches():
+                _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (params,), (tangent,))
+                total = total + torch.cat([hv[n].flatten() for n in params])
         return total / self.problem.num_samples
 
-    def ggnvp(self, v: Tensor) -> Tensor:
-        params, tangent = self._params(), self.problem.named(v)
-        total = self.zeros()
-        for x, _ in self.problem.batches():
-            logits, jv = jvp(lambda p: self._logits(p, x), (params,), (tangent,))
-            _, pullback = vjp(lambda p: self._logits(p, x), params)
-            (gv,) = pullback(output_hessian_product(logits.detach(), jv))
-            total += self.problem.flatten([gv[n] for n in self.problem.names])
+    def _ggnvp(self, params: dict[str, Tensor], tangent: dict[str, Tensor]) -> Tensor:
+        """Σ_batches Jᵀ H_out J v with respect to ``params`` only, flat."""
+        total = 0
+        with torch.no_grad():
+            for x, _ in self.problem.batches():
+                logits, jv = jvp(lambda p: self._logits(p, x), (params,), (tangent,))
+                _, pullback = vjp(lambda p: self._logits(p, x), params)
+                (gv,) = pullback(output_hessian_product(logits.detach(), jv))
+                total = total + torch.cat([gv[n].flatten() for n in params])
         return total / self.problem.num_samples
+
+    def hvp(self, v: Tensor) -> Tensor:
+        return self._hvp(self._params(), self.problem.named(v))
+
+    def ggnvp(self, v: Tensor) -> Tensor:
+        return self._ggnvp(self._params(), self.problem.named(v))
+
+    def block_matvec(self, matrix: str, name: str):
+        """Products with one parameter's block, differentiating with respect to it alone."""
+        if matrix not in ("hessian", "ggn"):
+            return super().block_matvec(matrix, name)
+        product = self._hvp if matrix == "hessian" else self._ggnvp
+        param = {name: self._params()[name]}
+        return lambda v: product(param, {name: v.view_as(param[name])})
 
     def jacobians(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (B, C) and per-example Jacobians ``J_i = ∂f(x_i)/∂θ`` as one (B, C, P) tensor."""

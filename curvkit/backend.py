@@ -174,6 +174,22 @@ class Backend:
             return lambda v: self.hvp(v) - self.ggnvp(v)
         raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")
 
+    def block_matvec(self, matrix: str, name: str) -> Callable[[Tensor], Tensor]:
+        """``v ↦ (A (0, …, v, …, 0))_W``: the diagonal block of ``matrix`` for parameter ``name``.
+
+        By default a slice of the full product (as costly as a full product); backends whose
+        library differentiates with respect to one parameter override this (``block_products``).
+        """
+        where = self.problem.slice_of(name)
+        full = self.matvec(matrix)
+
+        def apply(v: Tensor) -> Tensor:
+            embedded = self.zeros()
+            embedded[where] = v
+            return full(embedded)[where]
+
+        return apply
+
     def matvecs_per_product(self, matrix: str) -> int:
         return 2 if matrix == "residual" else 1
 
