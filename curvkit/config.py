@@ -3,7 +3,8 @@
 ```yaml
 model: digits-mlp          # a zoo name, or {factory: "mypkg.models:make_model", checkpoint: w.pt}
 data:                      # or just "digits", or {factory: "mypkg.data:make_loader"}
-  name: digits
+  name: digits             # or mnist, fashion-mnist, cifar10 (torchvision, from root), fake
+  root: null               # the folder of a torchvision data set; never downloaded
   samples_per_class: null  # the first n examples of each class (Papyan's subsets)
   batch_size: 512
 backend: torchfunc         # or auto
@@ -41,12 +42,18 @@ from torch import nn
 from curvkit.errors import InvalidInputError
 
 ZOO = ("digits-mlp", "digits-cnn")
-DATASETS = ("digits",)
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "fake")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "digits-mlp", "factory": None, "checkpoint": None, "epochs": 30},
-    "data": {"name": "digits", "factory": None, "samples_per_class": None, "batch_size": 512},
+    "data": {
+        "name": "digits",
+        "factory": None,
+        "root": None,
+        "samples_per_class": None,
+        "batch_size": 512,
+    },
     "backend": "torchfunc",
     "quantities": None,
     "top_k": None,
@@ -63,6 +70,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "model.epochs": (int,),
     "data.name": (str,),
     "data.factory": (str,),
+    "data.root": (str,),
     "data.samples_per_class": (int,),
     "data.batch_size": (int,),
     "backend": (str,),
@@ -161,21 +169,26 @@ def _check(config: dict[str, Any]) -> None:
 
 def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, Any]:
     """The model and data a config describes, on its device and in its dtype."""
-    from curvkit.datasets import digits_loader
+    from curvkit.datasets import digits_loader, torchvision_loader
     from curvkit.models import digits_cnn, digits_mlp, train
 
     dtype, device = DTYPES[config["dtype"]], torch.device(config["device"])
     model_cfg, data_cfg, seed = config["model"], config["data"], config["seed"]
     if data_cfg["factory"]:
         data = _call(data_cfg["factory"], "data")
-    else:
+    elif data_cfg["name"] == "digits":
         data = digits_loader(
             batch_size=data_cfg["batch_size"],
             dtype=dtype,
             samples_per_class=data_cfg["samples_per_class"],
         )
-        if device.type != "cpu":
-            data = _Moved(data, device)
+    else:
+        data = torchvision_loader(
+            data_cfg["name"],
+            data_cfg["root"],
+            data_cfg["batch_size"],
+            data_cfg["samples_per_class"],
+        )
     if model_cfg["factory"]:
         model = _call(model_cfg["factory"], "model")
         if not isinstance(model, nn.Module):
@@ -183,22 +196,28 @@ def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, 
                 f"the model factory {model_cfg['factory']!r} returned a "
                 f"{type(model).__name__}, not a torch.nn.Module."
             )
-        if model_cfg["checkpoint"]:
-            model.load_state_dict(load_checkpoint(model_cfg["checkpoint"]))
-        return model.to(device=device, dtype=dtype), data
-    make = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn}[model_cfg["name"]]
-    model = make(seed=seed, dtype=dtype)
+        model = model.to(dtype=dtype)
+    else:
+        make = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn}[model_cfg["name"]]
+        model = make(seed=seed, dtype=dtype)
     if model_cfg["checkpoint"]:
         model.load_state_dict(load_checkpoint(model_cfg["checkpoint"]))
-    elif model_cfg["epochs"]:
-        training = digits_loader(
-            batch_size=64,
-            dtype=dtype,
-            samples_per_class=data_cfg["samples_per_class"],
-            shuffle=True,
-            seed=seed,
+    elif model_cfg["factory"] is None and model_cfg["epochs"]:
+        # zoo models are trained first: on shuffled digits, or on the configured data
+        training = (
+            digits_loader(
+                batch_size=64,
+                dtype=dtype,
+                samples_per_class=data_cfg["samples_per_class"],
+                shuffle=True,
+                seed=seed,
+            )
+            if data_cfg["name"] == "digits" and not data_cfg["factory"]
+            else data
         )
         train(model, training, model_cfg["epochs"], seed=seed, progress=progress)
+    if device.type != "cpu":
+        data = _Moved(data, device)
     return model.to(device), data
 
 

@@ -64,11 +64,13 @@ def train(
     """Adam on the mean cross-entropy, deterministic for a given seed; returns the model in eval mode."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    dtype = next(model.parameters()).dtype
     model.train()
     with progress_bar(total=epochs, desc="training", enabled=progress) as bar:
         for _ in range(epochs):
             for x, y in loader:
                 optimizer.zero_grad()
+                x = x.to(dtype) if x.is_floating_point() else x
                 nn.functional.cross_entropy(model(x), y).backward()
                 optimizer.step()
             bar.update(1)

@@ -132,6 +132,24 @@ def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
         build(load_config(None, {"model": "userproject:nothing"}), progress=False)
 
 
+def test_torchvision_data_sets_are_local_only(tmp_path):
+    """FakeData stands in for the real sets in tests; a real set missing from root is an error
+    that says where to put it, and nothing is downloaded."""
+    config = load_config(None, {"data": {"name": "fake", "samples_per_class": 3}, "top_k": 3})
+    config["model"]["epochs"] = 1
+    model, data = build(config, progress=False)
+    labels = torch.cat([y for _, y in data])
+    assert torch.bincount(labels).tolist() == [3] * 10
+    report = curvkit.analyze(model, data, quantities=["ggn"], top_k=3, progress=False)
+    assert report.model.num_samples == 30
+    missing = load_config(None, {"data": {"name": "mnist", "root": str(tmp_path)}})
+    with pytest.raises(curvkit.InvalidInputError, match="MNIST is not in .*never downloads"):
+        build(missing, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(curvkit.InvalidInputError, match="needs a local folder"):
+        build(load_config(None, {"data": "cifar10"}), progress=False)
+
+
 def test_per_quantity_options(digits_problem):
     model, loader = digits_problem
     options = {"density_steps": 30, "density_probes": 2, "hessian": {"density_steps": 20}}
