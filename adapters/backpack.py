@@ -172,7 +172,7 @@ class BackPACKBackend(Backend):
 
         model, params, loss_fn = self._extended()
         label = "/".join(extensions)
-        for x, y in self.problem.batches():
+        for x, y in self.problem.batches_with_progress(label, self.options.progress):
             try:
                 with backpack(*extensions.values()), warnings.catch_warnings():
                     # BackPACK's hooks fire on outputs when inputs need no gradient: harmless

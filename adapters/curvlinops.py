@@ -127,7 +127,9 @@ class CurvlinopsBackend(Backend):
         return lambda v: self._apply(matrix, v)
 
     def class_deltas(self) -> ClassDeltas:
-        return class_deltas_by_gradient_passes(self.problem, self._model, self._params, self.name)
+        return class_deltas_by_gradient_passes(
+            self.problem, self._model, self._params, self.name, self.options.progress
+        )
 
     # -- routines -------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -152,7 +152,9 @@ class PyHessianBackend(Backend):
         return 1  # the residual is one criterion, one product
 
     def class_deltas(self) -> ClassDeltas:
-        return class_deltas_by_gradient_passes(self.problem, self._model, self._params, self.name)
+        return class_deltas_by_gradient_passes(
+            self.problem, self._model, self._params, self.name, self.options.progress
+        )
 
     # -- PyHessian's own routines ---------------------------------------------------------------
     def top_eigen(self, matrix: str, k: int, seed: int) -> tuple[EigenResult, Provenance]:

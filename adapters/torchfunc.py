@@ -122,7 +122,7 @@ class TorchFuncBackend(Backend):
         sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
         counts = torch.zeros(c, dtype=torch.long)
         square_norm_sum = 0.0
-        for x, y in self.problem.batches():
+        for x, y in self.problem.batches_with_progress("class sums", self.options.progress):
             logits, jac = self.jacobians(x)
             deltas = torch.einsum("bkc,bkp->bcp", sqrt_output_hessian(logits), jac)
             sums.index_add_(0, y, deltas)
@@ -171,7 +171,7 @@ class TorchFuncBackend(Backend):
             for name in layers
         }
         try:
-            for x, _ in self.problem.batches():
+            for x, _ in self.problem.batches_with_progress("Kronecker", self.options.progress):
                 with torch.no_grad():
                     sqrt_h = sqrt_output_hessian(model(x))
                 zeros = {n: x.new_zeros(recorded[n][1]) for n in layers}

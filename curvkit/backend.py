@@ -302,7 +302,11 @@ def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
 
 
 def class_deltas_by_gradient_passes(
-    problem: Problem, model: torch.nn.Module, params: list[Tensor], backend: str
+    problem: Problem,
+    model: torch.nn.Module,
+    params: list[Tensor],
+    backend: str,
+    progress: bool = False,
 ) -> ClassDeltas:
     """Σ_{y_i=c} δ_{i,c'} from weighted gradient passes, for libraries without per-example factors.
 
@@ -315,7 +319,7 @@ def class_deltas_by_gradient_passes(
     c, p = problem.num_classes, problem.num_params
     sums = torch.zeros(c, c, p, dtype=problem.dtype, device=problem.device)
     counts = torch.zeros(c, dtype=torch.long)
-    for x, y in problem.batches():
+    for x, y in problem.batches_with_progress("class sums", progress):
         counts += torch.bincount(y.cpu(), minlength=c)
         for label in y.unique().tolist():
             logits = model(x[y == label])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.errors import CurvkitError, InvalidInputError, UnsupportedError
+from curvkit.progress import progress_bar
 
 LOSSES = ("cross_entropy",)
 
@@ -28,6 +29,7 @@ class DataSummary:
     num_samples: int
     num_classes: int
     counts: tuple[int, ...]
+    num_batches: int
 
 
 class Problem:
@@ -102,6 +104,13 @@ class Problem:
                 ) from error
             yield self._prepare(batch, index)
             index += 1
+
+    def batches_with_progress(self, desc: str, enabled: bool) -> Iterator[tuple[Tensor, Tensor]]:
+        """``batches()`` with a progress bar on stderr (for the long one-off passes)."""
+        with progress_bar(total=self.summary.num_batches, desc=desc, enabled=enabled) as bar:
+            for batch in self.batches():
+                yield batch
+                bar.update(1)
 
     def _prepare(self, batch: object, index: int) -> tuple[Tensor, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -182,7 +191,7 @@ class Problem:
                 num_samples += y.numel()
         if num_samples == 0:
             raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
-        return DataSummary(num_samples, num_classes, tuple(int(c) for c in counts))
+        return DataSummary(num_samples, num_classes, tuple(int(c) for c in counts), index + 1)
 
     # -- loss -----------------------------------------------------------------------------------
     def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
