@@ -272,6 +272,7 @@ class BackPACKBackend(Backend):
 
         start = time.perf_counter()
         c, p = self.problem.num_classes, self.problem.num_params
+        self.check_batch_memory("BackPACK's SqrtGGNExact factors", 2 * c * p)
         sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
         counts = torch.zeros(c, dtype=torch.long)
         square_norms: list[float] = []

@@ -119,6 +119,7 @@ class TorchFuncBackend(Backend):
     def class_deltas(self) -> ClassDeltas:
         start = time.perf_counter()
         c, p = self.problem.num_classes, self.problem.num_params
+        self.check_batch_memory("torch.func's per-example Jacobians", 2 * c * p)
         sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
         counts = torch.zeros(c, dtype=torch.long)
         square_norm_sum = 0.0

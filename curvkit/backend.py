@@ -10,6 +10,7 @@ overrides them and says so in the returned provenance.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -252,11 +253,39 @@ class Backend:
             note=note,
         )
 
+    def check_batch_memory(self, what: str, floats_per_example: int) -> None:
+        """Refuse, before allocating, a per-batch tensor that would not fit in free memory.
+
+        ``floats_per_example`` × the largest batch × the dtype's size is compared with half the
+        free memory (CPU: available physical pages; CUDA: ``torch.cuda.mem_get_info``).
+        """
+        per_example = floats_per_example * self.problem.dtype.itemsize
+        needed = per_example * self.problem.summary.max_batch
+        free = free_memory(self.problem.device)
+        if free is not None and needed > free / 2:
+            largest = max(1, int(free / 2 // per_example))
+            raise InvalidInputError(
+                f"{what} for a batch of {self.problem.summary.max_batch} examples needs about "
+                f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB are free; use batches "
+                f"of at most {largest} examples, or a backend with weighted gradient passes "
+                "(pyhessian, curvlinops), which hold only C × C × P numbers."
+            )
+
     # -- helpers for adapters ---------------------------------------------------------------------
     def zeros(self) -> Tensor:
         return torch.zeros(
             self.problem.num_params, dtype=self.problem.dtype, device=self.problem.device
         )
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free memory in bytes on ``device`` (CPU: Linux's available pages), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 class CountingBatches:

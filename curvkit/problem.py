@@ -30,6 +30,7 @@ class DataSummary:
     num_classes: int
     counts: tuple[int, ...]
     num_batches: int
+    max_batch: int
 
 
 class Problem:
@@ -143,7 +144,7 @@ class Problem:
 
     def _scan(self) -> DataSummary:
         """One forward pass in eval mode that checks every batch and counts the classes."""
-        num_samples, num_classes, counts = 0, None, None
+        num_samples, num_classes, counts, max_batch = 0, None, None, 0
         with model_guard(self.model), torch.no_grad():
             for index, (x, y) in enumerate(self.batches()):
                 if x.dtype.is_floating_point and not torch.isfinite(x).all():
@@ -189,9 +190,11 @@ class Problem:
                     )
                 counts += torch.bincount(y.cpu(), minlength=num_classes)
                 num_samples += y.numel()
+                max_batch = max(max_batch, y.numel())
         if num_samples == 0:
             raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
-        return DataSummary(num_samples, num_classes, tuple(int(c) for c in counts), index + 1)
+        counts_tuple = tuple(int(c) for c in counts)
+        return DataSummary(num_samples, num_classes, counts_tuple, index + 1, max_batch)
 
     # -- loss -----------------------------------------------------------------------------------
     def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -249,3 +249,17 @@ def test_same_seed_gives_identical_reports(name):
         rtol=1e-4,
         atol=1e-8,
     )
+
+
+@pytest.mark.parametrize("name", ["torchfunc", "backpack"])
+def test_per_example_factors_too_large_are_refused_before_allocating(name):
+    """B × C × P factors for P = 3.0 M and batches of 512 would need ≈ 229 GiB: a clear error
+    with the largest batch that fits, instead of the machine running out of memory."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 40_000), nn.Tanh(), nn.Linear(40_000, 10)).double()
+    with model_guard(model):
+        backend = get_backend(name)(Problem(model, digits_batches(n=520, batch=512)))
+        with pytest.raises(
+            InvalidInputError, match=r"batch of 512 examples needs about 228\.9 GiB"
+        ):
+            backend.class_deltas()
