@@ -163,7 +163,14 @@ class PyHessianBackend(Backend):
         PyHessian finds eigenvalues of largest magnitude. Its stopping rule compares successive
         Rayleigh quotients (``power_tol``, default 1e-7 here against its own 1e-3, which left the
         top-10 up to 5e-3 off); the residuals ``‖A u − λ u‖`` are checked afterwards (k products).
+
+        Largest magnitude is the contract's largest algebraic only when no negative eigenvalue
+        outweighs the k-th positive one. So for the residual H (indefinite: tr H = 0 in a ReLU
+        network), and whenever the power iteration returns a negative eigenvalue, the top
+        eigenvalues come from curvkit's Lanczos on PyHessian's products instead (``derived``).
         """
+        if matrix == "residual":
+            return self._lanczos_instead(matrix, k, seed, "H = Hess − G is indefinite")
         start = time.perf_counter()
         with self._session(matrix, seed) as (engine, loader):
             values, vectors = engine.eigenvalues(
@@ -181,10 +188,23 @@ class PyHessianBackend(Backend):
         )
         scale = max(float(values_t.abs().max()), 1e-300)
         converged = bool((residuals <= math.sqrt(self.power_tol) * scale).all())
+        if float(values_t.min()) < 0:
+            return self._lanczos_instead(matrix, k, seed, "it returned a negative eigenvalue")
         result = EigenResult(values_t, vectors_t, residuals, passes + k, converged)
         return result, self._provenance(
             "pyhessian.eigenvalues", matrix, passes + k, start, note="+k products for residuals"
         )
+
+    def _lanczos_instead(
+        self, matrix: str, k: int, seed: int, why: str
+    ) -> tuple[EigenResult, Provenance]:
+        result, provenance = super().top_eigen(matrix, k, seed)
+        provenance.derived = True
+        provenance.note = (
+            f"PyHessian's power iteration finds the largest |λ| and {why}: curvkit's Lanczos on "
+            "PyHessian's products"
+        )
+        return result, provenance
 
     def trace(self, matrix: str, seed: int) -> tuple[TraceEstimate, Provenance]:
         """Hutchinson (``hessian.trace``) with ``trace_matvecs`` probes, no early stop."""

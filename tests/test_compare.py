@@ -206,3 +206,15 @@ def test_cli_bench_saves_tables_and_choice(tmp_path, capsys):
     (entry,) = load_choices(tmp_path / "choices.yaml").values()
     assert entry["choices"]["ggn"] in ("torchfunc", "backpack")
     assert "saved in" in capsys.readouterr().out
+
+
+def test_pyhessian_top_eigenvalues_of_an_indefinite_matrix(cnn_problem):
+    """PyHessian's power iteration finds the largest |λ|: on the CNN's residual H (eigenvalues
+    ≈ ±0.15) it returned −0.153 among the "top" four until the adapter used Lanczos for H."""
+    model, loader = cnn_problem
+    options = {"trace_matvecs": 30, "density_probes": 3, "density_steps": 30}
+    comparison = assert_backends_agree(
+        model, loader, ["torchfunc", "pyhessian"], quantities=["residual"], top_k=4, options=options
+    )
+    provenance = comparison.reports["pyhessian"].residual.provenance["top_eigenvalues"]
+    assert provenance.derived and "largest |λ|" in provenance.note
