@@ -91,9 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _backends_argument(compare)
     _problem_arguments(compare)
-    compare.add_argument("--rtol", type=float, default=1e-3, help="eigenvalues: relative")
-    compare.add_argument("--atol", type=float, default=1e-4, help="eigenvalues: times λ1")
-    compare.add_argument("--sigmas", type=float, default=4.0, help="traces: standard errors")
+    compare.add_argument("--rtol", type=float, default=1e-3, help="eigenvalues: relative (1e-3)")
+    compare.add_argument("--atol", type=float, default=1e-4, help="eigenvalues: times λ1 (1e-4)")
+    compare.add_argument("--sigmas", type=float, default=4.0, help="traces: standard errors (4)")
 
     plot = commands.add_parser(
         "plot",
@@ -110,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
         "backends",
         help="list the registered backends, their versions and capabilities",
         description="List the registered backends: installed or not, version, capabilities.",
+        epilog="examples:\n  curvkit backends   # a missing one shows the pip extra to install\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
 

@@ -57,6 +57,13 @@ NOT_COMPARED = {
     "device",
     "mode",
 }
+DEFAULT_TOLERANCES = {
+    "rtol": 1e-3,
+    "atol": 1e-4,
+    "sigmas": 4.0,
+    "subspace_atol": 0.02,
+    "density_tol": 0.02,
+}
 SUBSPACE = {"overlap", "rank1", "spectrum_distance"}
 COUNTS = {"counts", "num_params", "num_classes", "num_samples", "excluded_classes", "shape"}
 
@@ -136,11 +143,11 @@ def compare(
     backends: Sequence[str] | None = None,
     quantities: Sequence[str] | None = None,
     *,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
-    sigmas: float = 4.0,
-    subspace_atol: float = 0.02,
-    density_tol: float = 0.02,
+    rtol: float = DEFAULT_TOLERANCES["rtol"],
+    atol: float = DEFAULT_TOLERANCES["atol"],
+    sigmas: float = DEFAULT_TOLERANCES["sigmas"],
+    subspace_atol: float = DEFAULT_TOLERANCES["subspace_atol"],
+    density_tol: float = DEFAULT_TOLERANCES["density_tol"],
     top_k: int | None = None,
     seed: int = 0,
     options: Mapping[str, Any] | None = None,
@@ -210,13 +217,6 @@ def _installed() -> list[str]:
 
 
 # -- comparing ----------------------------------------------------------------------------------
-DEFAULT_TOLERANCES = {
-    "rtol": 1e-3,
-    "atol": 1e-4,
-    "sigmas": 4.0,
-    "subspace_atol": 0.02,
-    "density_tol": 0.02,
-}
 
 
 @dataclass
