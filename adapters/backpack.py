@@ -132,6 +132,8 @@ class BackPACKBackend(Backend):
             )
         else:
             what = f"cannot handle the {type(self.problem.model).__name__} model ({message})"
+            if "inplace" in message:
+                what += ", as in-place operations such as ReLU(inplace=True) break its hooks"
         return UnsupportedError(f"BackPACK's {extension} {what}; use one of {OTHER_BACKENDS}.")
 
     # -- primitives -----------------------------------------------------------------------------
@@ -178,9 +180,10 @@ class BackPACKBackend(Backend):
                     # BackPACK's hooks fire on outputs when inputs need no gradient: harmless
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss_fn(model(x), y).backward()
-            except (NotImplementedError, AssertionError) as error:
+            except (NotImplementedError, AssertionError, RuntimeError) as error:
                 # AssertionError: BackPACK lost track of the graph, e.g. a functional call
-                # (torch.tanh) where it expects a module (nn.Tanh)
+                # (torch.tanh) where it expects a module (nn.Tanh); RuntimeError: e.g. an in-place
+                # ReLU on a tensor that BackPACK's hooks return (torchvision's ResNets)
                 raise self._unsupported(error, label) from error
             batch_sums(x, y, params)
             for q in params:

@@ -2,6 +2,8 @@
 
 ```yaml
 model: digits-mlp          # a zoo name, or {factory: "mypkg.models:make_model", checkpoint: w.pt}
+                           # zoo: digits-mlp, digits-cnn, or sized by the data: mlp (width,
+                           # depth), lenet, resnet18 (vision extra)
 data:                      # or just "digits", or {factory: "mypkg.data:make_loader"}
   name: digits             # or mnist, fashion-mnist, cifar10 (torchvision, from root), fake
   root: null               # the folder of a torchvision data set; never downloaded
@@ -41,12 +43,19 @@ from torch import nn
 
 from curvkit.errors import InvalidInputError
 
-ZOO = ("digits-mlp", "digits-cnn")
+ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "fake")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 DEFAULTS: dict[str, Any] = {
-    "model": {"name": "digits-mlp", "factory": None, "checkpoint": None, "epochs": 30},
+    "model": {
+        "name": "digits-mlp",
+        "factory": None,
+        "checkpoint": None,
+        "epochs": 30,
+        "width": 64,
+        "depth": 2,
+    },
     "data": {
         "name": "digits",
         "factory": None,
@@ -68,6 +77,8 @@ TYPES: dict[str, tuple[type, ...]] = {
     "model.factory": (str,),
     "model.checkpoint": (str,),
     "model.epochs": (int,),
+    "model.width": (int,),
+    "model.depth": (int,),
     "data.name": (str,),
     "data.factory": (str,),
     "data.root": (str,),
@@ -160,7 +171,13 @@ def _check(config: dict[str, Any]) -> None:
         )
     if config["device"].startswith("cuda") and not torch.cuda.is_available():
         raise InvalidInputError("config key 'device' asks for CUDA, but no GPU is available.")
-    for key in ("model.epochs", "data.batch_size", "data.samples_per_class"):
+    for key in (
+        "model.epochs",
+        "model.width",
+        "model.depth",
+        "data.batch_size",
+        "data.samples_per_class",
+    ):
         section, leaf = key.split(".")
         value = config[section][leaf]
         if value is not None and value < (0 if leaf == "epochs" else 1):
@@ -170,7 +187,7 @@ def _check(config: dict[str, Any]) -> None:
 def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, Any]:
     """The model and data a config describes, on its device and in its dtype."""
     from curvkit.datasets import digits_loader, torchvision_loader
-    from curvkit.models import digits_cnn, digits_mlp, train
+    from curvkit.models import digits_cnn, digits_mlp, train, zoo_model
 
     dtype, device = DTYPES[config["dtype"]], torch.device(config["device"])
     model_cfg, data_cfg, seed = config["model"], config["data"], config["seed"]
@@ -197,9 +214,14 @@ def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, 
                 f"{type(model).__name__}, not a torch.nn.Module."
             )
         model = model.to(dtype=dtype)
-    else:
+    elif model_cfg["name"] in ("digits-mlp", "digits-cnn"):
         make = {"digits-mlp": digits_mlp, "digits-cnn": digits_cnn}[model_cfg["name"]]
         model = make(seed=seed, dtype=dtype)
+    else:  # sized by the data: one example's shape, and the largest label + 1 classes
+        shape = tuple(next(iter(data))[0].shape[1:])
+        classes = 1 + max(int(y.max()) for _, y in data)
+        width, depth = model_cfg["width"], model_cfg["depth"]
+        model = zoo_model(model_cfg["name"], shape, classes, width, depth, seed, dtype)
     if model_cfg["checkpoint"]:
         model.load_state_dict(load_checkpoint(model_cfg["checkpoint"]))
     elif model_cfg["factory"] is None and model_cfg["epochs"]:

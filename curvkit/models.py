@@ -1,13 +1,16 @@
-"""Small models for the embedded default problem, and a deterministic trainer."""
+"""Small models for the embedded default problem, a zoo for other data, and a deterministic
+trainer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from curvkit.datasets import DIGITS_CLASSES, DIGITS_FEATURES, digits_loader
+from curvkit.errors import InvalidInputError, MissingDependencyError
 from curvkit.progress import progress_bar
 
 
@@ -92,3 +95,79 @@ def trained_digits_mlp(
         progress=progress,
     )
     return model, digits_loader(batch_size=512, samples_per_class=samples_per_class)
+
+
+def _as_images(input_shape: Sequence[int]) -> tuple[list[nn.Module], tuple[int, int, int]]:
+    """Layers that turn inputs of ``input_shape`` into (C, H, W) images: flat square inputs
+    (the digits' 64 features) become one-channel images."""
+    if len(input_shape) == 3:
+        return [], (input_shape[0], input_shape[1], input_shape[2])
+    side = int(math.isqrt(int(input_shape[0]))) if len(input_shape) == 1 else 0
+    if len(input_shape) != 1 or side * side != input_shape[0]:
+        raise InvalidInputError(
+            f"a convolutional zoo model needs (C, H, W) images or flat square inputs, got "
+            f"examples of shape {tuple(input_shape)}; use the mlp or a model factory."
+        )
+    return [nn.Unflatten(1, (1, side, side))], (1, side, side)
+
+
+def lenet(input_shape: Sequence[int], num_classes: int) -> nn.Sequential:
+    """A LeNet-style CNN: two 5×5 convolutions (padding 2) with ReLU and 2×2 max-pooling, then
+    Linear 120 → 84 → classes."""
+    prefix, (channels, height, width) = _as_images(input_shape)
+    flat = 16 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        *prefix,
+        nn.Conv2d(channels, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+def resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """torchvision's ResNet18 for small images: a 3×3 stride-1 first convolution and no max-pool
+    (as for CIFAR); needs the ``vision`` extra."""
+    try:
+        import torchvision
+    except ImportError as error:
+        raise MissingDependencyError(
+            "model 'resnet18' needs torchvision; install it with pip install 'curvkit[vision]'."
+        ) from error
+    prefix, (channels, _, _) = _as_images(input_shape)
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return nn.Sequential(*prefix, model) if prefix else model
+
+
+def zoo_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    width: int = 64,
+    depth: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Module:
+    """A zoo model for inputs of ``input_shape`` (one example): ``mlp`` (``depth`` hidden
+    layers of ``width``, tanh), ``lenet`` or ``resnet18``."""
+    torch.manual_seed(seed)
+    if name == "mlp":
+        features = math.prod(input_shape)
+        model = nn.Sequential(nn.Flatten(), *mlp(features, [width] * depth, num_classes, nn.Tanh))
+    elif name == "lenet":
+        model = lenet(input_shape, num_classes)
+    elif name == "resnet18":
+        model = resnet18(input_shape, num_classes)
+    else:
+        raise InvalidInputError(f"unknown zoo model {name!r}; use mlp, lenet or resnet18.")
+    return model.to(dtype)

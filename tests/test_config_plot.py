@@ -214,3 +214,27 @@ def test_cli_analyze_with_config_writes_report_and_figures(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "missing.yaml")]) == 2
     assert main(["analyze", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, num_params", [("mlp", 1482), ("lenet", 21386)])
+def test_zoo_models_are_sized_by_the_data(name, num_params):
+    """mlp (width 16, depth 2, tanh) and LeNet on FakeData's 8×8 images (flat 64 features)."""
+    config = load_config(
+        None,
+        {
+            "model": {"name": name, "width": 16, "epochs": 1},
+            "data": {"name": "fake", "samples_per_class": 2},
+        },
+    )
+    model, data = build(config, progress=False)
+    assert sum(p.numel() for p in model.parameters()) == num_params
+    report = curvkit.analyze(model, data, quantities=["ggn"], top_k=2, progress=False)
+    assert report.model.num_classes == 10 and report.ggn.top_eigenvalues[0] > 0
+
+
+def test_resnet18_for_small_images():
+    model = curvkit.models.zoo_model("resnet18", (3, 16, 16), 10)
+    assert model(torch.zeros(2, 3, 16, 16, dtype=torch.float64)).shape == (2, 10)
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
+    with pytest.raises(curvkit.InvalidInputError, match="flat square inputs"):
+        curvkit.models.zoo_model("lenet", (10,), 10)
