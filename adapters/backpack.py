@@ -14,7 +14,6 @@ the original. Everything BackPACK stores on the copy's parameters is removed aft
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import time
@@ -68,19 +67,10 @@ class BackPACKBackend(Backend):
                 )
         if self.config["mc_samples"] < 1:
             raise InvalidInputError("setting 'mc_samples' of backend 'backpack' must be ≥ 1.")
-        self._plain, self._plain_params = self._copy_model()
+        self._plain, self._plain_params = self.model_copy()
         self._copy: nn.Module | None = None
         self._copy_params: list[Tensor] = []
         self._loss: nn.Module | None = None
-
-    def _copy_model(self) -> tuple[nn.Module, list[Tensor]]:
-        """A deep copy in eval mode, only the selected parameters requiring gradients."""
-        model = copy.deepcopy(self.problem.model).eval()
-        named = dict(model.named_parameters())
-        selected = set(self.problem.names)
-        for n, p in named.items():
-            p.requires_grad_(n in selected)
-        return model, [named[n] for n in self.problem.names]
 
     # -- the extended copy ----------------------------------------------------------------------
     def _extended(self) -> tuple[nn.Module, list[Tensor], nn.Module]:
@@ -88,7 +78,7 @@ class BackPACKBackend(Backend):
         if self._copy is None:
             from backpack import extend
 
-            model, params = self._copy_model()
+            model, params = self.model_copy()
             if not isinstance(model, nn.Sequential):
                 try:
                     model = extend(model, use_converter=True)

@@ -17,7 +17,6 @@ curvlinops works on a deep copy of the model (its KFAC installs hooks while it r
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Iterator
@@ -70,12 +69,7 @@ class CurvlinopsBackend(Backend):
 
     def __init__(self, problem, options=None) -> None:
         super().__init__(problem, options)
-        model = copy.deepcopy(problem.model).eval()
-        named = dict(model.named_parameters())
-        for n, p in named.items():
-            p.requires_grad_(n in set(problem.names))
-        self._model = model
-        self._params = [named[n] for n in problem.names]
+        self._model, self._params = self.model_copy()
         self._batches = CountingBatches(problem)
         self._operators: dict[str, Any] = {}
 

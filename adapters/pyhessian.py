@@ -18,7 +18,6 @@ PyHessian's routines on that criterion give G exactly (``derived``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 import warnings
@@ -94,12 +93,7 @@ class PyHessianBackend(Backend):
     def __init__(self, problem, options=None) -> None:
         super().__init__(problem, options)
         self.power_iter, self.power_tol = self.config["power_iter"], self.config["power_tol"]
-        model = copy.deepcopy(problem.model).eval()
-        named = dict(model.named_parameters())
-        for n, p in named.items():
-            p.requires_grad_(n in set(problem.names))
-        self._model = model
-        self._params = [named[n] for n in problem.names]
+        self._model, self._params = self.model_copy()
 
     @contextlib.contextmanager
     def _session(self, matrix: str, seed: int = 0):

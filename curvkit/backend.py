@@ -9,6 +9,7 @@ overrides them and says so in the returned provenance.
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 import time
@@ -270,6 +271,17 @@ class Backend:
                 f"of at most {largest} examples, or a backend with weighted gradient passes "
                 "(pyhessian, curvlinops), which hold only C × C × P numbers."
             )
+
+    def model_copy(self) -> tuple[torch.nn.Module, list[Tensor]]:
+        """A deep copy of the model in eval mode, only the selected parameters requiring
+        gradients, and those parameters in the order of ``problem.names`` (for libraries that
+        change or hook the model they work on)."""
+        model = copy.deepcopy(self.problem.model).eval()
+        named = dict(model.named_parameters())
+        selected = set(self.problem.names)
+        for n, p in named.items():
+            p.requires_grad_(n in selected)
+        return model, [named[n] for n in self.problem.names]
 
     # -- helpers for adapters ---------------------------------------------------------------------
     def zeros(self) -> Tensor:

@@ -137,11 +137,13 @@ def bench(
     common = {"top_k": top_k, "seed": seed, "progress": progress}
     reference, label = _reference(model, data, wanted, common)
     problem = Problem(model, data)
-    device = str(problem.device)
+    device = problem.device
     rows = []
     for quantity in wanted:
         for name in names:
-            rows.append(_measure(model, data, name, quantity, repeats, common, options, reference))
+            rows.append(
+                _measure(model, data, name, quantity, repeats, common, options, reference, device)
+            )
     choices = {}
     for quantity in wanted:
         agreeing = [r for r in rows if r.quantity == quantity and r.agrees]
@@ -151,7 +153,7 @@ def bench(
         f"{type(model).__name__}, P = {problem.num_params}, N = {problem.num_samples}, "
         f"{str(problem.dtype).removeprefix('torch.')}, {device}"
     )
-    return BenchResult(rows, label, device, problem.fingerprint(), description, choices)
+    return BenchResult(rows, label, str(device), problem.fingerprint(), description, choices)
 
 
 def _installed() -> list[str]:
@@ -194,6 +196,7 @@ def _measure(
     common: dict[str, Any],
     options: Mapping[str, Any] | None,
     reference: dict[str, Any],
+    device: torch.device,
 ) -> BenchRow:
     def run() -> Report:
         return analyze(model, data, backend, [quantity], options=options, **common)
@@ -204,7 +207,7 @@ def _measure(
         return BenchRow(backend, quantity, status=str(error))
     checks = compare_reports({quantity: reference[quantity]}, report.to_dict(), backend)
     iterative = [c.relative_error for c in checks if c.kind == "iterative"]
-    with peak_memory(Problem(model, data).device) as peak:
+    with peak_memory(device) as peak:
         start = time.perf_counter()
         run()
         runs = [time.perf_counter() - start]
