@@ -5,10 +5,15 @@ model: digits-mlp          # a zoo name, or {factory: "mypkg.models:make_model",
                            # zoo: digits-mlp, digits-cnn, or sized by the data: mlp (width,
                            # depth), lenet, resnet18 (vision extra)
 data:                      # or just "digits", or {factory: "mypkg.data:make_loader"}
-  name: digits             # or mnist, fashion-mnist, cifar10 (torchvision, from root), fake
+  name: digits             # or gaussian-mixture, mnist, fashion-mnist, cifar10 (torchvision,
+                           # from root), fake
   root: null               # the folder of a torchvision data set; never downloaded
-  samples_per_class: null  # the first n examples of each class (Papyan's subsets)
+  samples_per_class: null  # the first n examples of each class (Papyan's subsets); for
+                           # gaussian-mixture the number drawn per class (default 100)
   batch_size: 512
+  classes: null            # gaussian-mixture only: C (default 10), the means' pairwise
+  separation: null         # distance (default 3.0) and the input dimension (default 64)
+  features: null
 backend: torchfunc         # or auto
 quantities: [hessian, ggn, residual, classmeans, layerwise]
 top_k: null                # default 2C
@@ -44,7 +49,8 @@ from torch import nn
 from curvkit.errors import InvalidInputError
 
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "fake")
+DATASETS = ("digits", "gaussian-mixture", "mnist", "fashion-mnist", "cifar10", "fake")
+MIXTURE_KEYS = ("classes", "separation", "features")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 DEFAULTS: dict[str, Any] = {
@@ -62,6 +68,9 @@ DEFAULTS: dict[str, Any] = {
         "root": None,
         "samples_per_class": None,
         "batch_size": 512,
+        "classes": None,
+        "separation": None,
+        "features": None,
     },
     "backend": "torchfunc",
     "quantities": None,
@@ -84,6 +93,9 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.root": (str,),
     "data.samples_per_class": (int,),
     "data.batch_size": (int,),
+    "data.classes": (int,),
+    "data.separation": (float, int),
+    "data.features": (int,),
     "backend": (str,),
     "quantities": (list,),
     "top_k": (int,),
@@ -161,6 +173,12 @@ def _check(config: dict[str, Any]) -> None:
             f"config key 'data' is {data['name']!r}; use one of {', '.join(DATASETS)} or a "
             "factory 'package.module:function'."
         )
+    given = [f"data.{key}" for key in MIXTURE_KEYS if data[key] is not None]
+    if given and data["name"] != "gaussian-mixture":
+        raise InvalidInputError(
+            f"config key(s) {', '.join(given)} apply to the gaussian-mixture data set only, "
+            f"not to {data['name'] or data['factory']!r}; remove them."
+        )
     if config["dtype"] not in DTYPES:
         raise InvalidInputError(
             f"config key 'dtype' is {config['dtype']!r}; use one of {', '.join(DTYPES)}."
@@ -177,6 +195,8 @@ def _check(config: dict[str, Any]) -> None:
         "model.depth",
         "data.batch_size",
         "data.samples_per_class",
+        "data.classes",
+        "data.features",
     ):
         section, leaf = key.split(".")
         value = config[section][leaf]
@@ -186,7 +206,7 @@ def _check(config: dict[str, Any]) -> None:
 
 def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, Any]:
     """The model and data a config describes, on its device and in its dtype."""
-    from curvkit.datasets import digits_loader, torchvision_loader
+    from curvkit.datasets import digits_loader, gaussian_mixture_loader, torchvision_loader
     from curvkit.models import digits_cnn, digits_mlp, train, zoo_model
 
     dtype, device = DTYPES[config["dtype"]], torch.device(config["device"])
@@ -198,6 +218,19 @@ def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, 
             batch_size=data_cfg["batch_size"],
             dtype=dtype,
             samples_per_class=data_cfg["samples_per_class"],
+        )
+    elif data_cfg["name"] == "gaussian-mixture":
+        mixture = {
+            "num_classes": data_cfg["classes"],
+            "separation": data_cfg["separation"],
+            "samples_per_class": data_cfg["samples_per_class"],
+            "features": data_cfg["features"],
+        }
+        data = gaussian_mixture_loader(
+            data_cfg["batch_size"],
+            dtype,
+            seed=seed,
+            **{key: value for key, value in mixture.items() if value is not None},
         )
     else:
         data = torchvision_loader(

@@ -1,5 +1,5 @@
-"""The embedded default data, scikit-learn's bundled handwritten digits, and local torchvision
-data sets; nothing is ever downloaded."""
+"""The embedded default data, scikit-learn's bundled handwritten digits, a synthetic Gaussian
+mixture, and local torchvision data sets; nothing is ever downloaded."""
 
 from __future__ import annotations
 
@@ -39,11 +39,63 @@ def digits_loader(
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader over the digits (unshuffled by default, so passes are reproducible)."""
-    x, y = digits_tensors(dtype, samples_per_class)
+    return tensor_loader(*digits_tensors(dtype, samples_per_class), batch_size, shuffle, seed)
+
+
+def tensor_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """A DataLoader over (x, y); shuffled reproducibly from ``seed`` if ``shuffle``."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=generator
     )
+
+
+def gaussian_mixture_tensors(
+    num_classes: int = 10,
+    separation: float = 3.0,
+    samples_per_class: int = 100,
+    features: int = 64,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """C Gaussian classes ``x ~ N(μ_c, I)`` in ``features`` dimensions, every pair of means
+    ``separation`` apart: ``μ_c = (separation/√2) q_c`` with orthonormal, randomly rotated ``q_c``.
+
+    Returns (C·n, features) inputs and (C·n,) labels, the classes interleaved (0, 1, …, C−1, 0, …).
+    """
+    if num_classes < 2 or features < num_classes or samples_per_class < 1 or separation < 0:
+        raise InvalidInputError(
+            f"a Gaussian mixture needs 2 ≤ classes ≤ features, samples_per_class ≥ 1 and "
+            f"separation ≥ 0; got classes={num_classes}, features={features}, "
+            f"samples_per_class={samples_per_class}, separation={separation}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    rotation, _ = torch.linalg.qr(
+        torch.randn(features, features, generator=generator, dtype=torch.float64)
+    )
+    means = separation / 2**0.5 * rotation[:, :num_classes].T
+    y = torch.arange(num_classes).repeat(samples_per_class)
+    x = means[y] + torch.randn(len(y), features, generator=generator, dtype=torch.float64)
+    return x.to(dtype), y
+
+
+def gaussian_mixture_loader(
+    batch_size: int = 256,
+    dtype: torch.dtype = torch.float64,
+    num_classes: int = 10,
+    separation: float = 3.0,
+    samples_per_class: int = 100,
+    features: int = 64,
+    seed: int = 0,
+    shuffle: bool = False,
+) -> DataLoader:
+    """A DataLoader over :func:`gaussian_mixture_tensors` (unshuffled by default)."""
+    x, y = gaussian_mixture_tensors(
+        num_classes, separation, samples_per_class, features, seed, dtype
+    )
+    return tensor_loader(x, y, batch_size, shuffle, seed)
 
 
 TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}

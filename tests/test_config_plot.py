@@ -54,6 +54,8 @@ def test_config_file_and_flags(tmp_path):
         ("dtype: float16", "'dtype' is 'float16'; use one of float64, float32"),
         ("device: tpu", "'device' is 'tpu'"),
         ("data: {batch_size: 0}", "'data.batch_size' must be positive"),
+        ("data: {classes: 3}", "data.classes apply to the gaussian-mixture data set only"),
+        ("data: {name: gaussian-mixture, separation: far}", "'data.separation' must be a float"),
         ("[1, 2]", "must be a mapping"),
         ("a: [", "not valid YAML"),
     ],
@@ -230,6 +232,35 @@ def test_zoo_models_are_sized_by_the_data(name, num_params):
     assert sum(p.numel() for p in model.parameters()) == num_params
     report = curvkit.analyze(model, data, quantities=["ggn"], top_k=2, progress=False)
     assert report.model.num_classes == 10 and report.ggn.top_eigenvalues[0] > 0
+
+
+def test_gaussian_mixture_has_the_chosen_classes_and_separation():
+    """Every pair of class means is ``separation`` apart and the classes are balanced; a config
+    builds it and sizes the mlp by it. The sample means' distance differs from 5 by the noise
+    along μ_a − μ_b (standard deviation √(2/n) = 0.05 for n = 800) plus a bias ‖noise‖²/(2·5) ≈
+    (64·2/800)/10 = 0.016: 0.3 allows 5 standard deviations and the bias."""
+    x, y = curvkit.datasets.gaussian_mixture_tensors(4, separation=5.0, samples_per_class=800)
+    assert x.shape == (3200, 64) and torch.bincount(y).tolist() == [800] * 4
+    means = torch.stack([x[y == c].mean(0) for c in range(4)])
+    distances = torch.pdist(means)
+    assert torch.allclose(distances, torch.full_like(distances, 5.0), atol=0.3)
+    with pytest.raises(curvkit.InvalidInputError, match="2 ≤ classes ≤ features"):
+        curvkit.datasets.gaussian_mixture_tensors(5, features=4)
+    config = load_config(
+        None,
+        {
+            "model": {"name": "mlp", "width": 8, "depth": 1, "epochs": 5},
+            "data": {
+                "name": "gaussian-mixture",
+                "classes": 3,
+                "samples_per_class": 20,
+                "features": 6,
+            },
+        },
+    )
+    model, data = build(config, progress=False)
+    assert torch.bincount(torch.cat([y for _, y in data])).tolist() == [20] * 3
+    assert sum(p.numel() for p in model.parameters()) == (6 + 1) * 8 + (8 + 1) * 3
 
 
 def test_resnet18_for_small_images():
