@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.backend import Backend, ClassDeltas, KroneckerFactors, Provenance, kronecker_layers
+from curvkit.backend import (
+    Backend,
+    ClassDeltas,
+    KroneckerFactors,
+    Provenance,
+    kronecker_layers,
+    output_positions,
+)
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
 from curvkit.linalg import TraceEstimate
 
@@ -184,7 +191,8 @@ class BackPACKBackend(Backend):
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
         """KFLR (or KFAC) factors summed over batches: with a summed loss BackPACK gives per batch
-        ``[Σ_i M_i, (1/B) Σ_i a_i a_iᵀ]`` (Conv2d: bias-GGN factor and unfolded patches)."""
+        ``[Σ_i M_i, (1/B) Σ_i a_i a_iᵀ]``; for Conv2d its A sums the unfolded patches' outer
+        products over the T output positions, and curvkit's A is their mean (divided by T)."""
         from backpack.extensions import KFAC, KFLR
 
         if self.config["kronecker"] == "kfac":
@@ -209,7 +217,12 @@ class BackPACKBackend(Backend):
 
         self._extension_pass({extension.__class__.__name__: extension}, add)
         n = self.problem.num_samples
-        return {name: KroneckerFactors(b / n, a / n) for name, (b, a) in sums.items()}
+        x, _ = next(self.problem.batches())
+        positions = output_positions(self.model_copy()[0], list(weights), x)
+        return {
+            name: KroneckerFactors(b / n, a / (n * positions[name]))
+            for name, (b, a) in sums.items()
+        }
 
     def trace(self, matrix: str, seed: int) -> tuple[TraceEstimate, Provenance]:
         """The sum of BackPACK's diagonal: exact for the Hessian, G (DiagGGNExact) and their

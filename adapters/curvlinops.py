@@ -234,17 +234,15 @@ class CurvlinopsBackend(Backend):
         )
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
-        """KFAC with the exact output Hessian (type-2 Fisher), rescaled to curvkit's convention.
+        """KFAC with the exact output Hessian (type-2 Fisher) in curvkit's convention.
 
         curvlinops' "reduce" B sums the output gradients over a convolution's positions before the
-        outer product, which is curvkit's (BackPACK's KFLR) B. Its "expand" A averages the
-        patches' outer products over the T positions; curvkit's A sums them, so A = T · A_expand
-        (from a forward-only pass, which needs no backward passes).
+        outer product, which is curvkit's B; its "expand" A averages the patches' outer products
+        over the positions, which is curvkit's A (from a forward-only pass: no backward passes).
         """
         from curvlinops import FisherType, KFACLinearOperator, KFACType
 
         names = kronecker_layers(self.problem)
-        positions = self._output_positions(names)
 
         def factors(fisher_type: str, approx: str, attribute: str) -> dict[str, Tensor]:
             operator = KFACLinearOperator(
@@ -261,25 +259,4 @@ class CurvlinopsBackend(Backend):
 
         b = factors(FisherType.TYPE2, KFACType.REDUCE, "_gradient_covariances")
         a = factors(FisherType.FORWARD_ONLY, KFACType.EXPAND, "_input_covariances")
-        return {n: KroneckerFactors(b[n].detach(), a[n].detach() * positions[n]) for n in names}
-
-    def _output_positions(self, names: list[str]) -> dict[str, int]:
-        """Output positions per layer (1 for Linear, H·W for Conv2d) from one forward pass."""
-        modules = dict(self._model.named_modules())
-        positions: dict[str, int] = {}
-
-        def record(name: str):
-            def hook(_module: nn.Module, _args: Any, output: Tensor) -> None:
-                positions[name] = output[0, 0].numel()
-
-            return hook
-
-        handles = [modules[n].register_forward_hook(record(n)) for n in names]
-        try:
-            x, _ = next(self.problem.batches())
-            with torch.no_grad():
-                self._model(x[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {n: positions[n] if isinstance(modules[n], nn.Conv2d) else 1 for n in names}
+        return {n: KroneckerFactors(b[n].detach(), a[n].detach()) for n in names}

@@ -138,8 +138,8 @@ class TorchFuncBackend(Backend):
         """Per-example Kronecker factors, summed exactly (the reference for BackPACK's KFLR).
 
         Linear: ``B = (1/N) Σ_i J_zᵀ H_i J_z`` at the pre-activation z, ``A = (1/N) Σ_i a_i a_iᵀ``.
-        Conv2d (BackPACK's convention): B from the Jacobian summed over output positions (the
-        bias's Gauss–Newton block), ``A = (1/N) Σ_i Σ_s ã_{i,s} ã_{i,s}ᵀ`` over unfolded patches.
+        Conv2d: B from the Jacobian summed over output positions (the bias's Gauss–Newton
+        block), ``A = (1/N) Σ_i (1/T) Σ_s ã_{i,s} ã_{i,s}ᵀ`` over the T unfolded patches.
         """
         layers = kronecker_layers(self.problem)
         model = copy.deepcopy(self.problem.model).eval()
@@ -184,7 +184,7 @@ class TorchFuncBackend(Backend):
                     v = torch.einsum("bkc,bkn->bcn", sqrt_h, jz)
                     sums[name][0] += torch.einsum("bcn,bcm->nm", v, v)
                     a = unfolded_input(modules[name], recorded[name][0])
-                    sums[name][1] += torch.einsum("bil,bjl->ij", a, a)
+                    sums[name][1] += torch.einsum("bil,bjl->ij", a, a) / a.shape[-1]
         finally:
             for handle in handles:
                 handle.remove()

@@ -57,7 +57,15 @@ class ClassDeltas:
 
 @dataclass
 class KroneckerFactors:
-    """A layer's Kronecker factors ``B = E[M]`` (n × n) and ``A = E[a aᵀ]`` (m × m)."""
+    """A layer's Kronecker factors ``B = E[M]`` (n × n) and ``A = E[a aᵀ]`` (m × m).
+
+    Conv2d (weight n × m, m = in channels · kernel size, T output positions): ``B`` is the bias's
+    Gauss–Newton block (the output Jacobian summed over positions, KFAC-reduce's factor) and ``A``
+    the mean over positions of the unfolded patches' outer products (KFAC-expand's factor),
+    ``A = (1/N) Σ_i (1/T) Σ_s ã_{i,s} ã_{i,s}ᵀ``. Then ``B ⊗ A`` is exact when every position sees
+    the same patch, and of the block's scale in general (summing over positions in both
+    factors, as BackPACK's KFLR does, makes it about T times too large).
+    """
 
     B: Tensor
     A: Tensor
@@ -326,6 +334,28 @@ def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
     """(n, m) of a layer's weight as a matrix: out features × (in features · kernel size)."""
     weight = module.weight
     return weight.shape[0], weight[0].numel()
+
+
+def output_positions(model: torch.nn.Module, names: list[str], x: Tensor) -> dict[str, int]:
+    """Output positions T per layer (1 for Linear, H·W for Conv2d) from one example's forward
+    pass through ``model`` (a copy: the hooks are removed afterwards)."""
+    modules = dict(model.named_modules())
+    positions: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module: torch.nn.Module, _args: Any, output: Tensor) -> None:
+            positions[name] = output[0, 0].numel()
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: positions[n] if isinstance(modules[n], torch.nn.Conv2d) else 1 for n in names}
 
 
 def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ from tests import reference
 @pytest.mark.parametrize("backend", ["backpack", "curvlinops"])
 @pytest.mark.parametrize("problem_name", ["digits_problem", "cnn_problem"])
 def test_exact_kronecker_factors_equal_torchfunc_reference(backend, problem_name, request):
-    """BackPACK's KFLR and curvlinops' type-2 KFAC (rescaled) are exact: rounding only (1e-8).
-    The CNN pins the convolution convention (sum over positions) for both."""
+    """BackPACK's KFLR (A rescaled) and curvlinops' type-2 KFAC are exact: rounding only (1e-8).
+    The CNN pins the convolution convention (B summed, A averaged over positions) for both."""
     model, loader = request.getfixturevalue(problem_name)
     with model_guard(model):
         problem = Problem(model, loader)
@@ -40,6 +40,26 @@ def test_single_example_gauss_newton_block_is_kronecker(digits_problem):
         factors = get_backend("torchfunc")(Problem(model, data)).kronecker_factors()
     g = reference.dense_ggn(model, x[:1])
     block = g[:2048, :2048]  # layer "0": weight 32 × 64 comes first
+    assert reference.rel_err(torch.kron(factors["0"].B, factors["0"].A), block) < 1e-10
+
+
+@pytest.mark.parametrize("backend", ["torchfunc", "backpack", "curvlinops"])
+def test_convolution_block_is_kronecker_when_every_position_sees_the_same_patch(backend):
+    """A 1×1 convolution on spatially constant images (identical examples, so expectations are
+    products): the exact G block of its weight is B ⊗ A (1e-10). Summing A over the 9 positions
+    instead of averaging, as BackPACK's KFLR does, would be 9 times too large."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, kernel_size=1),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 3 * 3, 5),
+    ).double()
+    x = torch.randn(1, 3, 1, 1, dtype=torch.float64).expand(4, 3, 3, 3).contiguous()
+    data = [(x, torch.tensor([0, 1, 2, 3]))]
+    with model_guard(model):
+        factors = get_backend(backend)(Problem(model, data)).kronecker_factors()
+    block = reference.dense_ggn(model, x)[:12, :12]  # the conv weight (4 × 3) comes first
     assert reference.rel_err(torch.kron(factors["0"].B, factors["0"].A), block) < 1e-10
 
 
