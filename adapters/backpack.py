@@ -31,6 +31,7 @@ from curvkit.backend import (
     kronecker_layers,
     output_positions,
 )
+from curvkit.distributed import all_gather_objects
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
 from curvkit.linalg import TraceEstimate
 
@@ -141,7 +142,7 @@ class BackPACKBackend(Backend):
         from backpack.hessianfree.hvp import hessian_vector_product
 
         total = 0
-        for x, y in self.problem.batches():
+        for x, y in self.problem.batches():  # every rank has at least one batch (Problem)
             output = self._plain(x)
             loss = self.problem.loss_sum(output, y)
             if matrix == "hessian":
@@ -149,7 +150,7 @@ class BackPACKBackend(Backend):
             else:
                 parts = ggn_vector_product_from_plist(loss, output, params, vs)
             total = total + torch.cat([part.flatten() for part in parts])
-        return total / self.problem.num_samples
+        return self.problem.all_reduce(total / self.problem.num_samples)
 
     def hvp(self, v: Tensor) -> Tensor:
         return self._products("hessian", self._plain_params, self.problem.unflatten(v))
@@ -219,8 +220,9 @@ class BackPACKBackend(Backend):
         n = self.problem.num_samples
         x, _ = next(self.problem.batches())
         positions = output_positions(self.model_copy()[0], list(weights), x)
+        reduce = self.problem.all_reduce
         return {
-            name: KroneckerFactors(b / n, a / (n * positions[name]))
+            name: KroneckerFactors(reduce(b / n), reduce(a / (n * positions[name])))
             for name, (b, a) in sums.items()
         }
 
@@ -263,6 +265,7 @@ class BackPACKBackend(Backend):
                 per_batch.append((x.shape[0], sum(parts.values())))
 
         self._extension_pass(extensions, add)
+        per_batch = [b for rank in all_gather_objects(per_batch, self.problem.group) for b in rank]
         n = self.problem.num_samples
         value = math.fsum(s for _, s in per_batch) / n
         stderr = batch_stderr(per_batch) if mc else 0.0
@@ -295,7 +298,8 @@ class BackPACKBackend(Backend):
         provenance = Provenance(
             self.name, "backpack.SqrtGGNExact", seconds=time.perf_counter() - start
         )
-        return ClassDeltas(sums, counts, math.fsum(square_norms), provenance)
+        deltas = ClassDeltas(sums, counts, math.fsum(square_norms), provenance)
+        return deltas.all_reduced(self.problem)
 
 
 def batch_stderr(per_batch: list[tuple[int, float]]) -> float:

@@ -93,12 +93,44 @@ class CurvlinopsBackend(Backend):
 
             params = None if name is None else [self._params[self.problem.names.index(name)]]
             if matrix == "hessian":
-                self._operators[key] = HessianLinearOperator(**self._common(params))
+                self._operators[key] = self._summed(HessianLinearOperator(**self._common(params)))
             elif matrix == "ggn":
-                self._operators[key] = GGNLinearOperator(**self._common(params))
+                self._operators[key] = self._summed(GGNLinearOperator(**self._common(params)))
             else:
                 self._operators[key] = self.operator("hessian", name) - self.operator("ggn", name)
         return self._operators[key]
+
+    def _summed(self, operator: Any) -> Any:
+        """``operator`` (applied to this rank's shard) with its products summed over the ranks,
+        so that curvlinops' own routines see the whole data set; itself without a group."""
+        if self.problem.group is None:
+            return operator
+        from curvlinops._torch_base import PyTorchLinearOperator  # not exported; the base class
+
+        problem = self.problem
+
+        class SummedOverRanks(PyTorchLinearOperator):
+            SELF_ADJOINT = True
+
+            def _matmat(self, X: list[Tensor]) -> list[Tensor]:
+                parts = operator._matmat(X)
+                total = problem.all_reduce(torch.cat([p.flatten() for p in parts]))
+                return [
+                    t.view_as(p) for t, p in zip(total.split([p.numel() for p in parts]), parts)
+                ]
+
+            def _adjoint(self) -> SummedOverRanks:
+                return self
+
+            @property
+            def device(self) -> torch.device:
+                return operator.device
+
+            @property
+            def dtype(self) -> torch.dtype:
+                return operator.dtype
+
+        return SummedOverRanks(operator._in_shape, operator._out_shape)
 
     def block_matvec(self, matrix: str, name: str):
         """Products with the operator built on one parameter."""
@@ -139,7 +171,6 @@ class CurvlinopsBackend(Backend):
         from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
         start = time.perf_counter()
-        operator = self.operator(matrix)
         dim = self.problem.num_params
         if k >= dim:  # ARPACK needs k < dim; small problems are solved densely by curvkit
             return super().top_eigen(matrix, k, seed)
@@ -172,7 +203,7 @@ class CurvlinopsBackend(Backend):
         )
         values_t = torch.as_tensor(values[order].copy(), dtype=self.problem.dtype)
         used = count + k
-        products = operator @ vectors_t  # k products in one pass, for the residuals
+        products = self._apply(matrix, vectors_t)  # k products in one pass, for the residuals
         residuals = torch.linalg.vector_norm(products - vectors_t * values_t.to(vectors_t), dim=0)
         result = EigenResult(
             values_t.to(self.problem.device), vectors_t, residuals.cpu(), used, converged
@@ -244,10 +275,13 @@ class CurvlinopsBackend(Backend):
 
         names = kronecker_layers(self.problem)
 
+        # curvlinops needs this rank's N; the factors, scaled by its share of the global N,
+        # are summed over the ranks
+        shard = self.problem.num_shard_samples
+        common = {**self._common(), "num_data": shard}
+
         def factors(fisher_type: str, approx: str, attribute: str) -> dict[str, Tensor]:
-            operator = KFACLinearOperator(
-                **self._common(), fisher_type=fisher_type, kfac_approx=approx
-            )
+            operator = KFACLinearOperator(**common, fisher_type=fisher_type, kfac_approx=approx)
             operator.compute_kronecker_factors()
             stored = getattr(operator, attribute, None)
             if stored is None:
@@ -259,4 +293,9 @@ class CurvlinopsBackend(Backend):
 
         b = factors(FisherType.TYPE2, KFACType.REDUCE, "_gradient_covariances")
         a = factors(FisherType.FORWARD_ONLY, KFACType.EXPAND, "_input_covariances")
-        return {n: KroneckerFactors(b[n].detach(), a[n].detach()) for n in names}
+        share = shard / self.problem.num_samples
+
+        def reduce(factor: Tensor) -> Tensor:
+            return self.problem.all_reduce(factor.detach() * share)
+
+        return {n: KroneckerFactors(reduce(b[n]), reduce(a[n])) for n in names}

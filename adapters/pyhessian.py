@@ -32,7 +32,7 @@ from curvkit.backend import (
     Provenance,
     class_deltas_by_gradient_passes,
 )
-from curvkit.errors import MissingDependencyError
+from curvkit.errors import MissingDependencyError, UnsupportedError
 from curvkit.linalg import Density, EigenResult, TraceEstimate
 from curvkit.linalg.lanczos import broadened_density
 
@@ -91,6 +91,12 @@ class PyHessianBackend(Backend):
             ) from error
 
     def __init__(self, problem, options=None) -> None:
+        if problem.group is not None:
+            raise UnsupportedError(
+                "backend 'pyhessian' cannot run under torch.distributed: its routines loop over "
+                "the data inside PyHessian, where curvkit cannot sum the ranks' shards; use "
+                "torchfunc, backpack or curvlinops."
+            )
         super().__init__(problem, options)
         self.power_iter, self.power_tol = self.config["power_iter"], self.config["power_tol"]
         self._model, self._params = self.model_copy()

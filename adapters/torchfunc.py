@@ -76,7 +76,7 @@ class TorchFuncBackend(Backend):
             for x, y in self.problem.batches():
                 _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (params,), (tangent,))
                 total = total + torch.cat([hv[n].flatten() for n in params])
-        return total / self.problem.num_samples
+        return self.problem.all_reduce(total / self.problem.num_samples)
 
     def _ggnvp(self, params: dict[str, Tensor], tangent: dict[str, Tensor]) -> Tensor:
         """Σ_batches Jᵀ H_out J v with respect to ``params`` only, flat."""
@@ -87,7 +87,7 @@ class TorchFuncBackend(Backend):
                 _, pullback = vjp(lambda p: self._logits(p, x), params)
                 (gv,) = pullback(output_hessian_product(logits.detach(), jv))
                 total = total + torch.cat([gv[n].flatten() for n in params])
-        return total / self.problem.num_samples
+        return self.problem.all_reduce(total / self.problem.num_samples)
 
     def hvp(self, v: Tensor) -> Tensor:
         return self._hvp(self._params(), self.problem.named(v))
@@ -132,7 +132,7 @@ class TorchFuncBackend(Backend):
         provenance = Provenance(
             self.name, "torch.func.vmap(jacrev)", seconds=time.perf_counter() - start
         )
-        return ClassDeltas(sums, counts, square_norm_sum, provenance)
+        return ClassDeltas(sums, counts, square_norm_sum, provenance).all_reduced(self.problem)
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
         """Per-example Kronecker factors, summed exactly (the reference for BackPACK's KFLR).
@@ -188,9 +188,10 @@ class TorchFuncBackend(Backend):
         finally:
             for handle in handles:
                 handle.remove()
-        n = self.problem.num_samples
+        n, reduce = self.problem.num_samples, self.problem.all_reduce
         return {
-            name: KroneckerFactors(b.detach() / n, a.detach() / n) for name, (b, a) in sums.items()
+            name: KroneckerFactors(reduce(b.detach() / n), reduce(a.detach() / n))
+            for name, (b, a) in sums.items()
         }
 
     # -- dense references -----------------------------------------------------------------------
@@ -210,7 +211,7 @@ class TorchFuncBackend(Backend):
         total = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
         for x, y in self.problem.batches():
             total += torch.func.hessian(lambda f: self._loss(self.problem.named(f), x, y))(flat)
-        return total / self.problem.num_samples
+        return self.problem.all_reduce(total / self.problem.num_samples)
 
     def dense_ggn(self) -> Tensor:
         """The P × P Gauss–Newton matrix ``(1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i``."""
@@ -221,4 +222,4 @@ class TorchFuncBackend(Backend):
             logits, jac = self.jacobians(x)
             factors = torch.einsum("bkc,bkp->bcp", sqrt_output_hessian(logits), jac).reshape(-1, p)
             total += factors.T @ factors
-        return total / self.problem.num_samples
+        return self.problem.all_reduce(total / self.problem.num_samples)

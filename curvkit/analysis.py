@@ -15,6 +15,7 @@ from torch import nn
 from curvkit import __version__
 from curvkit.backend import MATRICES, Options
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
+from curvkit.distributed import Group, current_group, rank
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.problem import Problem, fingerprint, model_guard
 from curvkit.quantities.classmeans import classmeans
@@ -65,6 +66,7 @@ def analyze(
     options: Mapping[str, Any] | None = None,
     skip_unsupported: bool = False,
     choice_file: str | os.PathLike | None = None,
+    process_group: Group = None,
 ) -> Report:
     """Measure the curvature of ``model``'s loss on ``data`` with one backend.
 
@@ -77,6 +79,9 @@ def analyze(
     ``backend="auto"`` uses the per-quantity choice that ``curvkit bench --save-choice`` stored
     for this model (in ``choice_file``, see curvkit.choice), else the first installed backend of
     ``curvkit.choice.AUTO_ORDER`` that can compute each quantity; it warns which it used.
+    Under torch.distributed (an initialised process group with several ranks, or
+    ``process_group``) each rank passes its shard of the data (see curvkit.distributed) and every
+    rank gets the whole data set's report; progress bars show on rank 0 only.
 
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
@@ -96,20 +101,23 @@ def analyze(
         "loss": loss,
         "params": params,
         "options": options,
+        "process_group": process_group,
     }
+    group = current_group(process_group)
+    progress = progress and rank(group) == 0
+    settings["progress"] = progress
     if backend == "auto":
         return _analyze_auto(model, data, names, settings, skip_unsupported, choice_file)
     backend_cls = get_backend(backend)
     opts = make_options(options, progress)
     with model_guard(model):
-        problem = Problem(model, data, loss=loss, params=params)
+        problem = Problem(model, data, loss=loss, params=params, group=group)
         k = top_k if top_k is not None else default_top_k(problem.num_classes, problem.num_params)
         if not 1 <= k <= problem.num_params:
             raise InvalidInputError(
                 f"top_k={k} but the model has {problem.num_params} parameters; choose "
                 f"1 ≤ top_k ≤ {problem.num_params}."
             )
-        engine = backend_cls(problem, opts)
         report = Report(
             backend=backend,
             model=ModelInfo(
@@ -139,6 +147,13 @@ def analyze(
                 backend: backend_cls.version(),
             },
         )
+        try:
+            engine = backend_cls(problem, opts)
+        except UnsupportedError as error:
+            if not skip_unsupported:
+                raise
+            report.skipped = dict.fromkeys(names, str(error))
+            return report
         for name in names:
             start = time.perf_counter()
             engine.options = make_options(options, progress, name)

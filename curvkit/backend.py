@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from curvkit.distributed import all_reduce_float
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Density, EigenResult, TraceEstimate, estimate_trace, lanczos, slq_density
 from curvkit.problem import Problem
@@ -53,6 +54,18 @@ class ClassDeltas:
     counts: Tensor
     square_norm_sum: float | None
     provenance: Provenance
+
+    def all_reduced(self, problem: Problem) -> ClassDeltas:
+        """The sums over every rank's shard (``self`` without a process group)."""
+        if problem.group is None:
+            return self
+        norms = self.square_norm_sum
+        return ClassDeltas(
+            problem.all_reduce(self.sums),
+            problem.all_reduce(self.counts),
+            None if norms is None else all_reduce_float(norms, problem.group),
+            self.provenance,
+        )
 
 
 @dataclass
@@ -406,4 +419,4 @@ def class_deltas_by_gradient_passes(
         seconds=time.perf_counter() - start,
         derived=True,
     )
-    return ClassDeltas(sums, counts, None, provenance)
+    return ClassDeltas(sums, counts, None, provenance).all_reduced(problem)

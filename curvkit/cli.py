@@ -7,6 +7,7 @@ disagreement between backends, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -174,25 +175,39 @@ def _config(args: argparse.Namespace) -> dict:
 def _problem(args: argparse.Namespace, config: dict):
     from curvkit.config import build
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InvalidInputError(
+            f"curvkit {args.command} runs in one process; start it without torchrun (only "
+            "curvkit analyze is data-parallel)."
+        )
     return build(config, progress=not args.quiet)
 
 
 def _analyze(args: argparse.Namespace, config: dict) -> int:
+    """``curvkit analyze``; under torchrun (WORLD_SIZE > 1) every rank analyses its shard of the
+    data and rank 0 prints and writes."""
     import curvkit
+    from curvkit.config import build
+    from curvkit.distributed import rank, start_from_environment
 
-    progress = not args.quiet
-    model, data = _problem(args, config)
-    report = curvkit.analyze(
-        model,
-        data,
-        backend=config["backend"],
-        quantities=config["quantities"],
-        top_k=config["top_k"],
-        seed=config["seed"],
-        progress=progress,
-        options=config["options"],
-        choice_file=args.choice_file,
-    )
+    with start_from_environment(config["device"]) as group:
+        main_rank = rank(group) == 0
+        progress = not args.quiet and main_rank
+        model, data = build(config, progress=progress, group=group)
+        report = curvkit.analyze(
+            model,
+            data,
+            backend=config["backend"],
+            quantities=config["quantities"],
+            top_k=config["top_k"],
+            seed=config["seed"],
+            progress=progress,
+            options=config["options"],
+            choice_file=args.choice_file,
+            process_group=group,
+        )
+    if not main_rank:
+        return 0
     report.config["run"] = config
     output = Path(config["output"])
     path = report.save(output / "report.yaml")

@@ -46,6 +46,7 @@ import torch
 import yaml
 from torch import nn
 
+from curvkit.distributed import Group, shard_loader
 from curvkit.errors import InvalidInputError
 
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
@@ -204,8 +205,12 @@ def _check(config: dict[str, Any]) -> None:
             raise InvalidInputError(f"config key {key!r} must be positive, got {value}.")
 
 
-def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, Any]:
-    """The model and data a config describes, on its device and in its dtype."""
+def build(
+    config: Mapping[str, Any], progress: bool = True, group: Group = None
+) -> tuple[nn.Module, Any]:
+    """The model and data a config describes, on its device and in its dtype; with a process
+    group, this rank's shard of the data (zoo models are trained on all of it, identically on
+    every rank)."""
     from curvkit.datasets import digits_loader, gaussian_mixture_loader, torchvision_loader
     from curvkit.models import digits_cnn, digits_mlp, train, zoo_model
 
@@ -271,6 +276,8 @@ def build(config: Mapping[str, Any], progress: bool = True) -> tuple[nn.Module, 
             else data
         )
         train(model, training, model_cfg["epochs"], seed=seed, progress=progress)
+    if group is not None:
+        data = shard_loader(data, group)
     if device.type != "cpu":
         data = _Moved(data, device)
     return model.to(device), data

@@ -16,6 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from curvkit.distributed import (
+    Group,
+    agree,
+    all_gather_objects,
+    all_reduce,
+    check_loader,
+    current_group,
+)
 from curvkit.errors import CurvkitError, InvalidInputError, UnsupportedError
 from curvkit.progress import progress_bar
 
@@ -49,6 +57,7 @@ class Problem:
         data: Iterable,
         loss: str = "cross_entropy",
         params: Sequence[str] | None = None,
+        group: Group = None,
     ) -> None:
         check_module(model)
         if loss not in LOSSES:
@@ -64,6 +73,9 @@ class Problem:
                 "data is a one-shot iterator (e.g. a generator); pass something that can be iterated "
                 "many times, such as a DataLoader or a list of (inputs, labels) batches."
             )
+        self.group = current_group(group)
+        if self.group is not None:
+            check_loader(data)
         self.model = model
         self.data = data
         self.loss = loss
@@ -142,9 +154,51 @@ class Problem:
             x = x.to(device=self.device)
         return x, y.to(device=self.device, dtype=torch.long)
 
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """The sum of a partial sum over this rank's shard across the ranks (itself alone)."""
+        return all_reduce(tensor, self.group)
+
     def _scan(self) -> DataSummary:
-        """One forward pass in eval mode that checks every batch and counts the classes."""
-        num_samples, num_classes, counts, max_batch = 0, None, None, 0
+        """One forward pass in eval mode that checks every batch and counts the classes; with a
+        process group, the shards' summaries are combined (and the ranks' models compared)."""
+        if self.group is None:
+            summary = self._scan_shard()
+            self.num_shard_samples = summary.num_samples
+            return summary
+        error, local = None, None
+        try:
+            local = self._scan_shard()
+            self.num_shard_samples = local.num_samples
+        except CurvkitError as caught:
+            error = caught
+        agree(error, self.group)
+        shards = all_gather_objects((local, self._weights_digest()), self.group)
+        if len({digest for _, digest in shards}) > 1:
+            raise InvalidInputError(
+                "the ranks hold different parameter values; load the same weights on every rank "
+                "(and seed any training identically)."
+            )
+        summaries = [summary for summary, _ in shards]
+        empty = [r for r, s in enumerate(summaries) if s.num_samples == 0]
+        if empty:
+            raise InvalidInputError(
+                f"rank {empty[0]} has no examples; give every rank a shard (fewer ranks than "
+                "examples, e.g. with curvkit.distributed.shard_loader)."
+            )
+        num_samples = sum(s.num_samples for s in summaries)
+        num_classes = summaries[0].num_classes
+        counts = tuple(sum(s.counts[c] for s in summaries) for c in range(num_classes))
+        return DataSummary(
+            num_samples,
+            num_classes,
+            counts,
+            local.num_batches,
+            max(s.max_batch for s in summaries),
+        )
+
+    def _scan_shard(self) -> DataSummary:
+        """The scan of this rank's data (all of it without a process group)."""
+        num_samples, num_classes, counts, max_batch, index = 0, 0, None, 0, -1
         with model_guard(self.model), torch.no_grad():
             for index, (x, y) in enumerate(self.batches()):
                 if x.dtype.is_floating_point and not torch.isfinite(x).all():
@@ -170,7 +224,7 @@ class Problem:
                         f"the model's output for batch {index} contains NaN or Inf; check the "
                         "parameters and inputs."
                     )
-                if num_classes is None:
+                if counts is None:
                     num_classes = out.shape[1]
                     counts = torch.zeros(num_classes, dtype=torch.long)
                     if num_classes < 2:
@@ -191,9 +245,9 @@ class Problem:
                 counts += torch.bincount(y.cpu(), minlength=num_classes)
                 num_samples += y.numel()
                 max_batch = max(max_batch, y.numel())
-        if num_samples == 0:
+        if num_samples == 0 and self.group is None:
             raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
-        counts_tuple = tuple(int(c) for c in counts)
+        counts_tuple = tuple(int(c) for c in counts) if counts is not None else ()
         return DataSummary(num_samples, num_classes, counts_tuple, index + 1, max_batch)
 
     # -- loss -----------------------------------------------------------------------------------
@@ -229,6 +283,13 @@ class Problem:
 
     def fingerprint(self) -> str:
         return fingerprint(self.model)
+
+    def _weights_digest(self) -> str:
+        """A hash of the selected parameters' values (to check that all ranks hold the same)."""
+        digest = hashlib.sha256()
+        for p in self.params:
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 def check_module(model: object) -> None:
