@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import math
 import platform
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +32,16 @@ from curvkit.models import train
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TORCHVISION = ("mnist", "fashion-mnist", "cifar10")
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a script's ``main``; a curvkit error (e.g. a data set missing from --root) is printed
+    as one line and exits with status 2."""
+    try:
+        main()
+    except curvkit.CurvkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def arguments(doc: str, default_data: str) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import accuracy, arguments, load, table, trained, write
+from common import accuracy, arguments, load, run, table, trained, write
 from matplotlib.figure import Figure
 
 import curvkit
@@ -178,4 +178,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

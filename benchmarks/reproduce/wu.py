@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-from common import arguments, load, relative_gap, table, trained, write
+from common import arguments, load, relative_gap, run, table, trained, write
 from matplotlib.figure import Figure
 
 import curvkit
@@ -113,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
