@@ -152,7 +152,7 @@ def write(
         "",
         f"**Setup.** {setup} Data: {args.data}, seed {args.seed}"
         + (", --quick (smoke-test sizes: not evidence)" if args.quick else "")
-        + f". {minutes:.1f} CPU minutes on {torch.get_num_threads()} threads "
+        + f". {minutes:.1f} minutes (wall clock) on {torch.get_num_threads()} threads "
         f"({platform.machine()}), curvkit {curvkit.__version__}, torch {torch.__version__}.",
         "",
         *body,
