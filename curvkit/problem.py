@@ -46,6 +46,9 @@ class Problem:
 
     The loss is ``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)``, averaged over examples (never over
     batches). ``params`` selects the parameters by name; by default all that require gradients.
+    With a torch.distributed ``group`` (by default an initialised one with several ranks) ``data``
+    is this rank's shard: N and the class counts are the shards' totals, ``num_shard_samples``
+    this rank's, and ``all_reduce`` sums a partial sum over the ranks (see curvkit.distributed).
 
     >>> problem = Problem(model, loader)            # doctest: +SKIP
     >>> problem.num_params, problem.num_classes     # doctest: +SKIP
