@@ -219,7 +219,7 @@ class BackPACKBackend(Backend):
         self._extension_pass({extension.__class__.__name__: extension}, add)
         n = self.problem.num_samples
         x, _ = next(self.problem.batches())
-        positions = output_positions(self.model_copy()[0], list(weights), x)
+        positions = output_positions(self._plain, list(weights), x)
         reduce = self.problem.all_reduce
         return {
             name: KroneckerFactors(reduce(b / n), reduce(a / (n * positions[name])))

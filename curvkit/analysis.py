@@ -94,6 +94,8 @@ def analyze(
             if unknown
             else f"quantities is empty; choose from {', '.join(QUANTITIES)} or pass None for all."
         )
+    group = current_group(process_group)
+    progress = progress and rank(group) == 0
     settings = {
         "top_k": top_k,
         "seed": seed,
@@ -103,9 +105,6 @@ def analyze(
         "options": options,
         "process_group": process_group,
     }
-    group = current_group(process_group)
-    progress = progress and rank(group) == 0
-    settings["progress"] = progress
     if backend == "auto":
         return _analyze_auto(model, data, names, settings, skip_unsupported, choice_file)
     backend_cls = get_backend(backend)

@@ -351,8 +351,11 @@ def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
 
 def output_positions(model: torch.nn.Module, names: list[str], x: Tensor) -> dict[str, int]:
     """Output positions T per layer (1 for Linear, H·W for Conv2d) from one example's forward
-    pass through ``model`` (a copy: the hooks are removed afterwards)."""
+    pass through ``model`` (the adapter's copy: the hooks are removed afterwards); no pass
+    without a Conv2d."""
     modules = dict(model.named_modules())
+    if not any(isinstance(modules[n], torch.nn.Conv2d) for n in names):
+        return dict.fromkeys(names, 1)
     positions: dict[str, int] = {}
 
     def record(name: str):
