@@ -1,17 +1,22 @@
-"""curvlinops backend: its Hessian, GGN and KFAC linear operators and its own estimators.
+"""curvlinops backend: its Hessian, GGN and KFAC linear operators and its own estimators, through
+curvlinops' public API only.
 
 - products: ``HessianLinearOperator`` and ``GGNLinearOperator`` (mean cross-entropy, normalised
-  over the whole data set by curvlinops itself);
+  over the whole data set by curvlinops itself), on all selected parameters or on one (a block);
 - top eigenpairs: SciPy's ARPACK ``eigsh`` on the operator's ``to_scipy()`` view, the route
   curvlinops documents (it has no eigensolver of its own);
 - trace: curvlinops' ``hutchpp_trace`` (3 independent runs, so that the spread gives a standard
   error) or ``hutchinson_trace`` (one probe per call), after ``options.trace_method``;
 - density: curvlinops' ``fast_lanczos`` (Papyan 2020's SLQ without reorthogonalisation), its
   nodes and weights broadened on curvkit's grid so that every backend's density is comparable;
-- Kronecker factors: ``KFACLinearOperator`` with the exact (type-2) output Hessian;
+- Kronecker factors: ``KFACLinearOperator`` with the exact (type-2) output Hessian, read through
+  its ``state_dict()``;
 - class means: weighted gradient passes (curvlinops has no per-example factors), ``derived``.
 
-curvlinops works on a deep copy of the model (its KFAC installs hooks while it runs).
+curvlinops works on a copy of the model (its KFAC installs hooks while it runs) and draws its
+probes from torch's global generator, which curvkit forks and seeds around each routine. Under
+torch.distributed each operator's products are summed over the ranks (``RankSummed``), so that
+curvlinops' routines see the whole data set.
 """
 
 from __future__ import annotations
@@ -24,20 +29,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvkit.backend import (
-    Backend,
-    ClassDeltas,
-    CountingBatches,
-    KroneckerFactors,
-    Provenance,
-    class_deltas_by_gradient_passes,
-    kronecker_layers,
-)
-from curvkit.errors import MissingDependencyError, UnsupportedError
-from curvkit.linalg import Density, EigenResult, TraceEstimate
-from curvkit.linalg.lanczos import broadened_density
+from curvkit.backend import Backend, CountingBatches, KroneckerFactors
+from curvkit.errors import UnsupportedError
+from curvkit.layers import kronecker_layers
+from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
+from curvkit.linalg.krylov import broadened_density
+from curvkit.linalg.operator import top_eigen, trace
+from curvkit.linalg.trace import mean_and_stderr
+from curvkit.problem import Problem
+from curvkit.report import Provenance
+
+
+class RankSummed:
+    """A curvlinops operator applied to this rank's shard, its products summed over the ranks:
+    what curvlinops' routines use of an operator (``shape``, ``dtype``, ``device``, ``@``)."""
+
+    def __init__(self, operator: Any, problem: Problem) -> None:
+        self.operator, self.problem = operator, problem
+        self.shape, self.dtype, self.device = operator.shape, operator.dtype, operator.device
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        return self.problem.all_reduce(self.operator @ x)
 
 
 class CurvlinopsBackend(Backend):
@@ -45,6 +59,7 @@ class CurvlinopsBackend(Backend):
 
     name = "curvlinops"
     library = "curvlinops-for-pytorch"
+    module = "curvlinops"
     extra = "curvlinops"
     capabilities = {
         "hvp": "native",  # HessianLinearOperator
@@ -57,105 +72,57 @@ class CurvlinopsBackend(Backend):
         "block_products": "native",  # the operators built on one parameter
     }
 
-    @classmethod
-    def check_available(cls) -> None:
-        try:
-            import curvlinops  # noqa: F401
-        except ImportError as error:
-            raise MissingDependencyError(
-                "backend 'curvlinops' needs curvlinops; install it with "
-                "pip install 'curvkit[curvlinops]'."
-            ) from error
-
-    def __init__(self, problem, options=None) -> None:
+    def __init__(self, problem: Problem, options: Options | None = None) -> None:
         super().__init__(problem, options)
-        self._model, self._params = self.model_copy()
-        self._batches = CountingBatches(problem)
-        self._operators: dict[str, Any] = {}
+        self._operators: dict[tuple[str, str | None], Any] = {}
 
-    # -- operators ------------------------------------------------------------------------------
-    def _common(self, params: list[Tensor] | None = None) -> dict[str, Any]:
+    def _common(self, params: list[Tensor], num_data: int) -> dict[str, Any]:
+        model, _ = self.working_copy()
         return {
-            "model_func": self._model,
-            "loss_func": nn.CrossEntropyLoss(reduction="mean"),
-            "params": self._params if params is None else params,
-            "data": self._batches,
-            "check_deterministic": False,  # curvkit's Problem already validated the data
-            "num_data": self.problem.num_samples,
+            "model_func": model,
+            "loss_func": self.problem.loss.module("mean"),
+            "params": params,
+            "data": CountingBatches(self),
+            "check_deterministic": False,  # curvkit's Problem checks every pass
+            "num_data": num_data,
         }
 
-    def operator(self, matrix: str, name: str | None = None) -> Any:
-        """curvlinops' linear operator of ``hessian``, ``ggn`` or ``residual`` (their difference),
-        for all selected parameters or for the one parameter ``name`` (its diagonal block)."""
-        key = (matrix, name)
+    def library_operator(self, matrix: str, param: str | None = None) -> Any:
+        """curvlinops' operator of ``hessian``, ``ggn`` or ``residual`` (their difference) for
+        the selected parameters or for ``param`` alone, summed over the ranks."""
+        key = (matrix, param)
         if key not in self._operators:
             from curvlinops import GGNLinearOperator, HessianLinearOperator
 
-            params = None if name is None else [self._params[self.problem.names.index(name)]]
-            if matrix == "hessian":
-                self._operators[key] = self._summed(HessianLinearOperator(**self._common(params)))
-            elif matrix == "ggn":
-                self._operators[key] = self._summed(GGNLinearOperator(**self._common(params)))
+            _, copies = self.working_copy()
+            params = [copies[self.problem.names.index(n)] for n in self.problem.selected(param)]
+            common = self._common(params, self.problem.num_samples)
+            if matrix == "residual":
+                op = HessianLinearOperator(**common) - GGNLinearOperator(**common)
             else:
-                self._operators[key] = self.operator("hessian", name) - self.operator("ggn", name)
+                kind = HessianLinearOperator if matrix == "hessian" else GGNLinearOperator
+                op = kind(**common)
+            self._operators[key] = op if self.problem.group is None else RankSummed(op, self.problem)
         return self._operators[key]
 
-    def _summed(self, operator: Any) -> Any:
-        """``operator`` (applied to this rank's shard) with its products summed over the ranks,
-        so that curvlinops' own routines see the whole data set; itself without a group."""
-        if self.problem.group is None:
-            return operator
-        from curvlinops._torch_base import PyTorchLinearOperator  # not exported; the base class
-
-        problem = self.problem
-
-        class SummedOverRanks(PyTorchLinearOperator):
-            SELF_ADJOINT = True
-
-            def _matmat(self, X: list[Tensor]) -> list[Tensor]:
-                parts = operator._matmat(X)
-                total = problem.all_reduce(torch.cat([p.flatten() for p in parts]))
-                return [
-                    t.view_as(p) for t, p in zip(total.split([p.numel() for p in parts]), parts)
-                ]
-
-            def _adjoint(self) -> SummedOverRanks:
-                return self
-
-            @property
-            def device(self) -> torch.device:
-                return operator.device
-
-            @property
-            def dtype(self) -> torch.dtype:
-                return operator.dtype
-
-        return SummedOverRanks(operator._in_shape, operator._out_shape)
-
-    def block_matvec(self, matrix: str, name: str):
-        """Products with the operator built on one parameter."""
-        return lambda v: self._apply(matrix, v, name)
-
-    def _apply(self, matrix: str, v: Tensor, name: str | None = None) -> Tensor:
+    def _apply(self, matrix: str, V: Tensor, param: str | None) -> Tensor:
         try:
-            return self.operator(matrix, name) @ v
+            return self.library_operator(matrix, param) @ V
         finally:
-            for p in self._params:
-                p.grad = None
+            self.clean(self.working_copy()[1])
 
-    def hvp(self, v: Tensor) -> Tensor:
-        return self._apply("hessian", v)
+    def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
+        return self._apply("hessian", v, param)
 
-    def ggnvp(self, v: Tensor) -> Tensor:
-        return self._apply("ggn", v)
+    def ggnvp(self, v: Tensor, param: str | None = None) -> Tensor:
+        return self._apply("ggn", v, param)
 
-    def matvec(self, matrix: str):
-        return lambda v: self._apply(matrix, v)
-
-    def class_deltas(self) -> ClassDeltas:
-        return class_deltas_by_gradient_passes(
-            self.problem, self._model, self._params, self.name, self.options.progress
-        )
+    def native_routines(self, matrix: str, param: str | None, op: Operator) -> dict[str, Any]:
+        return {
+            "top_eigen": lambda k, options, seed: self._top_eigen(op, k, options, seed),
+            "trace": lambda options, seed: self._trace(matrix, param, op, options, seed),
+            "density": lambda options, seed: self._density(matrix, param, op, options, seed),
+        }
 
     # -- routines -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -166,102 +133,98 @@ class CurvlinopsBackend(Backend):
             torch.manual_seed(seed)
             yield
 
-    def top_eigen(self, matrix: str, k: int, seed: int) -> tuple[EigenResult, Provenance]:
+    def _top_eigen(
+        self, op: Operator, k: int, options: Options, seed: int
+    ) -> tuple[EigenResult, Provenance]:
         """ARPACK's implicitly restarted Lanczos (``eigsh``, largest algebraic) to ``lanczos_tol``."""
         from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
+        if k >= op.size:  # ARPACK needs k < dim; small problems are solved densely by curvkit
+            return top_eigen(op, k, options, seed, native=False)
         start = time.perf_counter()
-        dim = self.problem.num_params
-        if k >= dim:  # ARPACK needs k < dim; small problems are solved densely by curvkit
-            return super().top_eigen(matrix, k, seed)
-        dtype = torch.zeros((), dtype=self.problem.dtype).numpy().dtype
-
+        dtype = torch.zeros((), dtype=op.dtype).numpy().dtype
         count = 0
 
         def product(x: np.ndarray) -> np.ndarray:
             nonlocal count
             count += 1
-            v = torch.as_tensor(x.ravel(), dtype=self.problem.dtype, device=self.problem.device)
-            return self._apply(matrix, v).cpu().numpy()
+            v = torch.as_tensor(x.ravel(), dtype=op.dtype, device=op.device)
+            return op.matvec(v).cpu().numpy()
 
-        scipy_operator = LinearOperator((dim, dim), matvec=product, dtype=dtype)
-        v0 = np.random.default_rng(seed).standard_normal(dim)
-        max_iter = self.options.lanczos_max_iter or max(10 * dim, 1000)
+        scipy_operator = LinearOperator((op.size, op.size), matvec=product, dtype=dtype)
+        v0 = np.random.default_rng(seed).standard_normal(op.size)
+        max_iter = options.lanczos_max_iter or max(10 * op.size, 1000)
         converged = True
         try:
             values, vectors = eigsh(
-                scipy_operator, k=k, which="LA", tol=self.options.lanczos_tol, v0=v0,
-                maxiter=max_iter,
-            )  # fmt: skip
+                scipy_operator, k=k, which="LA", tol=options.lanczos_tol, v0=v0, maxiter=max_iter
+            )
         except ArpackNoConvergence as error:
             values, vectors, converged = error.eigenvalues, error.eigenvectors, False
         order = np.argsort(values)[::-1]
         vectors_t = torch.as_tensor(
-            np.ascontiguousarray(vectors[:, order]),
-            dtype=self.problem.dtype,
-            device=self.problem.device,
+            np.ascontiguousarray(vectors[:, order]), dtype=op.dtype, device=op.device
         )
-        values_t = torch.as_tensor(values[order].copy(), dtype=self.problem.dtype)
-        used = count + k
-        products = self._apply(matrix, vectors_t)  # k products in one pass, for the residuals
-        residuals = torch.linalg.vector_norm(products - vectors_t * values_t.to(vectors_t), dim=0)
+        values_t = torch.as_tensor(values[order].copy(), dtype=op.dtype)
+        residuals = torch.linalg.vector_norm(
+            op.matmat(vectors_t) - vectors_t * values_t.to(vectors_t), dim=0
+        )  # k products in one pass
         result = EigenResult(
-            values_t.to(self.problem.device), vectors_t, residuals.cpu(), used, converged
+            values_t.to(op.device), vectors_t, residuals.cpu(), count + k, converged
         )
-        return result, self._provenance(
-            "scipy.eigsh(curvlinops.to_scipy)", matrix, used, start, note="+k for residuals"
+        return result, op.provenance(
+            "scipy.eigsh(curvlinops.to_scipy)", count + k, start, note="+k for residuals"
         )
 
-    def trace(self, matrix: str, seed: int) -> tuple[TraceEstimate, Provenance]:
+    def _trace(
+        self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
+    ) -> tuple[TraceEstimate, Provenance]:
         """curvlinops' estimators; the spread of independent runs gives the standard error."""
         from curvlinops import hutchinson_trace, hutchpp_trace
 
-        budget, dim = self.options.trace_matvecs, self.problem.num_params
-        if budget >= dim:  # the exact trace costs no more than the estimate
-            return super().trace(matrix, seed)
+        budget = options.trace_matvecs
+        if budget >= op.size:  # the exact trace costs no more than the estimate
+            return trace(op, options, seed, native=False)
         start = time.perf_counter()
-        operator = self.operator(matrix)
+        operator = self.library_operator(matrix, param)
         with self._seeded(seed):
-            if self.options.trace_method == "hutch++":
+            if options.trace_method == "hutch++":
                 per_run = max(3, budget // 9 * 3)  # 3 runs, each a multiple of 3 products
                 samples = [float(hutchpp_trace(operator, per_run)) for _ in range(3)]
-                used = 3 * per_run
-                routine = "curvlinops.hutchpp_trace ×3"
+                used, routine = 3 * per_run, "curvlinops.hutchpp_trace ×3"
             else:
                 samples = [float(hutchinson_trace(operator, 1)) for _ in range(budget)]
-                used = budget
-                routine = "curvlinops.hutchinson_trace"
-        mean = math.fsum(samples) / len(samples)
-        spread = math.fsum((s - mean) ** 2 for s in samples) / (len(samples) - 1)
-        estimate = TraceEstimate(
-            mean, math.sqrt(spread / len(samples)), used, self.options.trace_method
-        )
-        return estimate, self._provenance(routine, matrix, used, start)
+                used, routine = budget, "curvlinops.hutchinson_trace"
+        mean, stderr = mean_and_stderr(samples)
+        estimate = TraceEstimate(mean, stderr, used, options.trace_method)
+        return estimate, op.provenance(routine, used, start)
 
-    def density(self, matrix: str, seed: int) -> tuple[Density, Provenance]:
+    def _density(
+        self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
+    ) -> tuple[Density, Provenance]:
         """``fast_lanczos`` per probe (Gaussian start, no reorthogonalisation): Ritz values are
         the quadrature nodes, the squared first components of the Ritz vectors the weights."""
         from curvlinops.papyan2020traces.spectrum import fast_lanczos
 
         start = time.perf_counter()
-        operator = self.operator(matrix)
-        steps = min(self.options.density_steps, self.problem.num_params)
+        operator = self.library_operator(matrix, param)
+        steps = min(options.density_steps, op.size)
         nodes, weights = [], []
         with self._seeded(seed):
-            for _ in range(self.options.density_probes):
+            for _ in range(options.density_probes):
                 values, vectors = fast_lanczos(operator, steps)
                 nodes.append(values.cpu())
                 weights.append(vectors[0].cpu() ** 2)
-        used = steps * self.options.density_probes
+        used = steps * options.density_probes
         density = broadened_density(
             torch.stack(nodes),
             torch.stack(weights),
             used,
-            grid_size=self.options.density_grid,
-            relative_sigma=self.options.density_relative_sigma,
+            grid_size=options.density_grid,
+            relative_sigma=options.density_relative_sigma,
         )
-        return density, self._provenance(
-            "curvlinops.fast_lanczos", matrix, used, start, note="broadened on curvkit's grid"
+        return density, op.provenance(
+            "curvlinops.fast_lanczos", used, start, note="broadened on curvkit's grid"
         )
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
@@ -270,32 +233,32 @@ class CurvlinopsBackend(Backend):
         curvlinops' "reduce" B sums the output gradients over a convolution's positions before the
         outer product, which is curvkit's B; its "expand" A averages the patches' outer products
         over the positions, which is curvkit's A (from a forward-only pass: no backward passes).
+        curvlinops normalises by this rank's N; scaled by its share of the global N, the factors
+        are summed over the ranks.
         """
         from curvlinops import FisherType, KFACLinearOperator, KFACType
 
-        names = kronecker_layers(self.problem)
-
-        # curvlinops needs this rank's N; the factors, scaled by its share of the global N,
-        # are summed over the ranks
+        _, params = self.working_copy()
         shard = self.problem.num_shard_samples
-        common = {**self._common(), "num_data": shard}
+        common = self._common(params, shard)
 
-        def factors(fisher_type: str, approx: str, attribute: str) -> dict[str, Tensor]:
+        def factors(fisher_type: str, approx: str, key: str) -> dict[str, Tensor]:
             operator = KFACLinearOperator(**common, fisher_type=fisher_type, kfac_approx=approx)
             operator.compute_kronecker_factors()
-            stored = getattr(operator, attribute, None)
-            if stored is None:
+            stored = operator.state_dict().get(key)
+            if not stored:
                 raise UnsupportedError(
-                    f"this curvlinops version stores no {attribute}; use backpack or torchfunc "
-                    "for Kronecker factors."
+                    f"this curvlinops version gives no {key}; use backpack or torchfunc for "
+                    "Kronecker factors."
                 )
             return stored
 
-        b = factors(FisherType.TYPE2, KFACType.REDUCE, "_gradient_covariances")
-        a = factors(FisherType.FORWARD_ONLY, KFACType.EXPAND, "_input_covariances")
+        b = factors(FisherType.TYPE2, KFACType.REDUCE, "gradient_covariances")
+        a = factors(FisherType.FORWARD_ONLY, KFACType.EXPAND, "input_covariances")
         share = shard / self.problem.num_samples
 
         def reduce(factor: Tensor) -> Tensor:
             return self.problem.all_reduce(factor.detach() * share)
 
+        names = kronecker_layers(self.problem)
         return {n: KroneckerFactors(reduce(b[n]), reduce(a[n])) for n in names}

@@ -1,68 +1,107 @@
 """PyHessian backend: PyHessian's own power iteration, Hutchinson trace and SLQ density.
 
-PyHessian 0.1 is unmaintained; its quirks are handled here, never by patching the package:
+PyHessian 0.1 is unmaintained; its quirks are handled here, never by patching the package's files:
 
-- it switches the model to eval mode, leaves ``.grad`` fields holding graphs
-  (``backward(create_graph=True)``) and draws probes from torch's global RNG, so it always runs on a
-  deep copy of the model, inside a forked RNG seeded by curvkit;
-- it draws probes in torch's default dtype, so the default dtype is the model's while it runs;
-- ``density()`` calls ``torch.eig``, removed from torch: while it runs, ``torch.eig`` is answered
-  by ``torch.linalg.eigh`` on its symmetric tridiagonal matrix (said in provenance);
+- it switches the model to eval mode and leaves ``.grad`` fields holding graphs
+  (``backward(create_graph=True)``), so it runs on a copy of the model, cleaned after each use;
+- it differentiates every parameter that requires gradients, so for a layer's block only that
+  parameter of the copy requires them (native block products and routines);
+- it creates tensors in torch's default dtype, draws probes from torch's global generator and
+  calls ``torch.eig``, which torch removed. PyHessian's module therefore sees its own ``torch``
+  (``PyHessianTorch``, installed once in ``pyhessian.hessian`` only): while curvkit runs it on a
+  thread, tensors it creates get the model's dtype, its draws come from a generator seeded by
+  curvkit, and ``torch.eig`` is ``torch.linalg.eigh`` on its symmetric tridiagonal matrix (said
+  in provenance). No other module or thread sees any of this, and the caller's RNG does not move.
 - it weights each batch's mean loss by the batch size, which is correct for unequal batches.
 
-G is the Hessian of the Gauss–Newton surrogate ``½ (f − f̄)ᵀ H_out (f − f̄)`` with f̄ and
-``H_out = diag p − p pᵀ`` held constant: its residual vanishes at the current parameters, so
-PyHessian's routines on that criterion give G exactly (``derived``).
+G is the Hessian of the Gauss–Newton surrogate ``½ (f − f̄)ᵀ H (f − f̄)`` (the loss object's) and
+H = Hess − G that of the loss minus the surrogate: PyHessian's routines on those criteria give G
+and H exactly (``derived``), one product per vector for each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from curvkit.backend import (
-    Backend,
-    ClassDeltas,
-    CountingBatches,
-    Provenance,
-    class_deltas_by_gradient_passes,
-)
-from curvkit.errors import MissingDependencyError, UnsupportedError
-from curvkit.linalg import Density, EigenResult, TraceEstimate
-from curvkit.linalg.lanczos import broadened_density
+from curvkit.backend import MATRICES, Backend, CountingBatches
+from curvkit.errors import UnsupportedError
+from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
+from curvkit.linalg.krylov import broadened_density
+from curvkit.linalg.operator import top_eigen
+from curvkit.linalg.trace import mean_and_stderr
+from curvkit.report import Provenance
 
-EIG_NOTE = "torch.eig (removed from torch) replaced by torch.linalg.eigh for PyHessian's tridiagonal matrix"
+EIG_NOTE = "torch.eig (removed from torch) answered by torch.linalg.eigh for PyHessian's tridiagonal matrix"
 
 
-def gauss_newton_surrogate(logits: Tensor, labels: Tensor) -> Tensor:
-    """Batch mean of ``½ (f − f̄)ᵀ (diag p̄ − p̄ p̄ᵀ) (f − f̄)``: zero, with Hessian exactly G."""
-    fixed = logits.detach()
-    p = torch.softmax(fixed, dim=1)
-    d = logits - fixed
-    quadratic = (p * d * d).sum(1) - (p * d).sum(1) ** 2
-    return 0.5 * quadratic.mean()
+class PyHessianTorch:
+    """``torch`` as PyHessian's module sees it: torch itself, except inside ``session`` on the
+    current thread, where ``zeros``/``randn`` default to a dtype and random draws come from
+    seeded generators; ``eig`` is always ``torch.linalg.eigh`` on a symmetric matrix."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @contextlib.contextmanager
+    def session(self, dtype: torch.dtype, seed: int) -> Iterator[None]:
+        self._local.dtype, self._local.seed, self._local.generators = dtype, seed, {}
+        try:
+            yield
+        finally:
+            del self._local.dtype, self._local.seed, self._local.generators
+
+    def _active(self) -> bool:
+        return hasattr(self._local, "dtype")
+
+    def _generator(self, device: Any) -> torch.Generator:
+        device = torch.device(device if device is not None else "cpu")
+        generators = self._local.generators
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(self._local.seed)
+        return generators[device]
+
+    def zeros(self, *size: Any, **kwargs: Any) -> Tensor:
+        if self._active():
+            kwargs.setdefault("dtype", self._local.dtype)
+        return torch.zeros(*size, **kwargs)
+
+    def randn(self, *size: Any, **kwargs: Any) -> Tensor:
+        if self._active():
+            kwargs.setdefault("dtype", self._local.dtype)
+            kwargs.setdefault("generator", self._generator(kwargs.get("device")))
+        return torch.randn(*size, **kwargs)
+
+    def randint_like(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._active():
+            device = kwargs.get("device", input.device)
+            kwargs.setdefault("generator", self._generator(device))
+        return torch.randint_like(input, *args, **kwargs)
+
+    @staticmethod
+    def eig(matrix: Tensor, eigenvectors: bool = True) -> tuple[Tensor, Tensor]:
+        values, vectors = torch.linalg.eigh(matrix)
+        return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
 
 
-def residual_criterion(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean CE minus the surrogate: its Hessian is H = Hess − G."""
-    return nn.functional.cross_entropy(logits, labels) - gauss_newton_surrogate(logits, labels)
-
-
-CRITERIA = {
-    "hessian": nn.functional.cross_entropy,
-    "ggn": gauss_newton_surrogate,
-    "residual": residual_criterion,
-}
-
-
-def _eig_with_eigh(matrix: Tensor, eigenvectors: bool = True) -> tuple[Tensor, Tensor]:
-    values, vectors = torch.linalg.eigh(matrix)
-    return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
+def pyhessian_torch() -> PyHessianTorch:
+    """The PyHessianTorch in ``pyhessian.hessian``'s namespace (installed on first use)."""
+    module = importlib.import_module("pyhessian.hessian")  # the package rebinds the name
+    if not isinstance(module.torch, PyHessianTorch):
+        module.torch = PyHessianTorch()
+    return module.torch
 
 
 class PyHessianBackend(Backend):
@@ -70,25 +109,18 @@ class PyHessianBackend(Backend):
 
     name = "pyhessian"
     library = "pyhessian"
+    module = "pyhessian"
     extra = "pyhessian"
     capabilities = {
         "hvp": "native",  # hessian.dataloader_hv_product
         "ggnvp": "derived",  # the same on the Gauss–Newton surrogate criterion
-        "class_deltas": "derived",  # autograd weighted gradient passes
+        "class_deltas": "derived",  # weighted gradient passes
+        "block_products": "native",  # only the block's parameter requires gradients
         "top_eigen": "native",  # hessian.eigenvalues (power iteration with deflation)
         "trace": "native",  # hessian.trace (Hutchinson)
         "density": "native",  # hessian.density (SLQ)
     }
     default_settings = {"power_iter": 1000, "power_tol": 1e-7}
-
-    @classmethod
-    def check_available(cls) -> None:
-        try:
-            import pyhessian  # noqa: F401
-        except ImportError as error:
-            raise MissingDependencyError(
-                "backend 'pyhessian' needs PyHessian; install it with pip install 'curvkit[pyhessian]'."
-            ) from error
 
     def __init__(self, problem, options=None) -> None:
         if problem.group is not None:
@@ -98,66 +130,84 @@ class PyHessianBackend(Backend):
                 "torchfunc, backpack or curvlinops."
             )
         super().__init__(problem, options)
-        self.power_iter, self.power_tol = self.config["power_iter"], self.config["power_tol"]
-        self._model, self._params = self.model_copy()
+
+    def _criterion(self, matrix: str) -> Callable[[Tensor, Tensor], Tensor]:
+        """The batch-mean criterion whose Hessian is ``matrix`` (PyHessian weights batches)."""
+        loss = self.problem.loss
+
+        def ggn(logits: Tensor, labels: Tensor) -> Tensor:
+            return loss.gauss_newton_surrogate(logits) / len(labels)
+
+        def hessian(logits: Tensor, labels: Tensor) -> Tensor:
+            return loss.sum(logits, labels) / len(labels)
+
+        def residual(logits: Tensor, labels: Tensor) -> Tensor:
+            return hessian(logits, labels) - ggn(logits, labels)
+
+        return {"hessian": hessian, "ggn": ggn, "residual": residual}[matrix]
 
     @contextlib.contextmanager
-    def _session(self, matrix: str, seed: int = 0):
-        """A PyHessian ``hessian`` object for ``matrix``, with RNG, dtype and torch.eig handled."""
+    def _engine(self, matrix: str, param: str | None, seed: int = 0) -> Iterator[Any]:
+        """A PyHessian ``hessian`` object for ``matrix`` on the model copy, differentiating the
+        selected parameters or only ``param``."""
         from pyhessian import hessian
 
-        devices = [self.problem.device] if self.problem.device.type == "cuda" else []
-        default_dtype = torch.get_default_dtype()
-        missing = object()
-        original_eig = getattr(torch, "eig", missing)  # a stub that raises, or absent
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        model, params = self.working_copy()
+        wanted = self.problem.selected(param)
+        for name, p in zip(self.problem.names, params):
+            p.requires_grad_(name in wanted)
+        with pyhessian_torch().session(self.problem.dtype, seed), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle")
-            torch.manual_seed(seed)
-            torch.set_default_dtype(self.problem.dtype)
-            torch.eig = _eig_with_eigh
             try:
-                loader = CountingBatches(self.problem)
-                engine = hessian(
-                    self._model,
-                    CRITERIA[matrix],
-                    dataloader=loader,
+                yield hessian(
+                    model,
+                    self._criterion(matrix),
+                    dataloader=CountingBatches(self),
                     cuda=self.problem.device.type == "cuda",
                 )
-                yield engine, loader
             finally:
-                torch.set_default_dtype(default_dtype)
-                if original_eig is missing:
-                    del torch.eig
-                else:
-                    torch.eig = original_eig
-                for p in self._params:
-                    p.grad = None
+                for p in params:
+                    p.requires_grad_(True)
+                self.clean(params)
 
-    def _product(self, matrix: str, v: Tensor) -> Tensor:
-        with self._session(matrix) as (engine, _):
-            _, product = engine.dataloader_hv_product(self.problem.unflatten(v))
-        return self.problem.flatten(product)
+    def _product(self, matrix: str, V: Tensor, param: str | None) -> Tensor:
+        with self._engine(matrix, param) as engine:
+            columns = [
+                self.problem.flatten(engine.dataloader_hv_product(list(v))[1])
+                for v in zip(*self.problem.split_columns(V, param).values())
+            ]
+        return torch.stack(columns, dim=1)
 
     # -- primitives -----------------------------------------------------------------------------
-    def hvp(self, v: Tensor) -> Tensor:
-        return self._product("hessian", v)
+    def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
+        return self._columns(lambda V: self._product("hessian", V, param), v)
 
-    def ggnvp(self, v: Tensor) -> Tensor:
-        return self._product("ggn", v)
+    def ggnvp(self, v: Tensor, param: str | None = None) -> Tensor:
+        return self._columns(lambda V: self._product("ggn", V, param), v)
 
-    def matvec(self, matrix: str):
-        return lambda v: self._product(matrix, v)
-
-    def matvecs_per_product(self, matrix: str) -> int:
-        return 1  # the residual is one criterion, one product
-
-    def class_deltas(self) -> ClassDeltas:
-        return class_deltas_by_gradient_passes(
-            self.problem, self._model, self._params, self.name, self.options.progress
+    def operator(self, matrix: str, param: str | None = None) -> Operator:
+        """Every matrix, the residual included, is one PyHessian criterion: one product."""
+        if matrix not in MATRICES:
+            raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")
+        op = Operator(
+            self.problem.size_of(param),
+            lambda V: self._product(matrix, V, param),
+            self.problem.dtype,
+            self.problem.device,
+            backend=self.name,
+            derived=matrix != "hessian",
         )
+        op.native = {
+            "top_eigen": lambda k, options, seed: self._top_eigen(matrix, param, op, k, options, seed),
+            "trace": lambda options, seed: self._trace(matrix, param, op, options, seed),
+            "density": lambda options, seed: self._density(matrix, param, op, options, seed),
+        }
+        return op
 
     # -- PyHessian's own routines ---------------------------------------------------------------
-    def top_eigen(self, matrix: str, k: int, seed: int) -> tuple[EigenResult, Provenance]:
+    def _top_eigen(
+        self, matrix: str, param: str | None, op: Operator, k: int, options: Options, seed: int
+    ) -> tuple[EigenResult, Provenance]:
         """Power iteration with deflation (``hessian.eigenvalues``), sorted descending.
 
         PyHessian finds eigenvalues of largest magnitude. Its stopping rule compares successive
@@ -170,35 +220,36 @@ class PyHessianBackend(Backend):
         eigenvalues come from curvkit's Lanczos on PyHessian's products instead (``derived``).
         """
         if matrix == "residual":
-            return self._lanczos_instead(matrix, k, seed, "H = Hess − G is indefinite")
-        start = time.perf_counter()
-        with self._session(matrix, seed) as (engine, loader):
+            return self._lanczos_instead(op, k, options, seed, "H = Hess − G is indefinite")
+        start, passes = time.perf_counter(), self.passes
+        power_tol = self.config["power_tol"]
+        with self._engine(matrix, param, seed) as engine:
             values, vectors = engine.eigenvalues(
-                maxIter=self.power_iter, tol=self.power_tol, top_n=k
+                maxIter=self.config["power_iter"], tol=power_tol, top_n=k
             )
-            passes = loader.passes
+        passes = self.passes - passes
         vectors_t = torch.stack([self.problem.flatten(v) for v in vectors], dim=1)
         values_t = torch.tensor(values, dtype=self.problem.dtype)
         order = torch.argsort(values_t, descending=True)
         values_t, vectors_t = values_t[order], vectors_t[:, order.to(vectors_t.device)]
         vectors_t = vectors_t / vectors_t.norm(dim=0)
-        apply = self.matvec(matrix)
-        residuals = torch.stack(
-            [(apply(u) - lam * u).norm() for lam, u in zip(values_t.tolist(), vectors_t.T)]
-        )
+        residuals = torch.linalg.vector_norm(
+            op.matmat(vectors_t) - vectors_t * values_t.to(vectors_t), dim=0
+        ).cpu()
         scale = max(float(values_t.abs().max()), 1e-300)
-        converged = bool((residuals <= math.sqrt(self.power_tol) * scale).all())
+        converged = bool((residuals <= math.sqrt(power_tol) * scale).all())
         if float(values_t.min()) < 0:
-            return self._lanczos_instead(matrix, k, seed, "it returned a negative eigenvalue")
+            return self._lanczos_instead(op, k, options, seed, "it returned a negative eigenvalue")
         result = EigenResult(values_t, vectors_t, residuals, passes + k, converged)
-        return result, self._provenance(
-            "pyhessian.eigenvalues", matrix, passes + k, start, note="+k products for residuals"
+        return result, op.provenance(
+            "pyhessian.eigenvalues", passes + k, start, note="+k products for residuals"
         )
 
+    @staticmethod
     def _lanczos_instead(
-        self, matrix: str, k: int, seed: int, why: str
+        op: Operator, k: int, options: Options, seed: int, why: str
     ) -> tuple[EigenResult, Provenance]:
-        result, provenance = super().top_eigen(matrix, k, seed)
+        result, provenance = top_eigen(op, k, options, seed, native=False)
         provenance.derived = True
         provenance.note = (
             f"PyHessian's power iteration finds the largest |λ| and {why}: curvkit's Lanczos on "
@@ -206,35 +257,33 @@ class PyHessianBackend(Backend):
         )
         return result, provenance
 
-    def trace(self, matrix: str, seed: int) -> tuple[TraceEstimate, Provenance]:
+    def _trace(
+        self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
+    ) -> tuple[TraceEstimate, Provenance]:
         """Hutchinson (``hessian.trace``) with ``trace_matvecs`` probes, no early stop."""
-        start = time.perf_counter()
-        with self._session(matrix, seed) as (engine, loader):
-            samples = engine.trace(maxIter=self.options.trace_matvecs, tol=0.0)
-            passes = loader.passes
-        n = len(samples)
-        mean = math.fsum(samples) / n
-        stderr = (
-            math.sqrt(math.fsum((s - mean) ** 2 for s in samples) / (n - 1) / n)
-            if n > 1
-            else math.nan
-        )
-        return TraceEstimate(mean, stderr, passes, "hutchinson"), self._provenance(
-            "pyhessian.trace", matrix, passes, start
+        start, passes = time.perf_counter(), self.passes
+        with self._engine(matrix, param, seed) as engine:
+            samples = engine.trace(maxIter=options.trace_matvecs, tol=0.0)
+        passes = self.passes - passes
+        mean, stderr = mean_and_stderr(samples)
+        return TraceEstimate(mean, stderr, passes, "hutchinson"), op.provenance(
+            "pyhessian.trace", passes, start
         )
 
-    def density(self, matrix: str, seed: int) -> tuple[Density, Provenance]:
+    def _density(
+        self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
+    ) -> tuple[Density, Provenance]:
         """SLQ (``hessian.density``) nodes and weights, broadened on curvkit's grid."""
-        start = time.perf_counter()
-        steps = min(self.options.density_steps, self.problem.num_params)
-        with self._session(matrix, seed) as (engine, loader):
-            nodes, weights = engine.density(iter=steps, n_v=self.options.density_probes)
-            passes = loader.passes
+        start, passes = time.perf_counter(), self.passes
+        steps = min(options.density_steps, op.size)
+        with self._engine(matrix, param, seed) as engine:
+            nodes, weights = engine.density(iter=steps, n_v=options.density_probes)
+        passes = self.passes - passes
         result = broadened_density(
             torch.tensor(nodes, dtype=torch.float64),
             torch.tensor(weights, dtype=torch.float64),
             passes,
-            self.options.density_grid,
-            relative_sigma=self.options.density_relative_sigma,
+            options.density_grid,
+            relative_sigma=options.density_relative_sigma,
         )
-        return result, self._provenance("pyhessian.density", matrix, passes, start, note=EIG_NOTE)
+        return result, op.provenance("pyhessian.density", passes, start, note=EIG_NOTE)

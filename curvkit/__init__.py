@@ -9,9 +9,9 @@ curvature libraries (torch.func, BackPACK, PyHessian, curvlinops).
 __version__ = "0.1.0"
 
 from curvkit.analysis import analyze  # noqa: E402
-from curvkit.backend import Backend, Options, Provenance  # noqa: E402
-from curvkit.bench import bench  # noqa: E402
-from curvkit.compare import assert_backends_agree, compare  # noqa: E402
+from curvkit.backend import Backend  # noqa: E402
+from curvkit.benchmark import bench  # noqa: E402
+from curvkit.comparison import assert_backends_agree, compare  # noqa: E402
 from curvkit.errors import (  # noqa: E402
     BackendNotFoundError,
     CurvkitError,
@@ -19,10 +19,11 @@ from curvkit.errors import (  # noqa: E402
     MissingDependencyError,
     UnsupportedError,
 )
+from curvkit.linalg import Operator, Options  # noqa: E402
 from curvkit.problem import Problem, model_guard  # noqa: E402
 from curvkit.quantities.layerwise import layer_trace_penalty  # noqa: E402
 from curvkit.registry import backends, get_backend  # noqa: E402
-from curvkit.report import Report  # noqa: E402
+from curvkit.report import Provenance, Report  # noqa: E402
 
 __all__ = [
     "Backend",
@@ -30,6 +31,7 @@ __all__ = [
     "CurvkitError",
     "InvalidInputError",
     "MissingDependencyError",
+    "Operator",
     "Options",
     "Problem",
     "Provenance",

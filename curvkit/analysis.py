@@ -13,16 +13,26 @@ import torch
 from torch import nn
 
 from curvkit import __version__
-from curvkit.backend import MATRICES, Options
+from curvkit.backend import MATRICES
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, current_group, rank
 from curvkit.errors import InvalidInputError, UnsupportedError
+from curvkit.linalg import Options
 from curvkit.problem import Problem, fingerprint, model_guard
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
-from curvkit.registry import backends, get_backend
+from curvkit.registry import backends, get_backend, providers
 from curvkit.report import QUANTITIES, ModelInfo, Report
+
+# the primitives each quantity needs from a backend (capabilities)
+NEEDS = {
+    "hessian": ("hvp",),
+    "ggn": ("ggnvp",),
+    "residual": ("hvp", "ggnvp"),
+    "classmeans": ("class_deltas", "hvp", "ggnvp"),
+    "layerwise": ("kronecker_factors", "hvp", "ggnvp"),
+}
 
 
 def make_options(
@@ -153,9 +163,21 @@ def analyze(
                 raise
             report.skipped = dict.fromkeys(names, str(error))
             return report
-        for name in names:
+        per_quantity = {name: make_options(options, progress, name) for name in names}
+        for name in names:  # every request checked before anything is computed
+            engine.configure(per_quantity[name])
+            missing = [n for n in NEEDS[name] if n not in backend_cls.capabilities]
+            if missing:
+                error = UnsupportedError(
+                    f"backend {backend!r} does not provide {', '.join(missing)}, which {name} "
+                    f"needs; use one of {', '.join(providers(missing)) or 'no installed backend'}."
+                )
+                if not skip_unsupported:
+                    raise error
+                report.skipped[name] = str(error)
+        for name in [n for n in names if n not in report.skipped]:
             start = time.perf_counter()
-            engine.options = make_options(options, progress, name)
+            engine.configure(per_quantity[name])
             try:
                 if name in MATRICES:
                     result = spectrum(engine, name, k, seed)

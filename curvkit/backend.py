@@ -1,44 +1,44 @@
-"""The Backend base class: primitives over the whole data set, plus overridable routines.
+"""The Backend base class: it owns the loop over the data; adapters supply their library's part.
 
-A backend adapter is thin. It implements the primitives its library computes (``hvp``,
-``ggnvp``, ``class_deltas``, ``kronecker_factors``) on flat parameter vectors, normalised to the
-data-set mean ``(1/N) Σ_i``. The routines (``top_eigen``, ``trace``, ``density``) default to
-curvkit's own matrix-free numerics on those matvecs; a backend whose library has its own routine
-overrides them and says so in the returned provenance.
+An adapter whose library works on one batch supplies batch sums over the batch's examples:
+
+- ``batch_hvp(x, y, V, param)`` and ``batch_ggnvp(x, y, V, param)``: ``Σ_i ∇²ℓ_i V`` and
+  ``Σ_i J_iᵀ H_i J_i V`` for a block V of k flat columns, with respect to every selected
+  parameter (``param=None``) or to the one named ``param`` (its diagonal block);
+- ``batch_class_deltas(x, y)``: Papyan's per-example factors ``δ_{i,c'}`` as (B, C, P);
+- ``batch_kronecker(x, y)``: per layer, ``Σ_i M_i`` and ``Σ_i A_i`` (see KroneckerFactors).
+
+The base class iterates the batches, divides by N, sums over the ranks under torch.distributed
+and counts data passes. An adapter whose library loops over the data itself (PyHessian, curvlinops'
+operators) overrides the whole-data methods (``hvp``, ``ggnvp``, ``kronecker_factors``)
+instead. ``operator(matrix, param)`` wraps the products as a linear operator for the routines
+(``curvkit.linalg.operator``), with the library's own routines attached by
+``native_routines``. Capabilities are declared: a ``class_deltas`` capability of ``"native"``
+means per-example factors, ``"derived"`` weighted gradient passes on the adapter's model copy.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.metadata
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from curvkit.distributed import all_reduce_float
-from curvkit.errors import InvalidInputError, UnsupportedError
-from curvkit.linalg import Density, EigenResult, TraceEstimate, estimate_trace, lanczos, slq_density
+from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
+from curvkit.linalg.operator import Operator, Options
 from curvkit.problem import Problem
+from curvkit.report import Provenance
 
-PRIMITIVES = ("hvp", "ggnvp", "class_deltas", "kronecker_factors")
 MATRICES = ("hessian", "ggn", "residual")
-
-
-@dataclass
-class Provenance:
-    """Where a number came from: backend, routine, matvecs used, wall time, derived or native."""
-
-    backend: str
-    routine: str
-    matvecs: int = 0
-    seconds: float = 0.0
-    derived: bool = False
-    note: str = ""
 
 
 @dataclass
@@ -54,18 +54,6 @@ class ClassDeltas:
     counts: Tensor
     square_norm_sum: float | None
     provenance: Provenance
-
-    def all_reduced(self, problem: Problem) -> ClassDeltas:
-        """The sums over every rank's shard (``self`` without a process group)."""
-        if problem.group is None:
-            return self
-        norms = self.square_norm_sum
-        return ClassDeltas(
-            problem.all_reduce(self.sums),
-            problem.all_reduce(self.counts),
-            None if norms is None else all_reduce_float(norms, problem.group),
-            self.provenance,
-        )
 
 
 @dataclass
@@ -84,70 +72,70 @@ class KroneckerFactors:
     A: Tensor
 
 
-@dataclass
-class Options:
-    """Settings of the matrix-free routines (curvkit's own and the backends' native ones)."""
-
-    lanczos_tol: float = 1e-6
-    lanczos_max_iter: int | None = None
-    trace_method: str = "hutch++"
-    trace_matvecs: int = 99
-    density_probes: int = 5
-    density_steps: int = 50
-    density_grid: int = 400
-    density_relative_sigma: float = 0.01
-    progress: bool = False
-    backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
-
-
 class Backend:
     """Base class of the curvkit backends.
 
     Subclasses set ``name``, ``library`` (the distribution whose version is reported),
-    ``extra`` (the pip extra that installs it) and ``capabilities``: for each primitive or routine
-    the backend provides, ``"native"`` (its library computes it) or ``"derived"`` (built from the
-    library's other primitives).
+    ``module`` (what to import to check that it is installed), ``extra`` (the pip extra that
+    installs it), ``capabilities`` (for each primitive or routine it provides, ``"native"`` or
+    ``"derived"``), and ``default_settings`` / ``choices`` for its own settings, given as
+    ``options.backend[name]`` (per quantity too: ``configure`` reads them again).
     """
 
     name: ClassVar[str] = ""
     library: ClassVar[str | None] = None
+    module: ClassVar[str | None] = None
     extra: ClassVar[str | None] = None
     capabilities: ClassVar[Mapping[str, str]] = {}
-    default_settings: ClassVar[Mapping[str, Any]] = {}  # options.backend[name] keys and defaults
+    default_settings: ClassVar[Mapping[str, Any]] = {}
+    choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
 
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
         self.problem = problem
-        self.options = options or Options()
-        self.config = self._read_settings()
+        self.passes = 0
+        self._working_copy: tuple[torch.nn.Module, list[Tensor]] | None = None
+        self.configure(options or Options())
 
-    def _read_settings(self) -> dict[str, Any]:
-        """This backend's own settings, ``options.backend[name]``, over ``defaults``.
-
-        Each value is converted to the type of its default; an unknown key is an error.
-        """
+    def configure(self, options: Options) -> None:
+        """Use ``options`` from now on; this backend's settings are validated and read anew."""
         defaults = self.default_settings
-        given = dict(self.options.backend.get(self.name) or {})
+        given = dict(options.backend.get(self.name) or {})
         unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise InvalidInputError(
                 f"unknown setting(s) {', '.join(unknown)} for backend {self.name!r}; its settings "
                 f"are {', '.join(sorted(defaults)) or 'none'}."
             )
-        merged = dict(defaults)
+        config = dict(defaults)
         for key, value in given.items():
             try:
-                merged[key] = type(defaults[key])(value)
+                config[key] = type(defaults[key])(value)
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(
                     f"setting {key!r} of backend {self.name!r} must be a "
                     f"{type(defaults[key]).__name__}, got {value!r}."
                 ) from error
-        return merged
+            allowed = self.choices.get(key)
+            if allowed is not None and config[key] not in allowed:
+                raise InvalidInputError(
+                    f"setting {key!r} of backend {self.name!r} must be one of "
+                    f"{', '.join(map(str, allowed))}, got {value!r}."
+                )
+        self.options, self.config = options, config
 
     # -- availability ---------------------------------------------------------------------------
     @classmethod
     def check_available(cls) -> None:
         """Raise MissingDependencyError when the backend's library cannot be imported."""
+        if cls.module is None:
+            return
+        try:
+            importlib.import_module(cls.module)
+        except ImportError as error:
+            raise MissingDependencyError(
+                f"backend {cls.name!r} needs {cls.library}; install it with "
+                f"pip install 'curvkit[{cls.extra}]'."
+            ) from error
 
     @classmethod
     def version(cls) -> str | None:
@@ -158,122 +146,178 @@ class Backend:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    # -- primitives -----------------------------------------------------------------------------
     def unsupported(self, what: str) -> UnsupportedError:
-        """The error for a primitive this backend lacks, naming the installed ones that have it."""
-        from curvkit.registry import backends
+        return UnsupportedError(
+            f"backend {self.name!r} does not provide {what}; `curvkit backends` lists the "
+            "backends that do."
+        )
 
-        providers = [
-            name
-            for name, row in backends().items()
-            if row["installed"] and what in row["capabilities"]
-        ]
-        hint = f"; use one of {', '.join(providers)}" if providers else ""
-        return UnsupportedError(f"backend {self.name!r} does not provide {what}{hint}.")
+    # -- the data loop ----------------------------------------------------------------------------
+    def data_pass(self, desc: str | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass over this rank's batches (counted; a progress bar when ``desc`` is given)."""
+        self.passes += 1
+        if desc is None:
+            yield from self.problem.batches()
+        else:
+            yield from self.problem.batches_with_progress(desc, self.options.progress)
 
-    def hvp(self, v: Tensor) -> Tensor:
-        """Hessian–vector product ``∇²L v`` of the data-set loss (flat vectors)."""
+    def data_mean(self, batch_sum: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``(1/N) Σ_batches batch_sum(x, y)`` over the whole data set (all ranks)."""
+        total: Tensor | None = None
+        for x, y in self.data_pass():
+            part = batch_sum(x, y)
+            total = part if total is None else total + part
+        assert total is not None  # Problem refuses empty data
+        return self.problem.all_reduce(total / self.problem.num_samples)
+
+    # -- per-batch primitives (sums over the batch's examples) ----------------------------------
+    def batch_hvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         raise self.unsupported("hvp")
 
-    def ggnvp(self, v: Tensor) -> Tensor:
-        """Gauss–Newton–vector product ``G v = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i v``."""
+    def batch_ggnvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         raise self.unsupported("ggnvp")
 
-    def class_deltas(self) -> ClassDeltas:
-        """Per-class sums of δ_{i,c'} over the data set (one pass)."""
+    def batch_class_deltas(self, x: Tensor, y: Tensor) -> Tensor:
         raise self.unsupported("class_deltas")
 
-    def kronecker_factors(self) -> dict[str, KroneckerFactors]:
-        """Kronecker factors of every supported layer's weight, keyed by module name."""
+    def batch_kronecker(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         raise self.unsupported("kronecker_factors")
 
-    def matvec(self, matrix: str) -> Callable[[Tensor], Tensor]:
-        """The matvec of ``hessian``, ``ggn`` or ``residual`` (= Hess − G)."""
-        if matrix == "hessian":
-            return self.hvp
-        if matrix == "ggn":
-            return self.ggnvp
-        if matrix == "residual":
-            return lambda v: self.hvp(v) - self.ggnvp(v)
-        raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")
+    # -- whole-data primitives ------------------------------------------------------------------
+    def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
+        """``∇²L v`` of the data-set loss for a flat vector or a (size, k) block of columns;
+        with ``param``, the product with that parameter's diagonal block."""
+        return self._columns(lambda V: self.data_mean(lambda x, y: self.batch_hvp(x, y, V, param)), v)
 
-    def block_matvec(self, matrix: str, name: str) -> Callable[[Tensor], Tensor]:
-        """``v ↦ (A (0, …, v, …, 0))_W``: the diagonal block of ``matrix`` for parameter ``name``.
+    def ggnvp(self, v: Tensor, param: str | None = None) -> Tensor:
+        """``G v = (1/N) Σ_i J_iᵀ H_i J_i v`` (H_i the loss's output Hessian), as ``hvp``."""
+        return self._columns(
+            lambda V: self.data_mean(lambda x, y: self.batch_ggnvp(x, y, V, param)), v
+        )
 
-        By default a slice of the full product (as costly as a full product); backends whose
-        library differentiates with respect to one parameter override this (``block_products``).
+    @staticmethod
+    def _columns(product: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+        """Apply a product on (size, k) blocks to a flat vector or to a block."""
+        return product(v) if v.dim() == 2 else product(v[:, None])[:, 0]
+
+    def class_deltas(self) -> ClassDeltas:
+        """Σ_{y_i=c} δ_{i,c'} over the data set in one pass: from per-example factors
+        (``batch_class_deltas``, with tr G exactly) or from weighted gradient passes."""
+        start = time.perf_counter()
+        c, p = self.problem.num_classes, self.problem.num_params
+        if "class_deltas" not in self.capabilities:
+            raise self.unsupported("class_deltas")
+        per_example = self.capabilities["class_deltas"] == "native"
+        if per_example:
+            self.check_batch_memory(f"{self.name}'s per-example factors", 2 * c * p)
+        sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
+        counts = torch.zeros(c, dtype=torch.long, device=self.problem.device)
+        square_norms: list[float] = []
+        for x, y in self.data_pass("class sums"):
+            counts += torch.bincount(y, minlength=c)
+            if per_example:
+                deltas = self.batch_class_deltas(x, y)
+                sums.index_add_(0, y, deltas)
+                square_norms.append(float((deltas**2).sum()))
+            else:
+                self._add_class_sums_by_gradients(x, y, sums)
+        routine = "per-example factors" if per_example else "weighted gradient passes"
+        provenance = Provenance(
+            self.name, routine, seconds=time.perf_counter() - start, derived=not per_example
+        )
+        group = self.problem.group
+        return ClassDeltas(
+            self.problem.all_reduce(sums),
+            self.problem.all_reduce(counts).cpu(),
+            all_reduce_float(math.fsum(square_norms), group) if per_example else None,
+            provenance,
+        )
+
+    def _add_class_sums_by_gradients(self, x: Tensor, y: Tensor, sums: Tensor) -> None:
+        """Add Σ_{i in batch, y_i=c} δ_{i,c'} to ``sums[c, c']`` without per-example factors.
+
+        ``δ_{i,c'} = J_iᵀ S_i[:, c']`` (S the loss's square-root output Hessian), so the group sum
+        is one vector–Jacobian product of the class's logits with S's column c' held constant:
+        C backward passes per class and batch, on the adapter's model copy.
         """
-        where = self.problem.slice_of(name)
-        full = self.matvec(matrix)
+        model, params = self.working_copy()
+        loss = self.problem.loss
+        for label in y.unique().tolist():
+            logits = model(x[y == label])
+            sqrt_h = loss.sqrt_output_hessian(logits.detach())
+            for other in range(sqrt_h.shape[2]):
+                grads = torch.autograd.grad(
+                    logits, params, sqrt_h[:, :, other], retain_graph=other < sqrt_h.shape[2] - 1
+                )
+                sums[label, other] += self.problem.flatten(grads)
 
-        def apply(v: Tensor) -> Tensor:
-            embedded = self.zeros()
-            embedded[where] = v
-            return full(embedded)[where]
+    def kronecker_factors(self) -> dict[str, KroneckerFactors]:
+        """Kronecker factors of every selected Linear / Conv2d weight, keyed by module name."""
+        sums: dict[str, list[Tensor]] = {}
+        for x, y in self.data_pass("Kronecker"):
+            for name, (b, a) in self.batch_kronecker(x, y).items():
+                if name in sums:
+                    sums[name][0] += b
+                    sums[name][1] += a
+                else:
+                    sums[name] = [b.detach().clone(), a.detach().clone()]
+        n, reduce = self.problem.num_samples, self.problem.all_reduce
+        return {name: KroneckerFactors(reduce(b / n), reduce(a / n)) for name, (b, a) in sums.items()}
 
-        return apply
+    # -- operators ------------------------------------------------------------------------------
+    def operator(self, matrix: str, param: str | None = None) -> Operator:
+        """``hessian``, ``ggn`` or ``residual`` (= Hess − G) as a linear operator, over every
+        selected parameter or over ``param``'s diagonal block, with the native routines."""
+        if matrix == "residual":
+            op = self.operator("hessian", param).minus(self.operator("ggn", param))
+        elif matrix in ("hessian", "ggn"):
+            product = self.hvp if matrix == "hessian" else self.ggnvp
+            primitive = "hvp" if matrix == "hessian" else "ggnvp"
+            op = Operator(
+                self.problem.size_of(param),
+                lambda V: product(V, param),
+                self.problem.dtype,
+                self.problem.device,
+                backend=self.name,
+                derived=self.capabilities.get(primitive) == "derived",
+            )
+        else:
+            raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")
+        op.native = self.native_routines(matrix, param, op)
+        return op
 
-    def matvecs_per_product(self, matrix: str) -> int:
-        return 2 if matrix == "residual" else 1
+    def native_routines(
+        self, matrix: str, param: str | None, op: Operator
+    ) -> dict[str, Callable[..., Any]]:
+        """The library's own routines for ``op`` (see Operator.native); none by default."""
+        return {}
 
-    # -- routines (curvkit's defaults; native libraries override) -------------------------------
-    def _numerics_kwargs(self) -> dict[str, Any]:
-        return {"dtype": self.problem.dtype, "device": self.problem.device}
+    # -- helpers for adapters ---------------------------------------------------------------------
+    def model_copy(self) -> tuple[torch.nn.Module, list[Tensor]]:
+        """A deep copy of the model in eval mode, only the selected parameters requiring
+        gradients, and those parameters in the order of ``problem.names`` (for libraries that
+        change or hook the model they work on)."""
+        model = copy.deepcopy(self.problem.model).eval()
+        named = dict(model.named_parameters())
+        selected = set(self.problem.names)
+        for n, p in named.items():
+            p.requires_grad_(n in selected)
+        return model, [named[n] for n in self.problem.names]
 
-    def top_eigen(self, matrix: str, k: int, seed: int) -> tuple[EigenResult, Provenance]:
-        start = time.perf_counter()
-        result = lanczos(
-            self.matvec(matrix),
-            self.problem.num_params,
-            k,
-            tol=self.options.lanczos_tol,
-            max_iter=self.options.lanczos_max_iter,
-            seed=seed,
-            progress=self.options.progress,
-            **self._numerics_kwargs(),
-        )
-        return result, self._provenance("curvkit.lanczos", matrix, result.matvecs, start)
+    def working_copy(self) -> tuple[torch.nn.Module, list[Tensor]]:
+        """One ``model_copy`` kept for this backend's lifetime."""
+        if self._working_copy is None:
+            self._working_copy = self.model_copy()
+        return self._working_copy
 
-    def trace(self, matrix: str, seed: int) -> tuple[TraceEstimate, Provenance]:
-        start = time.perf_counter()
-        result = estimate_trace(
-            self.matvec(matrix),
-            self.problem.num_params,
-            self.options.trace_matvecs,
-            method=self.options.trace_method,
-            seed=seed,
-            **self._numerics_kwargs(),
-        )
-        return result, self._provenance(f"curvkit.{result.method}", matrix, result.matvecs, start)
-
-    def density(self, matrix: str, seed: int) -> tuple[Density, Provenance]:
-        start = time.perf_counter()
-        result = slq_density(
-            self.matvec(matrix),
-            self.problem.num_params,
-            num_probes=self.options.density_probes,
-            num_steps=self.options.density_steps,
-            grid_size=self.options.density_grid,
-            relative_sigma=self.options.density_relative_sigma,
-            seed=seed,
-            progress=self.options.progress,
-            **self._numerics_kwargs(),
-        )
-        return result, self._provenance("curvkit.slq", matrix, result.matvecs, start)
-
-    def _provenance(
-        self, routine: str, matrix: str, products: int, start: float, note: str = ""
-    ) -> Provenance:
-        needs = {"hessian": ("hvp",), "ggn": ("ggnvp",), "residual": ("hvp", "ggnvp")}[matrix]
-        derived = any(self.capabilities.get(p) == "derived" for p in needs)
-        return Provenance(
-            backend=self.name,
-            routine=routine,
-            matvecs=products * self.matvecs_per_product(matrix),
-            seconds=time.perf_counter() - start,
-            derived=derived,
-            note=note,
-        )
+    @staticmethod
+    def clean(params: list[Tensor], attributes: tuple[str, ...] = ()) -> None:
+        """Remove what a library left on parameters: ``.grad`` and the named attributes."""
+        for p in params:
+            p.grad = None
+            for attribute in attributes:
+                if hasattr(p, attribute):
+                    delattr(p, attribute)
 
     def check_batch_memory(self, what: str, floats_per_example: int) -> None:
         """Refuse, before allocating, a per-batch tensor that would not fit in free memory.
@@ -293,23 +337,6 @@ class Backend:
                 "(pyhessian, curvlinops), which hold only C × C × P numbers."
             )
 
-    def model_copy(self) -> tuple[torch.nn.Module, list[Tensor]]:
-        """A deep copy of the model in eval mode, only the selected parameters requiring
-        gradients, and those parameters in the order of ``problem.names`` (for libraries that
-        change or hook the model they work on)."""
-        model = copy.deepcopy(self.problem.model).eval()
-        named = dict(model.named_parameters())
-        selected = set(self.problem.names)
-        for n, p in named.items():
-            p.requires_grad_(n in selected)
-        return model, [named[n] for n in self.problem.names]
-
-    # -- helpers for adapters ---------------------------------------------------------------------
-    def zeros(self) -> Tensor:
-        return torch.zeros(
-            self.problem.num_params, dtype=self.problem.dtype, device=self.problem.device
-        )
-
 
 def free_memory(device: torch.device) -> int | None:
     """Free memory in bytes on ``device`` (CPU: Linux's available pages), or None if unknown."""
@@ -322,104 +349,10 @@ def free_memory(device: torch.device) -> int | None:
 
 
 class CountingBatches:
-    """The problem's batches as a re-iterable for libraries that take a loader, counting passes."""
+    """The backend's data passes as a re-iterable, for libraries that take a loader."""
 
-    def __init__(self, problem: Problem) -> None:
-        self.problem = problem
-        self.passes = 0
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self.passes += 1
-        return self.problem.batches()
-
-
-def kronecker_layers(problem: Problem) -> list[str]:
-    """Names of the Linear and Conv2d modules whose weight is among the selected parameters."""
-    selected = set(problem.names)
-    return [
-        name
-        for name, m in problem.model.named_modules()
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and f"{name}.weight" in selected
-    ]
-
-
-def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
-    """(n, m) of a layer's weight as a matrix: out features × (in features · kernel size)."""
-    weight = module.weight
-    return weight.shape[0], weight[0].numel()
-
-
-def output_positions(model: torch.nn.Module, names: list[str], x: Tensor) -> dict[str, int]:
-    """Output positions T per layer (1 for Linear, H·W for Conv2d) from one example's forward
-    pass through ``model`` (the adapter's copy: the hooks are removed afterwards); no pass
-    without a Conv2d."""
-    modules = dict(model.named_modules())
-    if not any(isinstance(modules[n], torch.nn.Conv2d) for n in names):
-        return dict.fromkeys(names, 1)
-    positions: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(_module: torch.nn.Module, _args: Any, output: Tensor) -> None:
-            positions[name] = output[0, 0].numel()
-
-        return hook
-
-    handles = [modules[n].register_forward_hook(record(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: positions[n] if isinstance(modules[n], torch.nn.Conv2d) else 1 for n in names}
-
-
-def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
-    """A layer's input as (batch, m, positions): Linear inputs as one position, Conv2d unfolded."""
-    if isinstance(module, torch.nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
-            raise UnsupportedError(
-                f"Kronecker factors of Conv2d need groups=1 and zero padding, got groups="
-                f"{module.groups}, padding_mode={module.padding_mode!r}."
-            )
-        return torch.nn.functional.unfold(
-            inputs, module.kernel_size, module.dilation, module.padding, module.stride
-        )
-    return inputs.reshape(inputs.shape[0], -1, 1)
-
-
-def class_deltas_by_gradient_passes(
-    problem: Problem,
-    model: torch.nn.Module,
-    params: list[Tensor],
-    backend: str,
-    progress: bool = False,
-) -> ClassDeltas:
-    """Σ_{y_i=c} δ_{i,c'} from weighted gradient passes, for libraries without per-example factors.
-
-    Since ``δ_{i,c'} = −sqrt(p_{i,c'}) ∇ℓ(f(x_i), c')``, the group sum for (c, c') is minus the
-    gradient of ``Σ_{y_i=c} sqrt(p_{i,c'}) ℓ(f(x_i), c')`` with the weights held constant: C
-    backward passes per class and batch (about C full backward passes over the data in all).
-    ``params`` are the tensors of ``model`` in the order of ``problem.names``.
-    """
-    start = time.perf_counter()
-    c, p = problem.num_classes, problem.num_params
-    sums = torch.zeros(c, c, p, dtype=problem.dtype, device=problem.device)
-    counts = torch.zeros(c, dtype=torch.long)
-    for x, y in problem.batches_with_progress("class sums", progress):
-        counts += torch.bincount(y.cpu(), minlength=c)
-        for label in y.unique().tolist():
-            logits = model(x[y == label])
-            weights = torch.softmax(logits.detach(), dim=1).sqrt()
-            log_probs = torch.log_softmax(logits, dim=1)  # ℓ(f, c') = −log p_{c'}
-            for other in range(c):
-                weighted = (weights[:, other] * log_probs[:, other]).sum()  # = −Σ w ℓ
-                grads = torch.autograd.grad(weighted, params, retain_graph=other < c - 1)
-                sums[label, other] += problem.flatten(grads)
-    provenance = Provenance(
-        backend,
-        "autograd weighted gradient passes",
-        seconds=time.perf_counter() - start,
-        derived=True,
-    )
-    return ClassDeltas(sums, counts, None, provenance).all_reduced(problem)
+        return self.backend.data_pass()

@@ -247,7 +247,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace, config: dict) -> int:
-    from curvkit.bench import bench
+    from curvkit.benchmark import bench
 
     if args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}.")
@@ -277,7 +277,7 @@ def _bench(args: argparse.Namespace, config: dict) -> int:
 
 
 def _compare(args: argparse.Namespace, config: dict) -> int:
-    from curvkit.compare import compare
+    from curvkit.comparison import compare
 
     model, data = _problem(args, config)
     comparison = compare(

@@ -18,7 +18,7 @@ from curvkit.report import Report
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from curvkit.bench import BenchResult
+    from curvkit.benchmark import BenchResult
 
 COLOURS = {"hessian": "tab:blue", "ggn": "tab:orange", "residual": "tab:green"}
 LABELS = {"hessian": "Hessian", "ggn": "Gauss–Newton G", "residual": "H = Hess − G"}

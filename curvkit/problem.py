@@ -24,10 +24,9 @@ from curvkit.distributed import (
     check_loader,
     current_group,
 )
-from curvkit.errors import CurvkitError, InvalidInputError, UnsupportedError
+from curvkit.errors import CurvkitError, InvalidInputError
+from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
-
-LOSSES = ("cross_entropy",)
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,28 @@ class DataSummary:
     counts: tuple[int, ...]
     num_batches: int
     max_batch: int
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What identifies one pass over this rank's data: example and class counts, and the sums of
+    the inputs and of their squares (float64; the same in any order up to rounding)."""
+
+    num_samples: int
+    counts: tuple[int, ...]
+    input_sum: float
+    input_square_sum: float
+
+    def matches(self, other: PassRecord) -> bool:
+        def close(a: float, b: float) -> bool:
+            return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-300)
+
+        return (
+            self.num_samples == other.num_samples
+            and self.counts == other.counts
+            and close(self.input_sum, other.input_sum)
+            and close(self.input_square_sum, other.input_square_sum)
+        )
 
 
 class Problem:
@@ -63,10 +84,7 @@ class Problem:
         group: Group = None,
     ) -> None:
         check_module(model)
-        if loss not in LOSSES:
-            raise UnsupportedError(
-                f"loss {loss!r} is not supported; use one of {', '.join(LOSSES)}."
-            )
+        self.loss = make_loss(loss)
         if not isinstance(data, Iterable) or isinstance(data, (Tensor, str, bytes)):
             raise InvalidInputError(
                 f"data must be an iterable of (inputs, labels) batches such as a DataLoader, got {type(data).__name__}."
@@ -81,7 +99,7 @@ class Problem:
             check_loader(data)
         self.model = model
         self.data = data
-        self.loss = loss
+        self.first_pass: PassRecord | None = None
         self.names, self.params = _select_params(model, params)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
@@ -102,15 +120,19 @@ class Problem:
         """Yield the data's batches on the model's device, floating inputs in the model's dtype.
 
         An exception raised by the user's loader becomes an InvalidInputError naming the batch
-        (KeyboardInterrupt and other BaseExceptions pass through).
+        (KeyboardInterrupt and other BaseExceptions pass through). A complete pass whose
+        examples differ from the first pass's (see PassRecord) is an InvalidInputError: every
+        number assumes the same data on every pass.
         """
         iterator = iter(self.data)
         index = 0
+        counts = torch.zeros(0, dtype=torch.long, device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         while True:
             try:
                 batch = next(iterator)
             except StopIteration:
-                return
+                break
             except CurvkitError:
                 raise
             except Exception as error:
@@ -118,8 +140,37 @@ class Problem:
                     f"the data raised {type(error).__name__} when asked for batch {index} "
                     f"({error}); fix the loader."
                 ) from error
-            yield self._prepare(batch, index)
+            x, y = self._prepare(batch, index)
+            batch_counts = torch.bincount(y)
+            if batch_counts.numel() > counts.numel():
+                counts = nn.functional.pad(counts, (0, batch_counts.numel() - counts.numel()))
+            counts[: batch_counts.numel()] += batch_counts
+            values = x.detach() if x.is_floating_point() else x.double()
+            sums += torch.stack(
+                [values.sum(dtype=torch.float64), values.square().sum(dtype=torch.float64)]
+            )
+            yield x, y
             index += 1
+        counts_list = counts.tolist()
+        self._check_pass(PassRecord(sum(counts_list), tuple(counts_list), *sums.tolist()))
+
+    def _check_pass(self, record: PassRecord) -> None:
+        if self.first_pass is None:
+            self.first_pass = record
+            return
+        first = self.first_pass
+        if not first.matches(record):
+            change = (
+                f"{first.num_samples} examples on the first pass, {record.num_samples} on this one"
+                if first.num_samples != record.num_samples
+                else "the same number of examples but different "
+                + ("labels" if first.counts != record.counts else "inputs")
+            )
+            raise InvalidInputError(
+                f"the data changed between passes ({change}); give curvkit data that yields the "
+                "same examples on every pass: no random augmentation, no shuffling with "
+                "drop_last, no stream."
+            )
 
     def batches_with_progress(self, desc: str, enabled: bool) -> Iterator[tuple[Tensor, Tensor]]:
         """``batches()`` with a progress bar on stderr (for the long one-off passes)."""
@@ -150,6 +201,11 @@ class Problem:
                 f"batch {index} has inputs of shape {tuple(x.shape)} and labels of shape "
                 f"{tuple(y.shape)}; labels must be one integer per example, matching the inputs' "
                 "first dimension."
+            )
+        if y.numel() and int(y.min()) < 0:
+            raise InvalidInputError(
+                f"labels in batch {index} include {int(y.min())}; labels must be class indices "
+                "0, 1, …, C − 1."
             )
         if x.dtype.is_floating_point:
             x = x.to(device=self.device, dtype=self.dtype)
@@ -253,11 +309,6 @@ class Problem:
         counts_tuple = tuple(int(c) for c in counts) if counts is not None else ()
         return DataSummary(num_samples, num_classes, counts_tuple, index + 1, max_batch)
 
-    # -- loss -----------------------------------------------------------------------------------
-    def loss_sum(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Σ over the batch of ℓ(f(x_i), y_i); divide by N for the data-set loss."""
-        return nn.functional.cross_entropy(logits, labels, reduction="sum")
-
     # -- flat vectors ---------------------------------------------------------------------------
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors into one flat vector (the order of ``names``)."""
@@ -274,6 +325,31 @@ class Problem:
 
     def named(self, vector: Tensor) -> dict[str, Tensor]:
         return dict(zip(self.names, self.unflatten(vector)))
+
+    def selected(self, param: str | None = None) -> list[str]:
+        """The names differentiated: all selected parameters, or the one named ``param``."""
+        if param is None:
+            return self.names
+        self.slice_of(param)  # an unknown name is an error
+        return [param]
+
+    def size_of(self, param: str | None = None) -> int:
+        """The length of a flat vector over all parameters or over ``param`` alone."""
+        if param is None:
+            return self.num_params
+        where = self.slice_of(param)
+        return where.stop - where.start
+
+    def split_columns(self, matrix: Tensor, param: str | None = None) -> dict[str, Tensor]:
+        """A (size, k) block of flat column vectors as {name: (k, *shape)} per parameter."""
+        names = self.selected(param)
+        shapes = [self.shapes[self.names.index(n)] for n in names]
+        parts = torch.split(matrix.T, [s.numel() for s in shapes], dim=1)
+        return {n: part.reshape(-1, *s) for n, part, s in zip(names, parts, shapes)}
+
+    def join_columns(self, parts: Sequence[Tensor]) -> Tensor:
+        """The inverse of ``split_columns``: per-parameter (k, *shape) tensors to (size, k)."""
+        return torch.cat([t.reshape(t.shape[0], -1) for t in parts], dim=1).T
 
     def slice_of(self, name: str) -> slice:
         """Where parameter ``name`` sits in a flat vector."""

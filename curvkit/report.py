@@ -18,10 +18,21 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from curvkit.backend import Provenance
 from curvkit.errors import InvalidInputError
 
 QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
+
+
+@dataclass
+class Provenance:
+    """Where a number came from: backend, routine, matvecs used, wall time, derived or native."""
+
+    backend: str
+    routine: str
+    matvecs: int = 0
+    seconds: float = 0.0
+    derived: bool = False
+    note: str = ""
 
 
 @dataclass

@@ -4,6 +4,6 @@
 >>> assert_backends_agree(model, loader, ["torchfunc", "backpack"])        # doctest: +SKIP
 """
 
-from curvkit.compare import assert_backends_agree
+from curvkit.comparison import assert_backends_agree
 
 __all__ = ["assert_backends_agree"]

@@ -1,20 +1,75 @@
-"""Shared test problems: a trained digits MLP (float64, P = 2410) on a 300-example subset
-with an unequal last batch (128 + 128 + 44), and its dense references.
+"""Shared test problems and the one list of backends.
 
-The MLP uses tanh, not ReLU: in a ReLU network each layer's own block of H = Hess − G vanishes,
-so tr H = 0 and every trace test of H would compare zeros."""
+Test cases: a trained digits MLP (float64, P = 2410) on a 300-example subset with an unequal last
+batch (128 + 128 + 44), and a trained digits CNN (P = 1030, 100 examples in batches of 64 + 36),
+each with dense float64 references built by ``tests/reference.py``. The MLP uses tanh, not ReLU:
+in a ReLU network each layer's own block of H = Hess − G vanishes, so tr H = 0 and every trace
+test of H would compare zeros.
+
+Backends: every registered one plus the minimal per-batch adapter of ``tests/minimal_backend.py``;
+``backend_params(*needs)`` lists those that declare the capabilities a test needs, each skipped
+with the reason when its library is not installed.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 import textwrap
 
 import pytest
 from torch import nn
 
+from curvkit.backend import Backend
 from curvkit.datasets import digits_loader
+from curvkit.errors import MissingDependencyError
+from curvkit.linalg import Options
 from curvkit.models import digits_cnn, digits_mlp, train
+from curvkit.problem import Problem
+from curvkit.registry import GROUP
 from tests import reference
+from tests.minimal_backend import MinimalBackend
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of a registered backend (or the minimal test adapter), installed or not."""
+    if name == MinimalBackend.name:
+        return MinimalBackend
+    (point,) = importlib.metadata.entry_points(group=GROUP, name=name)
+    return point.load()
+
+
+BACKENDS = sorted(ep.name for ep in importlib.metadata.entry_points(group=GROUP))
+
+
+def backend_params(*needs: str, minimal: bool = True) -> list:
+    """The backends declaring every capability in ``needs``, as pytest params (skipped with the
+    reason when the library is missing)."""
+    params = []
+    for name in BACKENDS + ([MinimalBackend.name] if minimal else []):
+        cls = backend_class(name)
+        if not all(need in cls.capabilities for need in needs):
+            continue
+        try:
+            cls.check_available()
+            marks = ()
+        except MissingDependencyError as error:
+            marks = pytest.mark.skip(reason=str(error))
+        params.append(pytest.param(name, marks=marks))
+    return params
+
+
+def requires(name: str) -> pytest.MarkDecorator:
+    """A mark that skips a test, with the reason, when backend ``name``'s library is missing."""
+    try:
+        backend_class(name).check_available()
+    except MissingDependencyError as error:
+        return pytest.mark.skip(reason=str(error))
+    return pytest.mark.skipif(False, reason=f"{name} is installed")
+
+
+def make_backend(name: str, model: nn.Module, data, options: Options | None = None) -> Backend:
+    return backend_class(name)(Problem(model, data), options)
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +106,32 @@ def dense_mlp(digits_problem):
         "deltas": reference.papyan_deltas(model, x),
         "labels": y,
     }
+
+
+@pytest.fixture(scope="session")
+def dense_cnn(cnn_problem):
+    model, loader = cnn_problem
+    x, y = reference.all_data(loader)
+    return {
+        "hessian": reference.dense_hessian(model, x, y),
+        "ggn": reference.dense_ggn(model, x),
+        "deltas": reference.papyan_deltas(model, x),
+        "labels": y,
+    }
+
+
+@pytest.fixture(scope="session", params=["mlp", "cnn"])
+def case(request):
+    """(model, loader, dense references) of each test case, with the Kronecker references."""
+    problem, dense = {"mlp": ("digits_problem", "dense_mlp"), "cnn": ("cnn_problem", "dense_cnn")}[
+        request.param
+    ]
+    model, loader = request.getfixturevalue(problem)
+    dense = dict(request.getfixturevalue(dense))
+    x, _ = reference.all_data(loader)
+    dense["kronecker"] = reference.kronecker_factors(model, x)
+    dense["weights"] = reference.weight_slices(model)
+    return model, loader, dense
 
 
 @pytest.fixture

@@ -71,6 +71,47 @@ def dense_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ncp,ncd,ndq->pq", jac, h, jac) / x.shape[0]
 
 
+def kronecker_factors(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """B and A of every Linear / Conv2d layer straight from the definitions: B is the bias's block
+    of the dense G, A the mean over examples and output positions of the (unfolded) inputs'
+    outer products, read off forward hooks."""
+    names, shapes, _ = flat_params(model)
+    offsets = dict(zip(names, torch.tensor([0] + [s.numel() for s in shapes]).cumsum(0).tolist()))
+    ggn = dense_ggn(model, x)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    inputs = {}
+    handles = [
+        m.register_forward_hook(lambda _m, args, _out, n=n: inputs.__setitem__(n, args[0]))
+        for n, m in layers.items()
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    factors = {}
+    for name, module in layers.items():
+        start = offsets[f"{name}.bias"]
+        b = ggn[start : start + module.bias.numel(), start : start + module.bias.numel()]
+        a = inputs[name]
+        if isinstance(module, nn.Conv2d):
+            a = nn.functional.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+        else:
+            a = a[:, :, None]
+        factors[name] = (b, torch.einsum("nit,njt->ij", a, a) / (a.shape[0] * a.shape[2]))
+    return factors
+
+
+def weight_slices(model: nn.Module) -> dict[str, slice]:
+    """Where each Linear / Conv2d layer's weight sits in the flat parameter vector."""
+    names, shapes, _ = flat_params(model)
+    slices, start = {}, 0
+    for n, s in zip(names, shapes):
+        if n.endswith(".weight"):
+            slices[n.removesuffix(".weight")] = slice(start, start + s.numel())
+        start += s.numel()
+    return slices
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b|: the worst mismatch relative to the reference's scale."""
     return float((a - b).abs().max() / b.abs().max())

@@ -1,10 +1,11 @@
-"""Every backend against the dense float64 torch.func references on the digits MLP (and the CNN
-for the backends with per-example factors).
+"""Every backend (and the minimal per-batch adapter) against the dense float64 references of
+each test case (tests/conftest.py): products, class sums, Kronecker factors, the layerwise
+quantity, and spectra end to end.
 
-Tolerances: products and class sums are exact computations, so 1e-8 relative (rounding only);
-top eigenvalues 1e-4 relative through Lanczos with curvkit's defaults (error ≤ residual ≈ 1e-6 ‖A‖)
-and through ARPACK (curvlinops, tol 1e-6 relative), 1e-3 through PyHessian's power iteration (its
-Rayleigh-quotient stopping rule).
+Tolerances: products, class sums and Kronecker factors are exact computations, so 1e-8 relative
+(rounding only); top eigenvalues 1e-4 relative through Lanczos with curvkit's defaults (error ≤
+residual ≈ 1e-6 ‖A‖) and through ARPACK (curvlinops, tol 1e-6 relative), 1e-3 through PyHessian's
+power iteration (its Rayleigh-quotient stopping rule); stochastic traces within 4 standard errors.
 """
 
 from __future__ import annotations
@@ -17,81 +18,149 @@ import torch
 
 import curvkit
 from curvkit.datasets import digits_loader
-from curvkit.problem import Problem, model_guard
-from curvkit.registry import get_backend
+from curvkit.linalg.operator import trace
+from curvkit.linalg.subspace import subspace_overlap
+from curvkit.problem import model_guard
+from curvkit.quantities.layerwise import kronecker_top, layerwise
 from tests import reference
+from tests.conftest import BACKENDS, backend_params, make_backend, requires
 
-BACKENDS = ["torchfunc", "backpack", "pyhessian", "curvlinops"]
 RTOL = 1e-8
-EIG_RTOL = {"torchfunc": 1e-4, "backpack": 1e-4, "pyhessian": 1e-3, "curvlinops": 1e-4}
+needs_backpack, needs_pyhessian = requires("backpack"), requires("pyhessian")
+EIG_RTOL = {"pyhessian": 1e-3}  # else 1e-4
 
 
-def make(name, model, loader):
-    return get_backend(name)(Problem(model, loader))
-
-
-@pytest.mark.parametrize("name", BACKENDS)
-def test_products_match_dense(name, digits_problem, dense_mlp):
-    model, loader = digits_problem
+@pytest.mark.parametrize("name", backend_params("hvp", "ggnvp"))
+def test_products_match_dense(name, case):
+    """Full, residual and block products, one vector and a block of three at once."""
+    model, loader, dense = case
+    hessian, ggn = dense["hessian"], dense["ggn"]
     with model_guard(model):
-        backend = make(name, model, loader)
-        v = torch.randn(backend.problem.num_params, dtype=torch.float64)
-        assert reference.rel_err(backend.hvp(v), dense_mlp["hessian"] @ v) < RTOL
-        assert reference.rel_err(backend.ggnvp(v), dense_mlp["ggn"] @ v) < RTOL
-        residual = backend.matvec("residual")(v)
-        assert reference.rel_err(residual, (dense_mlp["hessian"] - dense_mlp["ggn"]) @ v) < RTOL
+        backend = make_backend(name, model, loader)
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn(backend.problem.num_params, 3, generator=g, dtype=torch.float64)
+        assert reference.rel_err(backend.hvp(v[:, 0]), hessian @ v[:, 0]) < RTOL
+        assert reference.rel_err(backend.ggnvp(v), ggn @ v) < RTOL
+        residual = backend.operator("residual").matmat(v)
+        assert reference.rel_err(residual, (hessian - ggn) @ v) < RTOL
+        name_, where = next(reversed(dense["weights"].items()))
+        for matrix, full in (("hessian", hessian), ("ggn", ggn)):
+            block = backend.operator(matrix, f"{name_}.weight").matmat(v[where])
+            assert reference.rel_err(block, full[where, where] @ v[where]) < RTOL, matrix
+            assert not block.requires_grad
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_class_deltas_match_dense(name, digits_problem, dense_mlp):
-    model, loader = digits_problem
+@pytest.mark.parametrize("name", backend_params("class_deltas"))
+def test_class_deltas_match_dense(name, case):
+    model, loader, dense = case
     with model_guard(model):
-        deltas = make(name, model, loader).class_deltas()
-    d, y = dense_mlp["deltas"], dense_mlp["labels"]
+        deltas = make_backend(name, model, loader).class_deltas()
+    d, y = dense["deltas"], dense["labels"]
     expected = torch.stack([d[y == c].sum(0) for c in range(10)])
     assert reference.rel_err(deltas.sums, expected) < RTOL
-    assert deltas.counts.tolist() == [30] * 10
+    assert deltas.counts.tolist() == torch.bincount(y, minlength=10).tolist()
     if deltas.square_norm_sum is not None:
         assert deltas.square_norm_sum == pytest.approx(float((d**2).sum()), rel=RTOL)
+    assert deltas.provenance.derived == (deltas.square_norm_sum is None)
 
 
-@pytest.mark.parametrize("name", ["backpack"])
-def test_class_deltas_on_cnn(name, cnn_problem):
-    model, loader = cnn_problem
-    x, y = reference.all_data(loader)
-    d = reference.papyan_deltas(model, x)
+@pytest.mark.parametrize("name", backend_params("kronecker_factors"))
+def test_kronecker_factors_match_dense(name, case):
+    """B (the bias's block of G) and A (mean of the unfolded inputs' outer products): exact, 1e-8.
+    The CNN pins the convolution convention (B summed, A averaged over positions)."""
+    model, loader, dense = case
     with model_guard(model):
-        deltas = make(name, model, loader).class_deltas()
-    expected = torch.stack([d[y == c].sum(0) for c in range(10)])
-    assert reference.rel_err(deltas.sums, expected) < RTOL
+        factors = make_backend(name, model, loader).kronecker_factors()
+    assert factors.keys() == dense["kronecker"].keys()
+    for layer, (b, a) in dense["kronecker"].items():
+        assert reference.rel_err(factors[layer].B, b) < RTOL, layer
+        assert reference.rel_err(factors[layer].A, a) < RTOL, layer
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", backend_params("kronecker_factors", "hvp", "ggnvp"))
+def test_layerwise_matches_dense(name, case):
+    """Each layer's block: top eigenvalues (1e-4), trace (within 4 standard errors, or to
+    rounding when exact), Kronecker eigenvalues from the dense factors (1e-8), and the overlap
+    of B ⊗ A's top eigenvectors with the dense block's (the top-4 eigenvalues are separated by
+    ≥ 1 % here, so Lanczos' eigenvectors are accurate to ~1e-6; 1e-4 absolute)."""
+    model, loader, dense = case
+    options = curvkit.Options(trace_matvecs=30, density_probes=1, density_steps=10)
+    with model_guard(model):
+        layers = layerwise(make_backend(name, model, loader, options), top_k=4)
+    assert layers.keys() == dense["kronecker"].keys()
+    for layer, where in dense["weights"].items():
+        block = dense["hessian"][where, where]
+        values, vectors = torch.linalg.eigh(block)
+        got = layers[layer]
+        np.testing.assert_allclose(got.top_eigenvalues, values.flip(0)[:4], rtol=1e-4)
+        exact_trace = float(torch.trace(block))
+        assert abs(got.trace - exact_trace) <= 4 * got.trace_stderr + RTOL * abs(exact_trace)
+        b, a = dense["kronecker"][layer]
+        kron_values, kron_vectors = kronecker_top(b, a, 4)
+        np.testing.assert_allclose(got.kronecker["top_eigenvalues"], kron_values, rtol=RTOL)
+        expected = subspace_overlap(vectors[:, -4:], kron_vectors)
+        assert got.overlap["hessian"] == pytest.approx(expected, abs=1e-4), layer
+    assert sum(layer.closest_to_full for layer in layers.values()) == 1
+
+
+@pytest.mark.parametrize("name", backend_params("hvp", "ggnvp", minimal=False))
 def test_analyze_spectra_and_untouched_model(name, digits_problem, dense_mlp):
     model, loader = digits_problem
-    before = [p.detach().clone() for p in model.parameters()]
+    model = copy.deepcopy(model).train()  # the mode must come back, whatever the backend does
+    params, buffers = list(model.parameters()), list(model.buffers())
+    before = [p.detach().clone() for p in params]
     report = curvkit.analyze(
         model, loader, backend=name, quantities=["hessian", "ggn"], top_k=10, progress=False
     )
     for matrix in ("hessian", "ggn"):
         exact = np.linalg.eigvalsh(dense_mlp[matrix].numpy())[::-1][:10]
         s = getattr(report, matrix)
-        np.testing.assert_allclose(s.top_eigenvalues, exact, rtol=EIG_RTOL[name], err_msg=matrix)
-        trace = float(torch.trace(dense_mlp[matrix]))
+        rtol = EIG_RTOL.get(name, 1e-4)
+        np.testing.assert_allclose(s.top_eigenvalues, exact, rtol=rtol, err_msg=matrix)
+        exact_trace = float(torch.trace(dense_mlp[matrix]))
         # 4 standard errors of a stochastic estimate; an exact one (stderr 0) to rounding
-        assert abs(s.trace - trace) <= 4 * s.trace_stderr + RTOL * abs(trace), matrix
+        assert abs(s.trace - exact_trace) <= 4 * s.trace_stderr + RTOL * abs(exact_trace), matrix
         d = s.density
         assert np.trapezoid(d["values"], d["grid"]) == pytest.approx(1.0, abs=1e-3)
         assert s.provenance["top_eigenvalues"].backend == name
-    # the model is untouched and torch.func still works on it (BackPACK's extend would break it)
+    # the same objects, values, grads and mode; torch.func still works (BackPACK's extend would
+    # break it)
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    assert all(a is b for a, b in zip(buffers, model.buffers()))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and all(m.training for m in model.modules())
     x = loader.dataset[:4][0]
     torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(
         {n: p.detach() for n, p in model.named_parameters()}
     )
 
 
+def test_every_registered_backend_is_tested():
+    assert set(BACKENDS) == {"torchfunc", "backpack", "pyhessian", "curvlinops"}
+
+
+@needs_backpack
+def test_a_per_quantity_backend_setting_applies_to_that_quantity(digits_problem):
+    """``options={"ggn": {"backend": {...}}}`` reaches the backend for G only (it was once
+    read at construction and ignored)."""
+    model, loader = digits_problem
+    options = {"ggn": {"backend": {"backpack": {"ggn_trace": "mc", "mc_samples": 2}}}}
+    report = curvkit.analyze(
+        model,
+        loader,
+        backend="backpack",
+        quantities=["hessian", "ggn"],
+        top_k=2,
+        progress=False,
+        options={"density_probes": 1, "density_steps": 5, **options},
+    )
+    assert report.ggn.provenance["trace"].routine == "backpack.DiagGGNMC"
+    assert report.ggn.trace_stderr > 0
+    assert report.hessian.provenance["trace"].routine == "backpack.DiagHessian"
+
+
+@needs_pyhessian
 def test_pyhessian_routines_are_reported(digits_problem):
     model, loader = digits_problem
     report = curvkit.analyze(
@@ -104,17 +173,19 @@ def test_pyhessian_routines_are_reported(digits_problem):
     assert prov["top_eigenvalues"].derived  # G through the Gauss–Newton surrogate
 
 
+@needs_backpack
 def test_backpack_rejects_unsupported_layer(digits_problem):
     model = torch.nn.Sequential(
         torch.nn.Linear(64, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 10)
     ).double()
     _, loader = digits_problem
     with model_guard(model):
-        backend = make("backpack", model, loader)
+        backend = make_backend("backpack", model, loader)
         with pytest.raises(curvkit.UnsupportedError, match=r"1 \(LayerNorm\).*torchfunc"):
             backend.class_deltas()
 
 
+@needs_backpack
 @pytest.mark.parametrize("fixture", ["digits_problem", "cnn_problem"])
 def test_backpack_exact_traces(fixture, request):
     """DiagHessian / DiagGGNExact sums are exact: rounding only (1e-8)."""
@@ -123,9 +194,9 @@ def test_backpack_exact_traces(fixture, request):
     hessian, ggn = reference.dense_hessian(model, x, y), reference.dense_ggn(model, x)
     expected = {"hessian": hessian, "ggn": ggn, "residual": hessian - ggn}
     with model_guard(model):
-        backend = make("backpack", model, loader)
+        backend = make_backend("backpack", model, loader)
         for matrix, dense in expected.items():
-            estimate, provenance = backend.trace(matrix, seed=0)
+            estimate, provenance = trace(backend.operator(matrix), backend.options, 0)
             exact = float(torch.trace(dense))
             scale = float(torch.trace(hessian).abs())  # tr H = 0 for the ReLU CNN
             assert abs(estimate.value - exact) < RTOL * scale, matrix
@@ -134,9 +205,10 @@ def test_backpack_exact_traces(fixture, request):
 
 def backpack_with(model, loader, **settings):
     options = curvkit.Options(backend={"backpack": settings})
-    return get_backend("backpack")(Problem(model, loader), options)
+    return make_backend("backpack", model, loader, options)
 
 
+@needs_backpack
 def test_backpack_monte_carlo_options(digits_problem, dense_mlp):
     """KFAC's B and DiagGGNMC's trace are unbiased Monte-Carlo estimates of KFLR's B and tr G.
 
@@ -145,15 +217,16 @@ def test_backpack_monte_carlo_options(digits_problem, dense_mlp):
     """
     model, loader = digits_problem
     with model_guard(model):
-        exact = make("backpack", model, loader).kronecker_factors()
+        kflr = make_backend("backpack", model, loader).kronecker_factors()
         kfac = backpack_with(model, loader, kronecker="kfac", mc_samples=1000).kronecker_factors()
-        for name, factors in exact.items():
+        for name, factors in kflr.items():
             assert reference.rel_err(kfac[name].A, factors.A) < RTOL
             assert 1e-4 < reference.rel_err(kfac[name].B, factors.B) < 0.05
-        estimate, _ = backpack_with(model, loader, ggn_trace="mc", mc_samples=20).trace("ggn", 0)
-    trace = float(torch.trace(dense_mlp["ggn"]))
-    assert 0 < estimate.stderr < 0.2 * trace
-    assert abs(estimate.value - trace) < 4 * estimate.stderr
+        backend = backpack_with(model, loader, ggn_trace="mc", mc_samples=20)
+        estimate, _ = trace(backend.operator("ggn"), backend.options, 0)
+    exact = float(torch.trace(dense_mlp["ggn"]))
+    assert 0 < estimate.stderr < 0.2 * exact
+    assert abs(estimate.value - exact) < 4 * estimate.stderr
 
 
 @pytest.mark.parametrize(
@@ -164,13 +237,14 @@ def test_backpack_monte_carlo_options(digits_problem, dense_mlp):
         ({"samples": 3}, "unknown setting.*samples.*settings are ggn_trace, kronecker, mc_samples"),
     ],
 )
+@needs_backpack
 def test_backpack_rejects_bad_settings(settings, match, digits_problem):
     model, loader = digits_problem
     with pytest.raises(curvkit.InvalidInputError, match=match):
         backpack_with(model, loader, **settings)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", backend_params("hvp", minimal=False))
 def test_float32_models(name, digits_problem, dense_mlp):
     """A float32 copy of the model (and float32 data) against the float64 dense reference.
 
@@ -209,6 +283,7 @@ class ResidualMLP(torch.nn.Module):
         return self.head(h + self.act2(self.fc2(h)))
 
 
+@needs_backpack
 def test_backpack_converter_on_a_residual_network(digits_problem):
     """BackPACK's converter handles the skip connection for SqrtGGNExact and DiagGGNExact (both
     exact: 1e-8); its DiagHessian lacks the inserted SumModule, so the Hessian trace falls back to
@@ -218,23 +293,24 @@ def test_backpack_converter_on_a_residual_network(digits_problem):
     model = ResidualMLP().double()
     x, y = reference.all_data(loader)
     with model_guard(model):
-        backend = make("backpack", model, loader)
-        expected = make("torchfunc", model, loader).class_deltas().sums
+        backend = make_backend("backpack", model, loader)
+        expected = make_backend("torchfunc", model, loader).class_deltas().sums
         assert reference.rel_err(backend.class_deltas().sums, expected) < RTOL
-        ggn_trace, _ = backend.trace("ggn", seed=0)
+        ggn_trace, _ = trace(backend.operator("ggn"), backend.options, 0)
         exact = float(torch.trace(reference.dense_ggn(model, x)))
         assert ggn_trace.value == pytest.approx(exact, rel=RTOL)
-        _, provenance = backend.trace("hessian", seed=0)
+        _, provenance = trace(backend.operator("hessian"), backend.options, 0)
         assert provenance.derived and "SumModule" in provenance.note
         with pytest.raises(curvkit.UnsupportedError, match="KFLR cannot handle the ResidualMLP"):
             backend.kronecker_factors()
     assert isinstance(model.act1, torch.nn.Tanh)  # the converter worked on a copy
 
 
+@needs_backpack
 def test_backpack_names_what_it_cannot_follow(digits_problem):
     """A functional call (torch.tanh) is invisible to BackPACK's hooks: a clear error, no number."""
     _, loader = digits_problem
     model = ResidualMLP(functional=True).double()
     with model_guard(model):
         with pytest.raises(curvkit.UnsupportedError, match="SqrtGGNExact cannot handle.*torchfunc"):
-            make("backpack", model, loader).class_deltas()
+            make_backend("backpack", model, loader).class_deltas()

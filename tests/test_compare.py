@@ -7,10 +7,10 @@ import torch
 import yaml
 
 import curvkit
-from curvkit.bench import bench
+from curvkit.benchmark import bench
 from curvkit.choice import AUTO_ORDER, load_choices
 from curvkit.cli import main
-from curvkit.compare import assert_backends_agree, compare, compare_reports
+from curvkit.comparison import assert_backends_agree, compare, compare_reports
 
 ALL = ["torchfunc", "backpack", "pyhessian", "curvlinops"]
 

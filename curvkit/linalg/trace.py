@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvkit.linalg.lanczos import Matvec, random_rademacher
+from curvkit.linalg.krylov import Matvec, random_rademacher
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -22,13 +22,26 @@ class TraceEstimate:
     method: str
 
 
-def _mean_and_stderr(samples: list[float]) -> tuple[float, float]:
+def mean_and_stderr(samples: list[float]) -> tuple[float, float]:
+    """The mean of independent samples and its standard error (NaN for one sample)."""
     n = len(samples)
     mean = math.fsum(samples) / n
     if n < 2:
         return mean, float("nan")
     var = math.fsum((s - mean) ** 2 for s in samples) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def batch_stderr(per_batch: list[tuple[int, float]]) -> float:
+    """Standard error of ``Σ_b s_b / N`` from batch sums ``s_b`` over ``n_b`` examples, treating
+    examples as independent: conservative, since it also counts the spread of the data between
+    batches; NaN for a single batch."""
+    if len(per_batch) < 2:
+        return math.nan
+    n = sum(size for size, _ in per_batch)
+    mean = math.fsum(s for _, s in per_batch) / n
+    variance = math.fsum(size * (s / size - mean) ** 2 for size, s in per_batch)
+    return math.sqrt(variance / (len(per_batch) - 1) / n)
 
 
 def exact_trace(matvec: Matvec, dim: int, dtype: torch.dtype, device) -> TraceEstimate:
@@ -56,7 +69,7 @@ def hutchinson(
     for _ in range(num_matvecs):
         v = random_rademacher(dim, generator, dtype, device)
         samples.append(float(v @ matvec(v)))
-    mean, stderr = _mean_and_stderr(samples)
+    mean, stderr = mean_and_stderr(samples)
     return TraceEstimate(mean, stderr, num_matvecs, "hutchinson")
 
 
@@ -89,7 +102,7 @@ def hutch_plus_plus(
         g = random_rademacher(dim, generator, dtype, device)
         g = g - q @ (q.T @ g)
         samples.append(float(g @ matvec(g)))
-    mean, stderr = _mean_and_stderr(samples)
+    mean, stderr = mean_and_stderr(samples)
     return TraceEstimate(low_rank + mean, stderr, 2 * n_sketch + n_probe, "hutch++")
 
 

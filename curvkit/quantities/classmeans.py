@@ -16,42 +16,22 @@ its nonzero eigenvalues are those of the small Gram matrix ``Lᵀ L``. G_within 
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from curvkit.backend import Backend, Provenance
+from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError
-from curvkit.linalg import estimate_trace, lanczos
-from curvkit.report import ClassMeans
+from curvkit.linalg import gram_eigenvalues, orthonormal_basis, subspace_overlap
+from curvkit.linalg.operator import top_eigen, trace
+from curvkit.report import ClassMeans, Provenance
 
 if TYPE_CHECKING:
     from curvkit.report import Report
 
 TERMS = ("own", "class", "cross")
-
-
-def gram_eigenvalues(gram: Tensor, rtol: float = 1e-12) -> list[float]:
-    """Nonzero eigenvalues (descending) of a PSD Gram matrix: those above rtol · the largest."""
-    values = torch.linalg.eigvalsh(gram.double()).flip(0)
-    if values.numel() == 0:
-        return []
-    return [float(v) for v in values if v > rtol * max(float(values[0]), 0.0)]
-
-
-def subspace_overlap(u: Tensor, v: Tensor) -> float:
-    """``‖Uᵀ V‖_F² / k`` for orthonormal bases U, V of two k-dimensional subspaces (∈ [0, 1])."""
-    k = min(u.shape[1], v.shape[1])
-    return float((u.T @ v).pow(2).sum()) / k
-
-
-def orthonormal_basis(vectors: Tensor, rtol: float = 1e-10) -> Tensor:
-    """Orthonormal basis (columns) of the span of the columns of ``vectors``, by SVD."""
-    left, sing, _ = torch.linalg.svd(vectors, full_matrices=False)
-    return left[:, sing > rtol * sing.max()]
 
 
 def low_rank_factors(
@@ -109,49 +89,17 @@ def classmeans(
 
     traces = {t: float(factors[t].double().pow(2).sum()) for t in TERMS}
     provenance = {"deltas": deltas.provenance}
+    ggn, options = backend.operator("ggn"), backend.options
     stderr = 0.0
     if deltas.square_norm_sum is not None:
         total = deltas.square_norm_sum / problem.num_samples
     else:
-        start = time.perf_counter()
-        estimate = estimate_trace(
-            backend.ggnvp,
-            problem.num_params,
-            backend.options.trace_matvecs,
-            method=backend.options.trace_method,
-            seed=seed + 1,
-            dtype=problem.dtype,
-            device=problem.device,
-        )
+        estimate, provenance["trace_ggn"] = trace(ggn, options, seed + 1)
         total, stderr = estimate.value, estimate.stderr
-        provenance["trace_ggn"] = Provenance(
-            backend.name,
-            f"curvkit.{estimate.method}",
-            estimate.matvecs,
-            time.perf_counter() - start,
-        )
     traces = {"total": total, **traces, "within": total - sum(traces.values())}
 
     low_rank = torch.cat([factors[t] for t in TERMS], dim=1)
-
-    def within_matvec(v: Tensor) -> Tensor:
-        return backend.ggnvp(v) - low_rank @ (low_rank.T @ v)
-
-    start = time.perf_counter()
-    within = lanczos(
-        within_matvec,
-        problem.num_params,
-        top_k,
-        tol=backend.options.lanczos_tol,
-        max_iter=backend.options.lanczos_max_iter,
-        seed=seed,
-        dtype=problem.dtype,
-        device=problem.device,
-        progress=backend.options.progress,
-    )
-    provenance["within"] = Provenance(
-        backend.name, "curvkit.lanczos", within.matvecs, time.perf_counter() - start
-    )
+    within, provenance["within"] = top_eigen(ggn.minus_low_rank(low_rank), top_k, options, seed)
 
     eigenvalues = {t: gram_eigenvalues(factors[t].T @ factors[t]) for t in TERMS}
     eigenvalues["within"] = [float(v) for v in within.values]
@@ -193,8 +141,9 @@ def _top_vectors(
         and known.eigenvectors.shape[1] >= count
     ):
         return known.eigenvectors[:, :count]
-    result, prov = backend.top_eigen(matrix, count, seed)
-    provenance[f"lanczos_{matrix}"] = prov
+    result, provenance[f"lanczos_{matrix}"] = top_eigen(
+        backend.operator(matrix), count, backend.options, seed
+    )
     return result.vectors
 
 

@@ -16,15 +16,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from curvkit.backend import Backend, Provenance, kronecker_layers
+from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError
-from curvkit.linalg import estimate_trace, lanczos, slq_density
-from curvkit.quantities.classmeans import subspace_overlap
-from curvkit.report import Layer
+from curvkit.layers import kronecker_layers, kronecker_shape
+from curvkit.linalg import subspace_overlap
+from curvkit.linalg.krylov import normalised_w1
+from curvkit.linalg.operator import density, top_eigen, trace
+from curvkit.report import Layer, Provenance
 
 if TYPE_CHECKING:
     from curvkit.report import Report
@@ -47,35 +48,15 @@ def rank_one_ratio(vector: Tensor, shape: tuple[int, int]) -> float:
     return float(s[0] ** 2 / (s**2).sum())
 
 
-def normalised_w1(
-    grid_a: Tensor,
-    values_a: Tensor,
-    scale_a: float,
-    grid_b: Tensor,
-    values_b: Tensor,
-    scale_b: float,
-) -> float:
-    """1-Wasserstein distance between two densities, each on its axis divided by its λ_max."""
-    if scale_a <= 0 or scale_b <= 0:
-        return math.nan
-    xa, xb = grid_a / scale_a, grid_b / scale_b
-    x = torch.linspace(min(xa[0], xb[0]), max(xa[-1], xb[-1]), 4096, dtype=torch.float64)
-
-    def cdf(grid: Tensor, values: Tensor) -> Tensor:
-        mass = torch.cat([values.new_zeros(1), torch.cumulative_trapezoid(values, grid)])
-        mass = mass / mass[-1]
-        return torch.from_numpy(
-            np.interp(x.numpy(), grid.numpy(), mass.numpy(), left=0.0, right=1.0)
-        )
-
-    return float(torch.trapezoid((cdf(xa, values_a) - cdf(xb, values_b)).abs(), x))
-
-
 def layerwise(
     backend: Backend, top_k: int, seed: int = 0, spectra: Report | None = None
 ) -> dict[str, Layer]:
-    """Every Linear / Conv2d layer's Hessian block against its Kronecker approximation."""
-    problem, opts = backend.problem, backend.options
+    """Every Linear / Conv2d layer's Hessian block against its Kronecker approximation.
+
+    The blocks are operators of the backend (its native block products and routines where it
+    has them), so the quantity's options apply to them as to the full matrices.
+    """
+    problem, options = backend.problem, backend.options
     names = kronecker_layers(problem)
     if not names:
         raise InvalidInputError(
@@ -92,52 +73,21 @@ def layerwise(
     )
     full = _full_density(backend, seed, spectra)
     modules = dict(problem.model.named_modules())
-    numerics = {"dtype": problem.dtype, "device": problem.device}
     layers: dict[str, Layer] = {}
     for name in names:
-        weight = modules[name].weight
-        shape = (weight.shape[0], weight[0].numel())
-        dim = shape[0] * shape[1]
-        k = min(top_k, dim)
-        hessian_block = backend.block_matvec("hessian", f"{name}.weight")
-        native_blocks = backend.capabilities.get("block_products") == "native"
-        t0 = time.perf_counter()
-        exact, exact_g = (
-            lanczos(
-                backend.block_matvec(matrix, f"{name}.weight"),
-                dim,
-                k,
-                tol=opts.lanczos_tol,
-                max_iter=opts.lanczos_max_iter,
-                seed=seed,
-                **numerics,
-            )
-            for matrix in ("hessian", "ggn")
-        )
-        trace = estimate_trace(
-            hessian_block,
-            dim,
-            opts.trace_matvecs,
-            method=opts.trace_method,
-            seed=seed + 1,
-            **numerics,
-        )
-        density = slq_density(
-            hessian_block,
-            dim,
-            num_probes=opts.density_probes,
-            num_steps=opts.density_steps,
-            grid_size=opts.density_grid,
-            relative_sigma=opts.density_relative_sigma,
-            seed=seed + 2,
-            **numerics,
-        )
+        shape = kronecker_shape(modules[name])
+        hessian_block = backend.operator("hessian", f"{name}.weight")
+        k = min(top_k, hessian_block.size)
+        exact, exact_prov = top_eigen(hessian_block, k, options, seed)
+        exact_g, exact_g_prov = top_eigen(backend.operator("ggn", f"{name}.weight"), k, options, seed)
+        estimate, trace_prov = trace(hessian_block, options, seed + 1)
+        spectral, density_prov = density(hessian_block, options, seed + 2)
         kron_values, kron_vectors = kronecker_top(factors[name].B, factors[name].A, k)
         lmax = float(exact.values[0])
         layers[name] = Layer(
             shape=list(shape),
-            trace=trace.value,
-            trace_stderr=trace.stderr,
+            trace=estimate.value,
+            trace_stderr=estimate.stderr,
             max_eigenvalue=lmax,
             top_eigenvalues=[float(v) for v in exact.values],
             kronecker={
@@ -150,20 +100,14 @@ def layerwise(
                 "ggn": subspace_overlap(exact_g.vectors, kron_vectors.to(exact_g.vectors)),
             },
             rank1=[rank_one_ratio(u, shape) for u in exact.vectors.T],
-            spectrum_distance=normalised_w1(density.grid, density.values, lmax, *full),
+            spectrum_distance=normalised_w1(spectral.grid, spectral.values, lmax, *full),
             closest_to_full=False,
             provenance={
                 "kronecker": factor_prov,
-                "blocks": Provenance(
-                    backend.name,
-                    "curvkit.lanczos/hutch++/slq on block products",
-                    exact.matvecs + exact_g.matvecs + trace.matvecs + density.matvecs,
-                    time.perf_counter() - t0,
-                    derived=not native_blocks,
-                    note="products with respect to the layer's weight alone"
-                    if native_blocks
-                    else "block product = slice of a full product",
-                ),
+                "top_eigenvalues": exact_prov,
+                "ggn_top_eigenvalues": exact_g_prov,
+                "trace": trace_prov,
+                "density": density_prov,
             },
         )
     distances = {
@@ -185,9 +129,10 @@ def _full_density(
         grid = torch.tensor(known.density["grid"], dtype=torch.float64)
         values = torch.tensor(known.density["values"], dtype=torch.float64)
         return grid, values, known.top_eigenvalues[0]
-    density, _ = backend.density("hessian", seed + 2)
-    eigen, _ = backend.top_eigen("hessian", 1, seed)
-    return density.grid, density.values, float(eigen.values[0])
+    op = backend.operator("hessian")
+    spectral, _ = density(op, backend.options, seed + 2)
+    eigen, _ = top_eigen(op, 1, backend.options, seed)
+    return spectral.grid, spectral.values, float(eigen.values[0])
 
 
 def middle_layers(model: nn.Module) -> list[str]:

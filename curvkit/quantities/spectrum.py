@@ -10,6 +10,7 @@ import math
 import warnings
 
 from curvkit.backend import Backend
+from curvkit.linalg.operator import density, top_eigen, trace
 from curvkit.report import Spectrum
 
 OUTLIER_SCORE = 3.0
@@ -39,7 +40,8 @@ def count_outliers(eigenvalues: list[float], min_score: float = OUTLIER_SCORE) -
 
 def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
     """Top eigenvalues, trace, density and outliers of ``matrix`` (hessian, ggn or residual)."""
-    eigen, eigen_prov = backend.top_eigen(matrix, top_k, seed)
+    op, options = backend.operator(matrix), backend.options
+    eigen, eigen_prov = top_eigen(op, top_k, options, seed)
     if not eigen.converged:
         warnings.warn(
             f"{eigen_prov.routine} for the {matrix} did not converge in {eigen.matvecs} "
@@ -47,18 +49,18 @@ def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
             "backend's own iteration limit).",
             stacklevel=2,
         )
-    trace, trace_prov = backend.trace(matrix, seed + 1)
-    density, density_prov = backend.density(matrix, seed + 2)
+    estimate, trace_prov = trace(op, options, seed + 1)
+    spectral, density_prov = density(op, options, seed + 2)
     values = [float(v) for v in eigen.values]
     return Spectrum(
         top_eigenvalues=values,
-        trace=float(trace.value),
-        trace_stderr=float(trace.stderr),
+        trace=float(estimate.value),
+        trace_stderr=float(estimate.stderr),
         density={
-            "grid": density.grid.tolist(),
-            "values": density.values.tolist(),
-            "values_stderr": density.values_stderr.tolist(),
-            "sigma": density.sigma,
+            "grid": spectral.grid.tolist(),
+            "values": spectral.values.tolist(),
+            "values_stderr": spectral.values_stderr.tolist(),
+            "sigma": spectral.sigma,
         },
         n_outliers=count_outliers(values),
         converged=eigen.converged,

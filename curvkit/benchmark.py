@@ -34,7 +34,7 @@ from torch import nn
 from curvkit.analysis import analyze
 from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
-from curvkit.compare import compare_reports
+from curvkit.comparison import compare_reports
 from curvkit.errors import CurvkitError
 from curvkit.problem import Problem, model_guard
 from curvkit.registry import backends as backend_table
@@ -78,7 +78,7 @@ class BenchResult:
             "",
             f"Reference: {self.reference}. Seconds: median of the repeats after a warm-up. "
             "Error: the largest deviation of an eigenvalue-type number relative to its scale "
-            "(λ1 of the spectrum); agrees: every number within curvkit.compare's tolerances.",
+            "(λ1 of the spectrum); agrees: every number within curvkit.comparison's tolerances.",
             "",
             "| quantity | backend | seconds | peak MiB | matvecs | max rel. error | "
             "error / allowed | agrees | chosen |",

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -245,3 +246,27 @@ def broadened_density(
         else torch.full_like(values, float("nan"))
     )
     return Density(grid, values, stderr, nodes_t, weights_t, float(sigma), matvecs)
+
+
+def normalised_w1(
+    grid_a: Tensor,
+    values_a: Tensor,
+    scale_a: float,
+    grid_b: Tensor,
+    values_b: Tensor,
+    scale_b: float,
+) -> float:
+    """1-Wasserstein distance between two densities, each on its axis divided by its λ_max."""
+    if scale_a <= 0 or scale_b <= 0:
+        return math.nan
+    xa, xb = grid_a / scale_a, grid_b / scale_b
+    x = torch.linspace(min(xa[0], xb[0]), max(xa[-1], xb[-1]), 4096, dtype=torch.float64)
+
+    def cdf(grid: Tensor, values: Tensor) -> Tensor:
+        mass = torch.cat([values.new_zeros(1), torch.cumulative_trapezoid(values, grid)])
+        mass = mass / mass[-1]
+        return torch.from_numpy(
+            np.interp(x.numpy(), grid.numpy(), mass.numpy(), left=0.0, right=1.0)
+        )
+
+    return float(torch.trapezoid((cdf(xa, values_a) - cdf(xb, values_b)).abs(), x))

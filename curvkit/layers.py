@@ -1,0 +1,69 @@
+"""Layer helpers for the Kronecker factors: which layers, their weight's matrix shape, their
+inputs as (batch, m, positions), and the number of output positions of a convolution."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from curvkit.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from curvkit.problem import Problem
+
+
+def kronecker_layers(problem: Problem) -> list[str]:
+    """Names of the Linear and Conv2d modules whose weight is among the selected parameters."""
+    selected = set(problem.names)
+    return [
+        name
+        for name, m in problem.model.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and f"{name}.weight" in selected
+    ]
+
+
+def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
+    """(n, m) of a layer's weight as a matrix: out features × (in features · kernel size)."""
+    weight = module.weight
+    return weight.shape[0], weight[0].numel()
+
+
+def output_positions(model: torch.nn.Module, names: list[str], x: Tensor) -> dict[str, int]:
+    """Output positions T per layer (1 for Linear, H·W for Conv2d) from one example's forward
+    pass through ``model`` (the adapter's copy: the hooks are removed afterwards); no pass
+    without a Conv2d."""
+    modules = dict(model.named_modules())
+    if not any(isinstance(modules[n], torch.nn.Conv2d) for n in names):
+        return dict.fromkeys(names, 1)
+    positions: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module: torch.nn.Module, _args: Any, output: Tensor) -> None:
+            positions[name] = output[0, 0].numel()
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in names]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: positions[n] if isinstance(modules[n], torch.nn.Conv2d) else 1 for n in names}
+
+
+def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
+    """A layer's input as (batch, m, positions): Linear inputs as one position, Conv2d unfolded."""
+    if isinstance(module, torch.nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise UnsupportedError(
+                f"Kronecker factors of Conv2d need groups=1 and zero padding, got groups="
+                f"{module.groups}, padding_mode={module.padding_mode!r}."
+            )
+        return torch.nn.functional.unfold(
+            inputs, module.kernel_size, module.dilation, module.padding, module.stride
+        )
+    return inputs.reshape(inputs.shape[0], -1, 1)

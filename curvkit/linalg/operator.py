@@ -1,0 +1,159 @@
+"""Linear operators and the three routines that take them: top eigenpairs, trace, density.
+
+An ``Operator`` is a symmetric matrix known only through its products: the Hessian or G of the
+data-set loss, a layer's diagonal block, ``G_within``. The routines run the operator's native
+routine when its backend supplied one (PyHessian's power iteration, curvlinops' Hutch++, ...)
+and curvkit's own otherwise (Lanczos, Hutch++/Hutchinson, SLQ), all with the same ``Options``,
+and say in the returned Provenance which ran, how many products it used and how long it took.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.linalg.krylov import Density, EigenResult, lanczos, slq_density
+from curvkit.linalg.trace import TraceEstimate, estimate_trace
+from curvkit.report import Provenance
+
+@dataclass
+class Options:
+    """Settings of the routines (curvkit's own and the backends' native ones)."""
+
+    lanczos_tol: float = 1e-6
+    lanczos_max_iter: int | None = None
+    trace_method: str = "hutch++"
+    trace_matvecs: int = 99
+    density_probes: int = 5
+    density_steps: int = 50
+    density_grid: int = 400
+    density_relative_sigma: float = 0.01
+    progress: bool = False
+    backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
+
+
+@dataclass
+class Operator:
+    """A symmetric ``size × size`` matrix known through ``matmat``: (size, k) ↦ (size, k).
+
+    ``cost`` is the number of backend products one column takes (2 for a difference of two
+    operators), ``derived`` says the products are built from other primitives of the library, and
+    ``native`` maps a routine's name to the backend's own implementation, called
+    as ``native["top_eigen"](k, options, seed)``, ``native["trace"](options, seed)``,
+    ``native["density"](options, seed)`` and returning (result, Provenance).
+    """
+
+    size: int
+    matmat: Callable[[Tensor], Tensor]
+    dtype: torch.dtype
+    device: torch.device
+    backend: str = "curvkit"
+    cost: int = 1
+    derived: bool = False
+    native: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.matmat(v[:, None])[:, 0]
+
+    def minus(self, other: Operator) -> Operator:
+        """``self − other``, with curvkit's routines (a native routine is for one matrix)."""
+        return Operator(
+            self.size,
+            lambda V: self.matmat(V) - other.matmat(V),
+            self.dtype,
+            self.device,
+            self.backend,
+            self.cost + other.cost,
+            self.derived or other.derived,
+        )
+
+    def minus_low_rank(self, factors: Tensor) -> Operator:
+        """``self − L Lᵀ`` for a (size, r) matrix L (no extra backend products)."""
+        return Operator(
+            self.size,
+            lambda V: self.matmat(V) - factors @ (factors.T @ V),
+            self.dtype,
+            self.device,
+            self.backend,
+            self.cost,
+            self.derived,
+        )
+
+    def provenance(self, routine: str, columns: int, start: float, note: str = "") -> Provenance:
+        """The record of a routine that applied this operator to ``columns`` vectors."""
+        return Provenance(
+            backend=self.backend,
+            routine=routine,
+            matvecs=columns * self.cost,
+            seconds=time.perf_counter() - start,
+            derived=self.derived,
+            note=note,
+        )
+
+
+def top_eigen(
+    op: Operator, k: int, options: Options, seed: int, native: bool = True
+) -> tuple[EigenResult, Provenance]:
+    """The k algebraically largest eigenpairs: the native routine, else curvkit's Lanczos."""
+    if native and "top_eigen" in op.native:
+        return op.native["top_eigen"](k, options, seed)
+    start = time.perf_counter()
+    result = lanczos(
+        op.matvec,
+        op.size,
+        k,
+        tol=options.lanczos_tol,
+        max_iter=options.lanczos_max_iter,
+        seed=seed,
+        dtype=op.dtype,
+        device=op.device,
+        progress=options.progress,
+    )
+    return result, op.provenance("curvkit.lanczos", result.matvecs, start)
+
+
+def trace(
+    op: Operator, options: Options, seed: int, native: bool = True
+) -> tuple[TraceEstimate, Provenance]:
+    """The trace ± standard error: the native routine, else curvkit's Hutch++ or Hutchinson
+    with ``trace_matvecs`` products (exact when the operator is no larger than that)."""
+    if native and "trace" in op.native:
+        return op.native["trace"](options, seed)
+    start = time.perf_counter()
+    result = estimate_trace(
+        op.matvec,
+        op.size,
+        options.trace_matvecs,
+        method=options.trace_method,
+        seed=seed,
+        dtype=op.dtype,
+        device=op.device,
+    )
+    return result, op.provenance(f"curvkit.{result.method}", result.matvecs, start)
+
+
+def density(
+    op: Operator, options: Options, seed: int, native: bool = True
+) -> tuple[Density, Provenance]:
+    """The spectral density by SLQ: the native routine, else curvkit's."""
+    if native and "density" in op.native:
+        return op.native["density"](options, seed)
+    start = time.perf_counter()
+    result = slq_density(
+        op.matvec,
+        op.size,
+        num_probes=options.density_probes,
+        num_steps=options.density_steps,
+        grid_size=options.density_grid,
+        relative_sigma=options.density_relative_sigma,
+        seed=seed,
+        dtype=op.dtype,
+        device=op.device,
+        progress=options.progress,
+    )
+    return result, op.provenance("curvkit.slq", result.matvecs, start)
