@@ -22,7 +22,6 @@ curvlinops' routines see the whole data set.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -102,7 +101,9 @@ class CurvlinopsBackend(Backend):
             else:
                 kind = HessianLinearOperator if matrix == "hessian" else GGNLinearOperator
                 op = kind(**common)
-            self._operators[key] = op if self.problem.group is None else RankSummed(op, self.problem)
+            self._operators[key] = (
+                op if self.problem.group is None else RankSummed(op, self.problem)
+            )
         return self._operators[key]
 
     def _apply(self, matrix: str, V: Tensor, param: str | None) -> Tensor:

@@ -198,7 +198,9 @@ class PyHessianBackend(Backend):
             derived=matrix != "hessian",
         )
         op.native = {
-            "top_eigen": lambda k, options, seed: self._top_eigen(matrix, param, op, k, options, seed),
+            "top_eigen": lambda k, options, seed: self._top_eigen(
+                matrix, param, op, k, options, seed
+            ),
             "trace": lambda options, seed: self._trace(matrix, param, op, options, seed),
             "density": lambda options, seed: self._density(matrix, param, op, options, seed),
         }

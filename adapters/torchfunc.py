@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError
-from curvkit.layers import kronecker_layers, kronecker_shape, unfolded_input
+from curvkit.layers import kronecker_layers, unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
 Tensors = dict[str, Tensor]

@@ -24,6 +24,7 @@ import torch
 
 import curvkit
 from curvkit.datasets import digits_loader, digits_tensors
+from curvkit.linalg.operator import density, top_eigen
 from curvkit.models import digits_cnn, digits_mlp, mlp, train
 from curvkit.problem import Problem, model_guard
 from curvkit.quantities.classmeans import classmeans
@@ -75,7 +76,7 @@ def _loader(n: int, batch: int, device: str) -> list[tuple[torch.Tensor, torch.T
 def _gradient(problem: Problem) -> None:
     total = None
     for x, y in problem.batches():
-        g = torch.autograd.grad(problem.loss_sum(problem.model(x), y), problem.params)
+        g = torch.autograd.grad(problem.loss.sum(problem.model(x), y), problem.params)
         total = g if total is None else [a + b for a, b in zip(total, g)]
 
 
@@ -184,7 +185,7 @@ def eigen_routines(device: str) -> str:
         for tol in (1e-6, 1e-8):
             backend = get_backend("torchfunc")(problem, curvkit.Options(lanczos_tol=tol))
             start = time.perf_counter()
-            result, prov = backend.top_eigen("hessian", 10, 0)
+            result, prov = top_eigen(backend.operator("hessian"), 10, backend.options, 0)
             err = np.abs(result.values.cpu().numpy() - top).max() / abs(top).max()
             rows.append(
                 [
@@ -200,7 +201,7 @@ def eigen_routines(device: str) -> str:
                 problem, curvkit.Options(backend={"pyhessian": {"power_tol": tol}})
             )
             start = time.perf_counter()
-            result, prov = backend.top_eigen("hessian", 10, 0)
+            result, prov = top_eigen(backend.operator("hessian"), 10, backend.options, 0)
             err = np.abs(result.values.cpu().numpy() - top).max() / abs(top).max()
             rows.append(
                 [
@@ -219,7 +220,7 @@ def eigen_routines(device: str) -> str:
             opts = curvkit.Options(trace_method=method or "hutchinson", trace_matvecs=99)
             backend = get_backend(name)(problem, opts)
             start = time.perf_counter()
-            est, prov = backend.trace("hessian", 1)
+            est, prov = trace(backend.operator("hessian"), backend.options, 1)
             rows.append(
                 [
                     prov.routine,
@@ -234,7 +235,7 @@ def eigen_routines(device: str) -> str:
                 problem, curvkit.Options(density_probes=5, density_steps=50)
             )
             start = time.perf_counter()
-            _, prov = backend.density("hessian", 2)
+            _, prov = density(backend.operator("hessian"), backend.options, 2)
             rows.append(
                 [
                     prov.routine,
@@ -299,7 +300,7 @@ def classmean_overlap(device: str) -> str:
         with model_guard(model):
             backend = get_backend("backpack")(Problem(model, data))
             result = classmeans(backend, top_k=10)
-            _, prov = backend.top_eigen("ggn", 10, 0)
+            _, prov = top_eigen(backend.operator("ggn"), 10, backend.options, 0)
         rows.append(
             [
                 name,
@@ -316,8 +317,6 @@ def classmean_overlap(device: str) -> str:
 def block_products(device: str) -> str:
     """Issue 7: a layer's Hessian-block product with respect to that layer alone vs a slice of the
     full product (MLP 64-256-256-256-10, P = 150 k, 1797 digits in batches of 512)."""
-    from curvkit.backend import Backend
-
     torch.manual_seed(0)
     model = mlp(64, (256, 256, 256), 10).to(device=device, dtype=torch.float64)
     data = _loader(1797, 512, device)
@@ -329,8 +328,14 @@ def block_products(device: str) -> str:
             for name in ("0.weight", "6.weight"):
                 size = problem.params[problem.names.index(name)].numel()
                 v = torch.randn(size, dtype=torch.float64, device=device)
-                block = backend.block_matvec("hessian", name)
-                sliced = Backend.block_matvec(backend, "hessian", name)
+                block = backend.operator("hessian", name).matvec
+                where = problem.slice_of(name)
+
+                def sliced(v: torch.Tensor, where: slice = where) -> torch.Tensor:
+                    embedded = torch.zeros(problem.num_params, dtype=v.dtype, device=v.device)
+                    embedded[where] = v
+                    return backend.hvp(embedded)[where]
+
                 block_t = median_time(lambda: block(v), repeats=3)
                 slice_t = median_time(lambda: sliced(v), repeats=3)
                 rows.append(

@@ -187,7 +187,9 @@ class Backend:
     def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
         """``∇²L v`` of the data-set loss for a flat vector or a (size, k) block of columns;
         with ``param``, the product with that parameter's diagonal block."""
-        return self._columns(lambda V: self.data_mean(lambda x, y: self.batch_hvp(x, y, V, param)), v)
+        return self._columns(
+            lambda V: self.data_mean(lambda x, y: self.batch_hvp(x, y, V, param)), v
+        )
 
     def ggnvp(self, v: Tensor, param: str | None = None) -> Tensor:
         """``G v = (1/N) Σ_i J_iᵀ H_i J_i v`` (H_i the loss's output Hessian), as ``hvp``."""
@@ -262,7 +264,9 @@ class Backend:
                 else:
                     sums[name] = [b.detach().clone(), a.detach().clone()]
         n, reduce = self.problem.num_samples, self.problem.all_reduce
-        return {name: KroneckerFactors(reduce(b / n), reduce(a / n)) for name, (b, a) in sums.items()}
+        return {
+            name: KroneckerFactors(reduce(b / n), reduce(a / n)) for name, (b, a) in sums.items()
+        }
 
     # -- operators ------------------------------------------------------------------------------
     def operator(self, matrix: str, param: str | None = None) -> Operator:

@@ -37,7 +37,7 @@ from torch import nn
 
 from curvkit.analysis import analyze
 from curvkit.errors import InvalidInputError
-from curvkit.quantities.layerwise import normalised_w1
+from curvkit.linalg.krylov import normalised_w1
 from curvkit.registry import backends as backend_table
 from curvkit.registry import get_backend
 from curvkit.report import Report

@@ -51,7 +51,5 @@ LOSSES = {"cross_entropy": CrossEntropy}
 def make_loss(name: str) -> CrossEntropy:
     """The loss object named ``name``; an unknown name is an UnsupportedError listing the known."""
     if name not in LOSSES:
-        raise UnsupportedError(
-            f"loss {name!r} is not supported; use one of {', '.join(LOSSES)}."
-        )
+        raise UnsupportedError(f"loss {name!r} is not supported; use one of {', '.join(LOSSES)}.")
     return LOSSES[name]()

@@ -42,13 +42,15 @@ class DataSummary:
 
 @dataclass(frozen=True)
 class PassRecord:
-    """What identifies one pass over this rank's data: example and class counts, and the sums of
-    the inputs and of their squares (float64; the same in any order up to rounding)."""
+    """What identifies one pass over this rank's data, in any order: the example and class
+    counts, and in float64 the sums of the inputs, of their squares, and of each example's input
+    sum times its label (which pairs inputs with labels)."""
 
     num_samples: int
     counts: tuple[int, ...]
     input_sum: float
     input_square_sum: float
+    labelled_sum: float
 
     def matches(self, other: PassRecord) -> bool:
         def close(a: float, b: float) -> bool:
@@ -59,6 +61,7 @@ class PassRecord:
             and self.counts == other.counts
             and close(self.input_sum, other.input_sum)
             and close(self.input_square_sum, other.input_square_sum)
+            and close(self.labelled_sum, other.labelled_sum)
         )
 
 
@@ -127,7 +130,7 @@ class Problem:
         iterator = iter(self.data)
         index = 0
         counts = torch.zeros(0, dtype=torch.long, device=self.device)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         while True:
             try:
                 batch = next(iterator)
@@ -141,15 +144,19 @@ class Problem:
                     f"({error}); fix the loader."
                 ) from error
             x, y = self._prepare(batch, index)
+            values = (x if x.dim() > 1 else x[:, None]).detach().flatten(1).double()
+            per_example = values.sum(dim=1)
+            sums += torch.stack([per_example.sum(), values.square().sum(), per_example @ y.double()])
+            yield x, y  # the consumer sees the batch first (the scan explains bad labels)
+            if y.numel() and int(y.min()) < 0:
+                raise InvalidInputError(
+                    f"labels in batch {index} include {int(y.min())}; labels must be class "
+                    "indices 0, 1, …, C − 1."
+                )
             batch_counts = torch.bincount(y)
             if batch_counts.numel() > counts.numel():
                 counts = nn.functional.pad(counts, (0, batch_counts.numel() - counts.numel()))
             counts[: batch_counts.numel()] += batch_counts
-            values = x.detach() if x.is_floating_point() else x.double()
-            sums += torch.stack(
-                [values.sum(dtype=torch.float64), values.square().sum(dtype=torch.float64)]
-            )
-            yield x, y
             index += 1
         counts_list = counts.tolist()
         self._check_pass(PassRecord(sum(counts_list), tuple(counts_list), *sums.tolist()))
@@ -201,11 +208,6 @@ class Problem:
                 f"batch {index} has inputs of shape {tuple(x.shape)} and labels of shape "
                 f"{tuple(y.shape)}; labels must be one integer per example, matching the inputs' "
                 "first dimension."
-            )
-        if y.numel() and int(y.min()) < 0:
-            raise InvalidInputError(
-                f"labels in batch {index} include {int(y.min())}; labels must be class indices "
-                "0, 1, …, C − 1."
             )
         if x.dtype.is_floating_point:
             x = x.to(device=self.device, dtype=self.dtype)

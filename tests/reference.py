@@ -71,7 +71,9 @@ def dense_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ncp,ncd,ndq->pq", jac, h, jac) / x.shape[0]
 
 
-def kronecker_factors(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def kronecker_factors(
+    model: nn.Module, x: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """B and A of every Linear / Conv2d layer straight from the definitions: B is the bias's block
     of the dense G, A the mean over examples and output positions of the (unfolded) inputs'
     outer products, read off forward hooks."""
@@ -94,7 +96,9 @@ def kronecker_factors(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torc
         b = ggn[start : start + module.bias.numel(), start : start + module.bias.numel()]
         a = inputs[name]
         if isinstance(module, nn.Conv2d):
-            a = nn.functional.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+            a = nn.functional.unfold(
+                a, module.kernel_size, module.dilation, module.padding, module.stride
+            )
         else:
             a = a[:, :, None]
         factors[name] = (b, torch.einsum("nit,njt->ij", a, a) / (a.shape[0] * a.shape[2]))

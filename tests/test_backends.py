@@ -173,6 +173,33 @@ def test_pyhessian_routines_are_reported(digits_problem):
     assert prov["top_eigenvalues"].derived  # G through the Gauss–Newton surrogate
 
 
+@needs_pyhessian
+def test_pyhessian_workarounds_stay_inside_pyhessian(digits_problem):
+    """While PyHessian runs a float64 model, code outside its module (here a forward hook of the
+    model, called from inside PyHessian) sees torch as it was: the default dtype, torch.eig
+    absent or as it was; and the caller's random generator does not move."""
+    model, loader = digits_problem
+    model = copy.deepcopy(model)
+    seen = []
+    model[0].register_forward_hook(
+        lambda *_: seen.append((torch.get_default_dtype(), getattr(torch, "eig", None)))
+    )
+    outside = (torch.get_default_dtype(), getattr(torch, "eig", None))
+    state = torch.random.get_rng_state()
+    report = curvkit.analyze(
+        model,
+        loader,
+        backend="pyhessian",
+        quantities=["hessian"],
+        top_k=2,
+        progress=False,
+        options={"trace_matvecs": 3, "density_probes": 1, "density_steps": 5},
+    )
+    assert seen and set(seen) == {outside} and outside[0] == torch.float32
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert report.hessian.provenance["density"].routine == "pyhessian.density"
+
+
 @needs_backpack
 def test_backpack_rejects_unsupported_layer(digits_problem):
     model = torch.nn.Sequential(

@@ -28,11 +28,13 @@ import curvkit
 from curvkit.distributed import shard_loader
 from curvkit.models import digits_mlp
 from tests import reference
+from tests.conftest import backend_params
 
 # hessian: products, Lanczos, Hutch++, SLQ; classmeans: class sums, G products, overlaps;
 # layerwise: Kronecker factors and block products (ggn and residual add no other primitive)
 QUANTITIES = ["hessian", "classmeans", "layerwise"]
-BACKENDS = ["torchfunc", "backpack", "curvlinops"]
+BACKENDS = [p for p in backend_params(minimal=False) if p.values[0] != "pyhessian"]
+NAMES = [p.values[0] for p in BACKENDS if not p.marks]
 SETTINGS = {
     "top_k": 3,
     "progress": False,
@@ -105,7 +107,7 @@ def shards(digits_problem, tmp_path_factory):
     x, y = reference.all_data(loader)
     x, y = torch.cat([x, x[:1]]), torch.cat([y, y[:1]])  # 301 examples: shards of 151 and 150
     folder = tmp_path_factory.mktemp("distributed")
-    _spawn(folder, model, x, y, BACKENDS + ["pyhessian"])
+    _spawn(folder, model, x, y, NAMES + ["pyhessian"])
     return model, x, y, folder
 
 

@@ -1,4 +1,5 @@
-"""Layerwise blocks and Kronecker factors against dense references (float64, digits MLP)."""
+"""Kronecker factors where B ⊗ A is exact, the Kronecker eigenpairs, and the trace regulariser
+(the factors and the layerwise quantity against dense references: tests/test_backends.py)."""
 
 from __future__ import annotations
 
@@ -9,41 +10,26 @@ import pytest
 import torch
 
 import curvkit
-from curvkit.problem import Problem, model_guard
+from curvkit.problem import model_guard
 from curvkit.quantities.layerwise import kronecker_top
-from curvkit.registry import get_backend
 from tests import reference
+from tests.conftest import backend_params, make_backend
 
 
-@pytest.mark.parametrize("backend", ["backpack", "curvlinops"])
-@pytest.mark.parametrize("problem_name", ["digits_problem", "cnn_problem"])
-def test_exact_kronecker_factors_equal_torchfunc_reference(backend, problem_name, request):
-    """BackPACK's KFLR (A rescaled) and curvlinops' type-2 KFAC are exact: rounding only (1e-8).
-    The CNN pins the convolution convention (B summed, A averaged over positions) for both."""
-    model, loader = request.getfixturevalue(problem_name)
-    with model_guard(model):
-        problem = Problem(model, loader)
-        exact = get_backend("torchfunc")(problem).kronecker_factors()
-        factors = get_backend(backend)(problem).kronecker_factors()
-    assert factors.keys() == exact.keys()
-    for name in exact:
-        assert reference.rel_err(factors[name].B, exact[name].B) < 1e-8
-        assert reference.rel_err(factors[name].A, exact[name].A) < 1e-8
-
-
-def test_single_example_gauss_newton_block_is_kronecker(digits_problem):
+@pytest.mark.parametrize("backend", backend_params("kronecker_factors"))
+def test_single_example_gauss_newton_block_is_kronecker(backend, digits_problem):
     """For one example the layer's G block is exactly M ⊗ a aᵀ (1e-10)."""
     model, loader = digits_problem
     x, y = reference.all_data(loader)
     data = [(x[:1], y[:1])]
     with model_guard(model):
-        factors = get_backend("torchfunc")(Problem(model, data)).kronecker_factors()
+        factors = make_backend(backend, model, data).kronecker_factors()
     g = reference.dense_ggn(model, x[:1])
     block = g[:2048, :2048]  # layer "0": weight 32 × 64 comes first
     assert reference.rel_err(torch.kron(factors["0"].B, factors["0"].A), block) < 1e-10
 
 
-@pytest.mark.parametrize("backend", ["torchfunc", "backpack", "curvlinops"])
+@pytest.mark.parametrize("backend", backend_params("kronecker_factors"))
 def test_convolution_block_is_kronecker_when_every_position_sees_the_same_patch(backend):
     """A 1×1 convolution on spatially constant images (identical examples, so expectations are
     products): the exact G block of its weight is B ⊗ A (1e-10). Summing A over the 9 positions
@@ -58,7 +44,7 @@ def test_convolution_block_is_kronecker_when_every_position_sees_the_same_patch(
     x = torch.randn(1, 3, 1, 1, dtype=torch.float64).expand(4, 3, 3, 3).contiguous()
     data = [(x, torch.tensor([0, 1, 2, 3]))]
     with model_guard(model):
-        factors = get_backend(backend)(Problem(model, data)).kronecker_factors()
+        factors = make_backend(backend, model, data).kronecker_factors()
     block = reference.dense_ggn(model, x)[:12, :12]  # the conv weight (4 × 3) comes first
     assert reference.rel_err(torch.kron(factors["0"].B, factors["0"].A), block) < 1e-10
 
@@ -70,25 +56,6 @@ def test_kronecker_top_matches_dense_product():
     values, _ = kronecker_top(b, a, 6)
     exact = np.linalg.eigvalsh(torch.kron(b, a).numpy())[::-1][:6]
     np.testing.assert_allclose(values.numpy(), exact, rtol=1e-10)
-
-
-def test_layerwise_blocks_match_dense_hessian(digits_problem, dense_mlp):
-    model, loader = digits_problem
-    report = curvkit.analyze(
-        model, loader, backend="backpack", quantities=["layerwise"], top_k=5, progress=False
-    )
-    h = dense_mlp["hessian"]
-    slices = {"0": slice(0, 2048), "2": slice(2080, 2400)}
-    total = 0.0
-    for name, where in slices.items():
-        block = h[where, where]
-        layer = report.layerwise[name]
-        exact = np.linalg.eigvalsh(block.numpy())[::-1][:5]
-        np.testing.assert_allclose(layer.top_eigenvalues, exact, rtol=1e-4)
-        assert abs(layer.trace - float(torch.trace(block))) <= 4 * layer.trace_stderr + 1e-10
-        assert 0 <= layer.overlap["hessian"] <= 1 and all(0 < r <= 1 for r in layer.rank1)
-        total += float(torch.trace(block))
-    assert sum(layer.closest_to_full for layer in report.layerwise.values()) == 1
 
 
 def test_trace_penalty_is_unbiased_and_differentiable(digits_problem, dense_mlp):
@@ -139,19 +106,3 @@ def test_trace_penalty_gradient_matches_finite_differences(digits_problem):
     numeric = (values[0] - values[1]) / (2 * eps)
     assert abs(analytic) > 1e-3  # the penalty depends on every layer through the activations
     assert numeric == pytest.approx(analytic, rel=1e-6)
-
-
-@pytest.mark.parametrize("name", ["torchfunc", "backpack", "pyhessian", "curvlinops"])
-def test_block_products_match_the_dense_blocks(name, digits_problem, dense_mlp):
-    """Native block products (one parameter differentiated) equal the dense diagonal blocks of
-    the Hessian and G: exact computations, 1e-8."""
-    model, loader = digits_problem
-    with model_guard(model):
-        backend = get_backend(name)(Problem(model, loader))
-        where = backend.problem.slice_of("2.weight")
-        v = torch.randn(where.stop - where.start, dtype=torch.float64)
-        for matrix in ("hessian", "ggn"):
-            block = dense_mlp[matrix][where, where]
-            product = backend.block_matvec(matrix, "2.weight")(v)
-            assert reference.rel_err(product, block @ v) < 1e-8, matrix
-            assert not product.requires_grad

@@ -14,8 +14,9 @@ from curvkit.cli import main
 from curvkit.errors import InvalidInputError, MissingDependencyError
 from curvkit.problem import Problem, model_guard
 from curvkit.registry import get_backend
+from tests.conftest import backend_params
 
-BACKENDS = ["torchfunc", "backpack", "pyhessian", "curvlinops"]
+BACKENDS = backend_params(minimal=False)
 QUICK = {"trace_matvecs": 6, "density_probes": 1, "density_steps": 5}
 
 
@@ -263,3 +264,53 @@ def test_per_example_factors_too_large_are_refused_before_allocating(name):
             InvalidInputError, match=r"batch of 512 examples needs about 228\.9 GiB"
         ):
             backend.class_deltas()
+
+
+class ChangingData:
+    """The digits batches on the first pass and ``later`` (a list of batches) on every other."""
+
+    def __init__(self, later: list) -> None:
+        self.first, self.later, self.passes = digits_batches(), later, 0
+
+    def __iter__(self):  # a generator: iter() alone does not count as a pass
+        self.passes += 1
+        yield from self.first if self.passes == 1 else self.later
+
+
+def changed_data() -> dict[str, list]:
+    batches = digits_batches()
+    (x, y), (x2, y2) = batches
+    return {
+        "fewer examples": batches[:1],
+        "augmented inputs": [(x + 1e-3, y), (x2, y2)],
+        "other labels": [(x, y.roll(1)), (x2, y2)],
+    }
+
+
+@pytest.mark.parametrize("change", list(changed_data()))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_data_that_changes_between_passes_is_refused(name, change):
+    """Every backend's passes go through one loop that compares each pass with the first."""
+    data = ChangingData(changed_data()[change])
+    with pytest.raises(InvalidInputError, match="the data changed between passes"):
+        curvkit.analyze(
+            tiny_model(), data, backend=name, quantities=["hessian"], top_k=2, progress=False,
+            options=QUICK,
+        )  # fmt: skip
+
+
+def test_shuffled_data_is_the_same_data_and_drop_last_is_not():
+    """Shuffling without drop_last gives the same examples in another order: accepted, and the
+    same numbers as unshuffled (1e-10: rounding of the batch sums). With drop_last every pass
+    drops other examples: refused."""
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=10)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    plain = torch.utils.data.DataLoader(dataset, batch_size=30)
+    shuffled = torch.utils.data.DataLoader(dataset, batch_size=30, shuffle=True)
+    kwargs = dict(quantities=["ggn"], top_k=2, progress=False, options=QUICK)
+    one = curvkit.analyze(tiny_model(), plain, **kwargs)
+    two = curvkit.analyze(tiny_model(), shuffled, **kwargs)
+    assert two.ggn.top_eigenvalues == pytest.approx(one.ggn.top_eigenvalues, rel=1e-10)
+    dropping = torch.utils.data.DataLoader(dataset, batch_size=30, shuffle=True, drop_last=True)
+    with pytest.raises(InvalidInputError, match="changed between passes"):
+        curvkit.analyze(tiny_model(), dropping, **kwargs)

@@ -21,6 +21,7 @@ from curvkit.linalg.krylov import Density, EigenResult, lanczos, slq_density
 from curvkit.linalg.trace import TraceEstimate, estimate_trace
 from curvkit.report import Provenance
 
+
 @dataclass
 class Options:
     """Settings of the routines (curvkit's own and the backends' native ones)."""

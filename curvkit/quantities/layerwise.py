@@ -79,7 +79,9 @@ def layerwise(
         hessian_block = backend.operator("hessian", f"{name}.weight")
         k = min(top_k, hessian_block.size)
         exact, exact_prov = top_eigen(hessian_block, k, options, seed)
-        exact_g, exact_g_prov = top_eigen(backend.operator("ggn", f"{name}.weight"), k, options, seed)
+        exact_g, exact_g_prov = top_eigen(
+            backend.operator("ggn", f"{name}.weight"), k, options, seed
+        )
         estimate, trace_prov = trace(hessian_block, options, seed + 1)
         spectral, density_prov = density(hessian_block, options, seed + 2)
         kron_values, kron_vectors = kronecker_top(factors[name].B, factors[name].A, k)
