@@ -146,7 +146,9 @@ class Problem:
             x, y = self._prepare(batch, index)
             values = (x if x.dim() > 1 else x[:, None]).detach().flatten(1).double()
             per_example = values.sum(dim=1)
-            sums += torch.stack([per_example.sum(), values.square().sum(), per_example @ y.double()])
+            sums += torch.stack(
+                [per_example.sum(), values.square().sum(), per_example @ y.double()]
+            )
             yield x, y  # the consumer sees the batch first (the scan explains bad labels)
             if y.numel() and int(y.min()) < 0:
                 raise InvalidInputError(

@@ -256,6 +256,23 @@ def test_backpack_monte_carlo_options(digits_problem, dense_mlp):
     assert abs(estimate.value - exact) < 4 * estimate.stderr
 
 
+@needs_backpack
+def test_backpack_monte_carlo_is_seeded_and_leaves_the_callers_generator(digits_problem):
+    """DiagGGNMC and KFAC sample from torch's global generator: curvkit forks and seeds it, so
+    the same seed gives the same numbers and the caller's generator does not move."""
+    model, loader = digits_problem
+    state = torch.random.get_rng_state()
+    with model_guard(model):
+        backend = backpack_with(model, loader, ggn_trace="mc", kronecker="kfac")
+        ggn = backend.operator("ggn")
+        first, second = (trace(ggn, backend.options, 3)[0].value for _ in range(2))
+        other = trace(ggn, backend.options, 4)[0].value
+        factors = [backend.kronecker_factors()["2"].B for _ in range(2)]
+    assert first == second != other
+    assert torch.equal(factors[0], factors[1])
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 @pytest.mark.parametrize(
     "settings, match",
     [

@@ -1,8 +1,12 @@
-"""Papyan's decomposition against a dense per-example reference on the digits MLP (float64).
+"""Papyan's decomposition, for every backend, against a dense per-example reference on the
+digits MLP (float64).
 
 Identity and Gram-route eigenvalues are exact linear algebra: 1e-10 relative for the identity,
 1e-8 for eigenvalues (eigvalsh of a 2410² matrix carries ~1e-13 ‖A‖ rounding; the small ones sit
-near that floor, so eigenvalues are compared relative to the largest of each term).
+near that floor, so eigenvalues are compared relative to the largest of each term). Overlaps
+depend on top-10 eigenvectors: 1e-6 through Lanczos and ARPACK (residuals ≈ 1e-6 ‖A‖), 1e-3
+through PyHessian's power iteration, whose Rayleigh-quotient rule (power_tol 1e-7) leaves the
+eigenvectors accurate to about sqrt(1e-7) ‖A‖ / gap.
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ def dense_terms(deltas: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.T
     return {"own": own, "class": cls, "cross": cross, "within": within}
 
 
-@pytest.fixture(scope="module")
-def result(digits_problem):
+@pytest.fixture(scope="module", params=backend_params("class_deltas"))
+def result(request, digits_problem):
+    """Every backend's class means of the digits MLP (top-10 of G_within)."""
     model, loader = digits_problem
     with model_guard(model):
-        backend = get_backend("torchfunc")(Problem(model, loader))
-        return classmeans(backend, top_k=10)
+        return classmeans(make_backend(request.param, model, loader), top_k=10)
 
 
 def test_decomposition_is_exact(digits_problem, dense_mlp):
@@ -77,8 +81,10 @@ def test_gram_route_matches_dense_terms(result, dense_mlp):
 
 
 def test_traces_add_up(result, dense_mlp):
-    t = result.trace
-    assert t["total"] == pytest.approx(float(torch.trace(dense_mlp["ggn"])), rel=1e-10)
+    """tr G is exact from per-example factors (1e-10), else Hutch++ within 4 standard errors."""
+    t, exact = result.trace, float(torch.trace(dense_mlp["ggn"]))
+    assert abs(t["total"] - exact) <= 4 * result.trace_stderr["total"] + 1e-10 * exact
+    assert (result.trace_stderr["total"] == 0) == (not result.provenance["deltas"].derived)
     assert t["own"] + t["class"] + t["cross"] + t["within"] == pytest.approx(t["total"], rel=1e-12)
     assert min(t.values()) > 0
 
@@ -90,7 +96,9 @@ def test_overlap_matches_dense(result, dense_mlp):
     for name in ("ggn", "hessian"):
         _, vectors = torch.linalg.eigh(dense_mlp[name])
         u = vectors[:, -10:]
-        assert result.overlap[name] == pytest.approx(subspace_overlap(u, q), abs=1e-6)
+        routine = result.provenance[f"lanczos_{name}"].routine
+        tol = 1e-3 if routine == "pyhessian.eigenvalues" else 1e-6
+        assert result.overlap[name] == pytest.approx(subspace_overlap(u, q), abs=tol), routine
         assert 0 <= result.overlap[name] <= 1
 
 
@@ -99,22 +107,6 @@ def test_group_gram_and_coordinates(result, dense_mlp):
     assert np.array(result.class_gram).shape == (10, 10)
     assert np.array(result.coordinates["class_means"]).shape == (10, 2)
     assert np.array(result.coordinates["group_means"]).shape == (10, 10, 2)
-
-
-@pytest.mark.parametrize(
-    "name", [p for p in backend_params("class_deltas") if p.values[0] != "torchfunc"]
-)
-def test_backends_agree_with_torchfunc(name, result, digits_problem):
-    model, loader = digits_problem
-    with model_guard(model):
-        other = classmeans(make_backend(name, model, loader), top_k=10)
-    for term in ("own", "class", "cross"):
-        np.testing.assert_allclose(other.eigenvalues[term], result.eigenvalues[term], rtol=1e-8)
-    if other.provenance["deltas"].derived is False:  # exact tr G from per-example factors
-        assert other.trace == pytest.approx(result.trace, rel=1e-10)
-    else:  # tr G by Hutch++ on G: within its error bars
-        assert abs(other.trace["total"] - result.trace["total"]) < 4 * other.trace_stderr["total"]
-        assert other.provenance["deltas"].derived
 
 
 def test_unbalanced_and_absent_classes(digits_problem):
