@@ -57,38 +57,39 @@ class PyHessianTorch:
 
     @contextlib.contextmanager
     def session(self, dtype: torch.dtype, seed: int) -> Iterator[None]:
-        self._local.dtype, self._local.seed, self._local.generators = dtype, seed, {}
+        previous = getattr(self._local, "state", None)  # sessions may nest
+        self._local.state = (dtype, seed, {})
         try:
             yield
         finally:
-            del self._local.dtype, self._local.seed, self._local.generators
+            self._local.state = previous
 
-    def _active(self) -> bool:
-        return hasattr(self._local, "dtype")
-
-    def _generator(self, device: Any) -> torch.Generator:
-        device = torch.device(device if device is not None else "cpu")
-        generators = self._local.generators
-        if device not in generators:
-            generators[device] = torch.Generator(device=device).manual_seed(self._local.seed)
-        return generators[device]
+    def _defaults(self, kwargs: dict[str, Any], dtype: bool, draw_on: Any = None) -> dict[str, Any]:
+        """``kwargs`` with the session's dtype (if ``dtype``) and, for a random draw on device
+        ``draw_on``, its generator there, where not given; unchanged outside a session."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            return kwargs
+        session_dtype, seed, generators = state
+        if dtype:
+            kwargs.setdefault("dtype", session_dtype)
+        if draw_on is not None:
+            device = torch.device(draw_on)
+            if device not in generators:
+                generators[device] = torch.Generator(device=device).manual_seed(seed)
+            kwargs.setdefault("generator", generators[device])
+        return kwargs
 
     def zeros(self, *size: Any, **kwargs: Any) -> Tensor:
-        if self._active():
-            kwargs.setdefault("dtype", self._local.dtype)
-        return torch.zeros(*size, **kwargs)
+        return torch.zeros(*size, **self._defaults(kwargs, dtype=True))
 
     def randn(self, *size: Any, **kwargs: Any) -> Tensor:
-        if self._active():
-            kwargs.setdefault("dtype", self._local.dtype)
-            kwargs.setdefault("generator", self._generator(kwargs.get("device")))
-        return torch.randn(*size, **kwargs)
+        draw_on = kwargs.get("device") or "cpu"
+        return torch.randn(*size, **self._defaults(kwargs, dtype=True, draw_on=draw_on))
 
     def randint_like(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if self._active():
-            device = kwargs.get("device", input.device)
-            kwargs.setdefault("generator", self._generator(device))
-        return torch.randint_like(input, *args, **kwargs)
+        draw_on = kwargs.get("device") or input.device
+        return torch.randint_like(input, *args, **self._defaults(kwargs, False, draw_on))
 
     @staticmethod
     def eig(matrix: Tensor, eigenvectors: bool = True) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ import torch
 
 import curvkit
 from curvkit.datasets import digits_loader, digits_tensors
-from curvkit.linalg.operator import density, top_eigen
+from curvkit.linalg.operator import density, top_eigen, trace
 from curvkit.models import digits_cnn, digits_mlp, mlp, train
 from curvkit.problem import Problem, model_guard
 from curvkit.quantities.classmeans import classmeans
@@ -181,7 +181,7 @@ def eigen_routines(device: str) -> str:
         problem = Problem(model, data)
         exact = np.linalg.eigvalsh(get_backend("torchfunc")(problem).dense_hessian().cpu().numpy())
         top = exact[::-1][:10]
-        trace = exact.sum()
+        exact_trace = exact.sum()
         for tol in (1e-6, 1e-8):
             backend = get_backend("torchfunc")(problem, curvkit.Options(lanczos_tol=tol))
             start = time.perf_counter()
@@ -227,7 +227,7 @@ def eigen_routines(device: str) -> str:
                     "99 probes",
                     str(prov.matvecs),
                     f"{time.perf_counter() - start:.2f}",
-                    f"{abs(est.value - trace) / abs(trace):.1%} (stderr {est.stderr / abs(trace):.1%})",
+                    f"{abs(est.value - exact_trace) / abs(exact_trace):.1%} (stderr {est.stderr / abs(exact_trace):.1%})",
                 ]
             )
         for name in ("torchfunc", "pyhessian"):

@@ -168,9 +168,11 @@ def analyze(
             engine.configure(per_quantity[name])
             missing = [n for n in NEEDS[name] if n not in backend_cls.capabilities]
             if missing:
+                others = providers(missing)
+                hint = f"use one of {', '.join(others)}" if others else "no installed backend does"
                 error = UnsupportedError(
                     f"backend {backend!r} does not provide {', '.join(missing)}, which {name} "
-                    f"needs; use one of {', '.join(providers(missing)) or 'no installed backend'}."
+                    f"needs; {hint}."
                 )
                 if not skip_unsupported:
                     raise error

@@ -43,26 +43,31 @@ class DataSummary:
 @dataclass(frozen=True)
 class PassRecord:
     """What identifies one pass over this rank's data, in any order: the example and class
-    counts, and in float64 the sums of the inputs, of their squares, and of each example's input
-    sum times its label (which pairs inputs with labels)."""
+    counts, and in float64 the sums of p_i, p_i² and y_i p_i, where p_i = x_i · w projects each
+    example's input on fixed positive weights (a flip, crop or noise changes it; the label
+    term pairs inputs with labels)."""
 
     num_samples: int
     counts: tuple[int, ...]
-    input_sum: float
-    input_square_sum: float
-    labelled_sum: float
+    sums: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, projections: Tensor, labels: Tensor) -> PassRecord:
+        try:
+            counts = torch.bincount(labels)
+        except RuntimeError as error:  # negative labels (the first pass's scan explains them)
+            raise InvalidInputError(
+                f"the labels include {int(labels.min())}; labels must be class indices 0, 1, …, "
+                "C − 1."
+            ) from error
+        terms = torch.stack([projections, projections.square(), labels * projections])
+        return cls(len(labels), tuple(counts.tolist()), tuple(terms.sum(dim=1).tolist()))
 
     def matches(self, other: PassRecord) -> bool:
-        def close(a: float, b: float) -> bool:
-            return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-300)
-
-        return (
-            self.num_samples == other.num_samples
-            and self.counts == other.counts
-            and close(self.input_sum, other.input_sum)
-            and close(self.input_square_sum, other.input_square_sum)
-            and close(self.labelled_sum, other.labelled_sum)
+        close = all(
+            abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-300) for a, b in zip(self.sums, other.sums)
         )
+        return close and (self.num_samples, self.counts) == (other.num_samples, other.counts)
 
 
 class Problem:
@@ -103,6 +108,7 @@ class Problem:
         self.model = model
         self.data = data
         self.first_pass: PassRecord | None = None
+        self._weights: dict[int, Tensor] = {}
         self.names, self.params = _select_params(model, params)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
@@ -128,9 +134,7 @@ class Problem:
         number assumes the same data on every pass.
         """
         iterator = iter(self.data)
-        index = 0
-        counts = torch.zeros(0, dtype=torch.long, device=self.device)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        index, projections, labels = 0, [], []
         while True:
             try:
                 batch = next(iterator)
@@ -144,24 +148,22 @@ class Problem:
                     f"({error}); fix the loader."
                 ) from error
             x, y = self._prepare(batch, index)
-            values = (x if x.dim() > 1 else x[:, None]).detach().flatten(1).double()
-            per_example = values.sum(dim=1)
-            sums += torch.stack(
-                [per_example.sum(), values.square().sum(), per_example @ y.double()]
-            )
-            yield x, y  # the consumer sees the batch first (the scan explains bad labels)
-            if y.numel() and int(y.min()) < 0:
-                raise InvalidInputError(
-                    f"labels in batch {index} include {int(y.min())}; labels must be class "
-                    "indices 0, 1, …, C − 1."
-                )
-            batch_counts = torch.bincount(y)
-            if batch_counts.numel() > counts.numel():
-                counts = nn.functional.pad(counts, (0, batch_counts.numel() - counts.numel()))
-            counts[: batch_counts.numel()] += batch_counts
+            projections.append(self._project(x))
+            labels.append(y)
+            yield x, y
             index += 1
-        counts_list = counts.tolist()
-        self._check_pass(PassRecord(sum(counts_list), tuple(counts_list), *sums.tolist()))
+        if labels:
+            self._check_pass(PassRecord.of(torch.cat(projections), torch.cat(labels)))
+
+    def _project(self, x: Tensor) -> Tensor:
+        """``x_i · w`` per example in float64 (see PassRecord); w is drawn once per input size."""
+        flat = (x.flatten(1) if x.dim() > 1 else x[:, None]).detach().double()
+        width = flat.shape[1]
+        if width not in self._weights:
+            generator = torch.Generator().manual_seed(width)
+            weights = 0.5 + torch.rand(width, generator=generator, dtype=torch.float64)
+            self._weights[width] = weights.to(self.device)
+        return flat @ self._weights[width]
 
     def _check_pass(self, record: PassRecord) -> None:
         if self.first_pass is None:
@@ -173,7 +175,7 @@ class Problem:
                 f"{first.num_samples} examples on the first pass, {record.num_samples} on this one"
                 if first.num_samples != record.num_samples
                 else "the same number of examples but different "
-                + ("labels" if first.counts != record.counts else "inputs")
+                + ("labels" if first.counts != record.counts else "inputs or labels")
             )
             raise InvalidInputError(
                 f"the data changed between passes ({change}); give curvkit data that yields the "

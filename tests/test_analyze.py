@@ -11,6 +11,7 @@ import curvkit
 from curvkit.errors import BackendNotFoundError, InvalidInputError
 from curvkit.quantities.spectrum import count_outliers
 from curvkit.report import Report
+from tests.conftest import requires
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,20 @@ def test_count_outliers_rule():
     assert count_outliers([50.0, 30.0, 20.0] + bulk) == 3
     assert count_outliers(bulk) == 0
     assert count_outliers([1.0, -1.0]) == 0
+
+
+@requires("pyhessian")
+def test_an_unsupported_quantity_fails_before_anything_is_computed(digits_problem):
+    """PyHessian has no Kronecker factors: asked for the Hessian and layerwise, it says so after
+    the data's scan, before any product."""
+    model, loader = digits_problem
+    passes = []
+
+    class Counting:
+        def __iter__(self):
+            passes.append(1)
+            yield from loader
+
+    with pytest.raises(curvkit.UnsupportedError, match="kronecker_factors, which layerwise needs"):
+        curvkit.analyze(model, Counting(), backend="pyhessian", quantities=["hessian", "layerwise"])
+    assert len(passes) == 1

@@ -283,6 +283,7 @@ def changed_data() -> dict[str, list]:
     return {
         "fewer examples": batches[:1],
         "augmented inputs": [(x + 1e-3, y), (x2, y2)],
+        "flipped inputs": [(x.flip(1), y), (x2, y2)],  # the same values in other places
         "other labels": [(x, y.roll(1)), (x2, y2)],
     }
 
