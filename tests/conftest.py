@@ -98,26 +98,12 @@ def cnn_problem():
 
 @pytest.fixture(scope="session")
 def dense_mlp(digits_problem):
-    model, loader = digits_problem
-    x, y = reference.all_data(loader)
-    return {
-        "hessian": reference.dense_hessian(model, x, y),
-        "ggn": reference.dense_ggn(model, x),
-        "deltas": reference.papyan_deltas(model, x),
-        "labels": y,
-    }
+    return reference.dense_references(*digits_problem)
 
 
 @pytest.fixture(scope="session")
 def dense_cnn(cnn_problem):
-    model, loader = cnn_problem
-    x, y = reference.all_data(loader)
-    return {
-        "hessian": reference.dense_hessian(model, x, y),
-        "ggn": reference.dense_ggn(model, x),
-        "deltas": reference.papyan_deltas(model, x),
-        "labels": y,
-    }
+    return reference.dense_references(*cnn_problem)
 
 
 @pytest.fixture(scope="session", params=["mlp", "cnn"])

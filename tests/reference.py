@@ -116,6 +116,17 @@ def weight_slices(model: nn.Module) -> dict[str, slice]:
     return slices
 
 
+def dense_references(model: nn.Module, loader) -> dict[str, torch.Tensor]:
+    """The Hessian, G, the per-example factors δ_{i,c'} and the labels of a whole data set."""
+    x, y = all_data(loader)
+    return {
+        "hessian": dense_hessian(model, x, y),
+        "ggn": dense_ggn(model, x),
+        "deltas": papyan_deltas(model, x),
+        "labels": y,
+    }
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b|: the worst mismatch relative to the reference's scale."""
     return float((a - b).abs().max() / b.abs().max())
