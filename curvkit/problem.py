@@ -401,6 +401,12 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
             )
         if not names:
             raise InvalidInputError("params is empty; name at least one parameter.")
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise InvalidInputError(
+                f"params names {', '.join(repeated)} more than once; name each parameter once "
+                "(a repeated one would count twice in P and in every product)."
+            )
     params = [named[n] for n in names]
     if len({(p.device, p.dtype) for p in params}) > 1:
         raise InvalidInputError(
