@@ -18,7 +18,7 @@ from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, current_group, rank
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Options
-from curvkit.problem import Problem, fingerprint, model_guard
+from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
@@ -77,6 +77,7 @@ def analyze(
     skip_unsupported: bool = False,
     choice_file: str | os.PathLike | None = None,
     process_group: Group = None,
+    cache_mb: float = DEFAULT_CACHE_MB,
 ) -> Report:
     """Measure the curvature of ``model``'s loss on ``data`` with one backend.
 
@@ -92,6 +93,8 @@ def analyze(
     Under torch.distributed (an initialised process group with several ranks, or
     ``process_group``) each rank passes its shard of the data (see curvkit.distributed) and every
     rank gets the whole data set's report; progress bars show on rank 0 only.
+    The loader is read once and its batches kept on the model's device when they fit in
+    ``cache_mb`` MiB (see Problem; 0 reads it on every pass).
 
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
@@ -114,13 +117,14 @@ def analyze(
         "params": params,
         "options": options,
         "process_group": process_group,
+        "cache_mb": cache_mb,
     }
     if backend == "auto":
         return _analyze_auto(model, data, names, settings, skip_unsupported, choice_file)
     backend_cls = get_backend(backend)
     opts = make_options(options, progress)
     with model_guard(model):
-        problem = Problem(model, data, loss=loss, params=params, group=group)
+        problem = Problem(model, data, loss=loss, params=params, group=group, cache_mb=cache_mb)
         k = top_k if top_k is not None else default_top_k(problem.num_classes, problem.num_params)
         if not 1 <= k <= problem.num_params:
             raise InvalidInputError(

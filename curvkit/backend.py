@@ -23,7 +23,6 @@ import copy
 import importlib
 import importlib.metadata
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torch import Tensor
 from curvkit.distributed import all_reduce_float
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
 from curvkit.linalg.operator import Operator, Options
-from curvkit.problem import Problem
+from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
 
 MATRICES = ("hessian", "ggn", "residual")
@@ -340,16 +339,6 @@ class Backend:
                 f"of at most {largest} examples, or a backend with weighted gradient passes "
                 "(pyhessian, curvlinops), which hold only C × C × P numbers."
             )
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Free memory in bytes on ``device`` (CPU: Linux's available pages), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class CountingBatches:

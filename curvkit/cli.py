@@ -205,6 +205,7 @@ def _analyze(args: argparse.Namespace, config: dict) -> int:
             options=config["options"],
             choice_file=args.choice_file,
             process_group=group,
+            cache_mb=config["data"]["cache_mb"],
         )
     if not main_rank:
         return 0

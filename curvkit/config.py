@@ -11,6 +11,7 @@ data:                      # or just "digits", or {factory: "mypkg.data:make_loa
   samples_per_class: null  # the first n examples of each class (Papyan's subsets); for
                            # gaussian-mixture the number drawn per class (default 100)
   batch_size: 512
+  cache_mb: 2048           # batches kept in memory after the first pass (0: read every pass)
   classes: null            # gaussian-mixture only: C (default 10), the means' pairwise
   separation: null         # distance (default 3.0) and the input dimension (default 64)
   features: null
@@ -69,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
         "root": None,
         "samples_per_class": None,
         "batch_size": 512,
+        "cache_mb": 2048.0,
         "classes": None,
         "separation": None,
         "features": None,
@@ -94,6 +96,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "data.root": (str,),
     "data.samples_per_class": (int,),
     "data.batch_size": (int,),
+    "data.cache_mb": (float, int),
     "data.classes": (int,),
     "data.separation": (float, int),
     "data.features": (int,),
@@ -203,6 +206,10 @@ def _check(config: dict[str, Any]) -> None:
         value = config[section][leaf]
         if value is not None and value < (0 if leaf == "epochs" else 1):
             raise InvalidInputError(f"config key {key!r} must be positive, got {value}.")
+    if config["data"]["cache_mb"] < 0:
+        raise InvalidInputError(
+            f"config key 'data.cache_mb' must be ≥ 0 (0: no cache), got {config['data']['cache_mb']}."
+        )
 
 
 def build(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from curvkit.distributed import (
 from curvkit.errors import CurvkitError, InvalidInputError
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
+
+DEFAULT_CACHE_MB = 2048.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ class Problem:
 
     The loss is ``L(θ) = (1/N) Σ_i ℓ(f(x_i; θ), y_i)``, averaged over examples (never over
     batches). ``params`` selects the parameters by name; by default all that require gradients.
+    The first pass (the scan that checks every batch) keeps the prepared batches in memory on
+    the model's device while they fit in ``cache_mb`` MiB (and a quarter of the free memory):
+    every later pass then re-uses them, so the loader is read once and every quantity sees the
+    same examples. ``cache_mb=0``, or data too large, reads the loader on every pass and refuses
+    a pass whose examples differ from the first pass's.
     With a torch.distributed ``group`` (by default an initialised one with several ranks) ``data``
     is this rank's shard: N and the class counts are the shards' totals, ``num_shard_samples``
     this rank's, and ``all_reduce`` sums a partial sum over the ranks (see curvkit.distributed).
@@ -90,6 +98,7 @@ class Problem:
         loss: str = "cross_entropy",
         params: Sequence[str] | None = None,
         group: Group = None,
+        cache_mb: float = DEFAULT_CACHE_MB,
     ) -> None:
         check_module(model)
         self.loss = make_loss(loss)
@@ -108,6 +117,8 @@ class Problem:
         self.model = model
         self.data = data
         self.first_pass: PassRecord | None = None
+        self.cache_mb = cache_mb
+        self.cached: list[tuple[Tensor, Tensor]] | None = None
         self._weights: dict[int, Tensor] = {}
         self.names, self.params = _select_params(model, params)
         self.device = self.params[0].device
@@ -131,8 +142,12 @@ class Problem:
         An exception raised by the user's loader becomes an InvalidInputError naming the batch
         (KeyboardInterrupt and other BaseExceptions pass through). A complete pass whose
         examples differ from the first pass's (see PassRecord) is an InvalidInputError: every
-        number assumes the same data on every pass.
+        number assumes the same data on every pass. Once the first pass has cached the batches,
+        they are yielded instead.
         """
+        if self.cached is not None:
+            yield from self.cached
+            return
         iterator = iter(self.data)
         index, projections, labels = 0, [], []
         while True:
@@ -264,8 +279,16 @@ class Problem:
     def _scan_shard(self) -> DataSummary:
         """The scan of this rank's data (all of it without a process group)."""
         num_samples, num_classes, counts, max_batch, index = 0, 0, None, 0, -1
+        budget = cache_budget(self.cache_mb, self.device)
+        cache: list[tuple[Tensor, Tensor]] | None = [] if budget > 0 else None
         with model_guard(self.model), torch.no_grad():
             for index, (x, y) in enumerate(self.batches()):
+                if cache is not None:
+                    budget -= x.nbytes + y.nbytes
+                    if budget >= 0:
+                        cache.append((x, y))
+                    else:
+                        cache = None
                 if x.dtype.is_floating_point and not torch.isfinite(x).all():
                     raise InvalidInputError(
                         f"inputs in batch {index} contain NaN or Inf; clean or filter the data first."
@@ -313,6 +336,7 @@ class Problem:
         if num_samples == 0 and self.group is None:
             raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
         counts_tuple = tuple(int(c) for c in counts) if counts is not None else ()
+        self.cached = cache
         return DataSummary(num_samples, num_classes, counts_tuple, index + 1, max_batch)
 
     # -- flat vectors ---------------------------------------------------------------------------
@@ -375,6 +399,25 @@ class Problem:
         for p in self.params:
             digest.update(p.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
+
+
+def cache_budget(cache_mb: float, device: torch.device) -> int:
+    """Bytes the batches may occupy: ``cache_mb`` MiB, at most a quarter of the free memory."""
+    if not cache_mb >= 0:
+        raise InvalidInputError(f"cache_mb must be a number of MiB ≥ 0, got {cache_mb!r}.")
+    budget = int(cache_mb * 2**20)
+    free = free_memory(device)
+    return budget if free is None else min(budget, free // 4)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free memory in bytes on ``device`` (CPU: Linux's available pages), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_module(model: object) -> None:

@@ -195,7 +195,9 @@ def test_interrupt_mid_analysis_leaves_the_model_as_it_was(name, error):
     loader = RaisingLoader(error, at=1, from_pass=3)
     expected = KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else InvalidInputError
     with pytest.raises(expected):
-        curvkit.analyze(model, loader, backend=name, quantities=["hessian"], progress=False)
+        curvkit.analyze(
+            model, loader, backend=name, quantities=["hessian"], progress=False, cache_mb=0
+        )
     after = snapshot(model)
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
     assert before[1:] == after[1:]
@@ -219,7 +221,7 @@ def test_interrupted_command_writes_no_report(tmp_path, monkeypatch):
     args = ["analyze", "--quiet", "--epochs", "0", "--output", str(out), "--quantities", "ggn"]
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     config = tmp_path / "run.yaml"
-    config.write_text("data: interrupting:make_loader\n")
+    config.write_text("data: {factory: 'interrupting:make_loader', cache_mb: 0}\n")
     assert main([*args, "--config", str(config)]) == 130
     assert (out / "report.yaml").read_text() == "previous: report\n"
     assert [p.name for p in out.iterdir()] == ["report.yaml"]  # no temporary file left
@@ -291,13 +293,28 @@ def changed_data() -> dict[str, list]:
 @pytest.mark.parametrize("change", list(changed_data()))
 @pytest.mark.parametrize("name", BACKENDS)
 def test_data_that_changes_between_passes_is_refused(name, change):
-    """Every backend's passes go through one loop that compares each pass with the first."""
+    """Without the cache, every backend's passes go through one loop that compares each pass
+    with the first."""
     data = ChangingData(changed_data()[change])
     with pytest.raises(InvalidInputError, match="the data changed between passes"):
         curvkit.analyze(
             tiny_model(), data, backend=name, quantities=["hessian"], top_k=2, progress=False,
-            options=QUICK,
+            options=QUICK, cache_mb=0,
         )  # fmt: skip
+
+
+def test_cached_data_is_read_once():
+    """With the cache (the default) the loader is read by the first pass only, so data that
+    would change later gives exactly the numbers of the first pass's data."""
+    changing = ChangingData(changed_data()["augmented inputs"])
+    kwargs = dict(quantities=["hessian"], top_k=2, progress=False, options=QUICK)
+    report = curvkit.analyze(tiny_model(), changing, **kwargs)
+    assert changing.passes == 1
+    fixed = curvkit.analyze(tiny_model(), digits_batches(), **kwargs)
+    assert report.hessian.top_eigenvalues == fixed.hessian.top_eigenvalues
+    too_small = ChangingData(changed_data()["augmented inputs"])
+    with pytest.raises(InvalidInputError, match="changed between passes"):
+        curvkit.analyze(tiny_model(), too_small, **kwargs, cache_mb=1e-3)  # over the budget
 
 
 def test_shuffled_data_is_the_same_data_and_drop_last_is_not():
@@ -310,8 +327,8 @@ def test_shuffled_data_is_the_same_data_and_drop_last_is_not():
     shuffled = torch.utils.data.DataLoader(dataset, batch_size=30, shuffle=True)
     kwargs = dict(quantities=["ggn"], top_k=2, progress=False, options=QUICK)
     one = curvkit.analyze(tiny_model(), plain, **kwargs)
-    two = curvkit.analyze(tiny_model(), shuffled, **kwargs)
+    two = curvkit.analyze(tiny_model(), shuffled, **kwargs, cache_mb=0)
     assert two.ggn.top_eigenvalues == pytest.approx(one.ggn.top_eigenvalues, rel=1e-10)
     dropping = torch.utils.data.DataLoader(dataset, batch_size=30, shuffle=True, drop_last=True)
     with pytest.raises(InvalidInputError, match="changed between passes"):
-        curvkit.analyze(tiny_model(), dropping, **kwargs)
+        curvkit.analyze(tiny_model(), dropping, **kwargs, cache_mb=0)
