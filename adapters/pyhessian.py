@@ -25,7 +25,6 @@ import contextlib
 import importlib
 import math
 import threading
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -197,6 +196,7 @@ class PyHessianBackend(Backend):
             self.problem.device,
             backend=self.name,
             derived=matrix != "hessian",
+            passes=lambda: self.passes,
         )
         op.native = {
             "top_eigen": lambda k, options, seed: self._top_eigen(
@@ -224,7 +224,7 @@ class PyHessianBackend(Backend):
         """
         if matrix == "residual":
             return self._lanczos_instead(op, k, options, seed, "H = Hess − G is indefinite")
-        start, passes = time.perf_counter(), self.passes
+        start, passes = op.clock(), self.passes
         power_tol = self.config["power_tol"]
         with self._engine(matrix, param, seed) as engine:
             values, vectors = engine.eigenvalues(
@@ -264,7 +264,7 @@ class PyHessianBackend(Backend):
         self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
     ) -> tuple[TraceEstimate, Provenance]:
         """Hutchinson (``hessian.trace``) with ``trace_matvecs`` probes, no early stop."""
-        start, passes = time.perf_counter(), self.passes
+        start, passes = op.clock(), self.passes
         with self._engine(matrix, param, seed) as engine:
             samples = engine.trace(maxIter=options.trace_matvecs, tol=0.0)
         passes = self.passes - passes
@@ -277,7 +277,7 @@ class PyHessianBackend(Backend):
         self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
     ) -> tuple[Density, Provenance]:
         """SLQ (``hessian.density``) nodes and weights, broadened on curvkit's grid."""
-        start, passes = time.perf_counter(), self.passes
+        start, passes = op.clock(), self.passes
         steps = min(options.density_steps, op.size)
         with self._engine(matrix, param, seed) as engine:
             nodes, weights = engine.density(iter=steps, n_v=options.density_probes)

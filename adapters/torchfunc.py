@@ -1,13 +1,26 @@
-"""The reference backend: torch.func transforms over ``functional_call``.
+"""The reference backend: torch.func transforms and autograd over ``functional_call``.
 
-Hessian products are forward-over-reverse (``jvp`` of ``grad``); G products are ``jvp`` →
-output Hessian → ``vjp``; a block of k vectors is one ``vmap`` over the columns. Per-example
-Jacobians are ``vmap`` over ``jacrev``. ``dense_hessian`` and ``dense_ggn`` materialise P × P
-matrices for references on small models.
+Products with a block of k vectors, in one of two routes (setting ``products``):
+
+- ``forward-over-reverse``: Hessian products as ``jvp`` of ``grad``, G products as ``jvp`` →
+  output Hessian → ``vjp``, each ``vmap``-ed over the k columns;
+- ``reverse-over-reverse``: one gradient with ``create_graph`` and a batched double backward
+  (``autograd.grad(..., is_grads_batched=True)``); G products as J v by the double-vjp trick,
+  then the output Hessian, then a batched vjp;
+- ``auto`` (default): each route timed once on the first batch for each matrix and block
+  width, the faster kept (provenance notes which). Which is faster depends on the model, the
+  block width and the device: on 2 CPU cores reverse-over-reverse for single vectors and MLPs,
+  forward-over-reverse for blocks on a CNN (benchmarks/results/products_cpu.md). The routes
+  agree to rounding, so a run with ``auto`` is reproducible to rounding only; name a route to
+  get bit-identical reruns.
+
+Per-example Jacobians are ``vmap`` over ``jacrev``. ``dense_hessian`` and ``dense_ggn``
+materialise P × P matrices for references on small models.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -19,6 +32,7 @@ from curvkit.errors import InvalidInputError
 from curvkit.layers import kronecker_layers, unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
+ROUTES = ("forward-over-reverse", "reverse-over-reverse")
 Tensors = dict[str, Tensor]
 
 
@@ -30,11 +44,24 @@ def map_columns(product: Callable[[Tensors], Tensors], columns: Tensors) -> Tens
     return {n: t[None] for n, t in single.items()}
 
 
+def _faster(routes: dict[str, Callable[[], Tensor]]) -> str:
+    """The route whose second call (the first warms up) takes the least wall time."""
+    seconds = {}
+    for name, run in routes.items():
+        run()
+        start = time.perf_counter()
+        run()
+        seconds[name] = time.perf_counter() - start
+    return min(seconds, key=seconds.get)
+
+
 class TorchFuncBackend(Backend):
     """torch.func: the reference every other backend is tested against."""
 
     name = "torchfunc"
     library = "torch"
+    default_settings = {"products": "auto"}
+    choices = {"products": ("auto", *ROUTES)}
     capabilities = {
         "hvp": "native",
         "ggnvp": "native",
@@ -45,6 +72,10 @@ class TorchFuncBackend(Backend):
         "dense": "native",
     }
 
+    def __init__(self, *args, **kwargs) -> None:
+        self.chosen_routes: dict[tuple[str, int], str] = {}
+        super().__init__(*args, **kwargs)
+
     def _params(self, param: str | None = None) -> Tensors:
         values = dict(zip(self.problem.names, self.problem.params))
         return {n: values[n].detach() for n in self.problem.selected(param)}
@@ -54,6 +85,37 @@ class TorchFuncBackend(Backend):
 
     # -- per-batch primitives -------------------------------------------------------------------
     def batch_hvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        return self._product("hessian", x, y, V, param)
+
+    def batch_ggnvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        return self._product("ggn", x, y, V, param)
+
+    def _product(self, matrix: str, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        routes = {
+            ("hessian", ROUTES[0]): self._hvp_forward,
+            ("hessian", ROUTES[1]): self._hvp_reverse,
+            ("ggn", ROUTES[0]): self._ggnvp_forward,
+            ("ggn", ROUTES[1]): self._ggnvp_reverse,
+        }
+        route = self.config["products"]
+        if route == "auto":
+            key = (matrix, V.shape[1])
+            if key not in self.chosen_routes:
+                self.chosen_routes[key] = _faster(
+                    {r: (lambda r=r: routes[matrix, r](x, y, V, param)) for r in ROUTES}
+                )
+            route = self.chosen_routes[key]
+        return routes[matrix, route](x, y, V, param)
+
+    def product_note(self, matrix: str) -> str:
+        if self.config["products"] != "auto":
+            return f"products: {self.config['products']}"
+        chosen = {k: r for (m, k), r in sorted(self.chosen_routes.items()) if m == matrix}
+        return "products (measured faster): " + ", ".join(
+            f"{r} for blocks of {k}" for k, r in chosen.items()
+        )
+
+    def _hvp_forward(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         params = self._params(param)
         loss = self.problem.loss
         gradient = grad(lambda p: loss.sum(self._logits(p, x), y))
@@ -63,7 +125,18 @@ class TorchFuncBackend(Backend):
             )
         return self.problem.join_columns([hv[n] for n in params])
 
-    def batch_ggnvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+    def _hvp_reverse(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        params = {n: t.requires_grad_() for n, t in self._params(param).items()}
+        with torch.enable_grad():
+            loss = self.problem.loss.sum(self._logits(params, x), y)
+            gradient = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            columns = self.problem.split_columns(V, param)
+            hv = torch.autograd.grad(
+                gradient, list(params.values()), [columns[n] for n in params], is_grads_batched=True
+            )
+        return self.problem.join_columns(hv)
+
+    def _ggnvp_forward(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         params = self._params(param)
         loss = self.problem.loss
 
@@ -79,6 +152,21 @@ class TorchFuncBackend(Backend):
 
             gv = map_columns(product, self.problem.split_columns(V, param))
         return self.problem.join_columns([gv[n] for n in params])
+
+    def _ggnvp_reverse(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        """J v = ∂/∂u ⟨Jᵀu, v⟩ (the double-vjp trick), then Jᵀ H J v, batched over columns."""
+        params = {n: t.requires_grad_() for n, t in self._params(param).items()}
+        with torch.enable_grad():
+            logits = self._logits(params, x)
+            dummy = torch.zeros_like(logits, requires_grad=True)
+            pulled = torch.autograd.grad(logits, list(params.values()), dummy, create_graph=True)
+            columns = self.problem.split_columns(V, param)
+            jv = torch.autograd.grad(
+                pulled, dummy, [columns[n] for n in params], is_grads_batched=True
+            )[0]
+            hjv = self.problem.loss.output_hessian_product(logits.detach(), jv)
+            gv = torch.autograd.grad(logits, list(params.values()), hjv, is_grads_batched=True)
+        return self.problem.join_columns(gv)
 
     def jacobians(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits (B, C) and per-example Jacobians ``J_i = ∂f(x_i)/∂θ`` as one (B, C, P) tensor."""

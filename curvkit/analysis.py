@@ -182,7 +182,7 @@ def analyze(
                     raise error
                 report.skipped[name] = str(error)
         for name in [n for n in names if n not in report.skipped]:
-            start = time.perf_counter()
+            start, passes = time.perf_counter(), engine.passes
             engine.configure(per_quantity[name])
             try:
                 if name in MATRICES:
@@ -199,6 +199,7 @@ def analyze(
                 continue
             setattr(report, name, result)
             report.timings[name] = time.perf_counter() - start
+            report.data_passes[name] = engine.passes - passes
     return report
 
 
@@ -254,6 +255,7 @@ def _merge(into: Report | None, part: Report, used: dict[str, str]) -> Report:
         into.timings[q] = part.timings[q]
         if q in part.matvecs:
             into.matvecs[q] = part.matvecs[q]
+        into.data_passes[q] = part.data_passes[q]
         into.skipped.pop(q, None)
     into.skipped.update({q: why for q, why in part.skipped.items() if q not in used})
     into.versions.update(part.versions)

@@ -184,17 +184,28 @@ class Backend:
 
     # -- whole-data primitives ------------------------------------------------------------------
     def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
-        """``∇²L v`` of the data-set loss for a flat vector or a (size, k) block of columns;
-        with ``param``, the product with that parameter's diagonal block."""
-        return self._columns(
-            lambda V: self.data_mean(lambda x, y: self.batch_hvp(x, y, V, param)), v
-        )
+        """``∇²L v`` of the data-set loss for a flat vector or a (size, k) block of columns, in
+        one pass over the data; with ``param``, the product with that parameter's diagonal
+        block."""
+        return self._columns(lambda V: self._block_mean(self.batch_hvp, V, param), v)
 
     def ggnvp(self, v: Tensor, param: str | None = None) -> Tensor:
         """``G v = (1/N) Σ_i J_iᵀ H_i J_i v`` (H_i the loss's output Hessian), as ``hvp``."""
-        return self._columns(
-            lambda V: self.data_mean(lambda x, y: self.batch_ggnvp(x, y, V, param)), v
+        return self._columns(lambda V: self._block_mean(self.batch_ggnvp, V, param), v)
+
+    def _block_mean(
+        self, batch_product: Callable[..., Tensor], V: Tensor, param: str | None
+    ) -> Tensor:
+        """One pass: each batch's product with V, in chunks of at most ``options.block_size``
+        columns (near-equal widths) to bound the memory a batch's product takes."""
+        chunks = torch.tensor_split(V, math.ceil(V.shape[1] / self.options.block_size), dim=1)
+        return self.data_mean(
+            lambda x, y: torch.cat([batch_product(x, y, c, param) for c in chunks], dim=1)
         )
+
+    def product_note(self, matrix: str) -> str:
+        """How this backend's products with ``matrix`` ran (for provenance); none by default."""
+        return ""
 
     @staticmethod
     def _columns(product: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
@@ -283,6 +294,8 @@ class Backend:
                 self.problem.device,
                 backend=self.name,
                 derived=self.capabilities.get(primitive) == "derived",
+                passes=lambda: self.passes,
+                note=lambda: self.product_note(matrix),
             )
         else:
             raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")

@@ -25,7 +25,8 @@ QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
 
 @dataclass
 class Provenance:
-    """Where a number came from: backend, routine, matvecs used, wall time, derived or native."""
+    """Where a number came from: backend, routine, matvecs used, passes over the data, wall
+    time, derived or native, and a note (e.g. which product route ran)."""
 
     backend: str
     routine: str
@@ -33,6 +34,7 @@ class Provenance:
     seconds: float = 0.0
     derived: bool = False
     note: str = ""
+    passes: int = 0
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Report:
     layerwise: dict[str, Layer] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     matvecs: dict[str, int] = field(default_factory=dict)
+    data_passes: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # quantity -> why the backend could not
     config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
@@ -158,6 +161,7 @@ class Report:
             layerwise=layerwise,
             timings=data.get("timings", {}),
             matvecs=data.get("matvecs", {}),
+            data_passes=data.get("data_passes", {}),
             skipped=data.get("skipped", {}),
             config=data.get("config", {}),
             versions=data.get("versions", {}),

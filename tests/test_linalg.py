@@ -30,12 +30,13 @@ def spectra() -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("name", list(spectra()))
-def test_lanczos_top_k_matches_eigvalsh(name):
+def test_lanczos_top_k_matches_eigvalsh(name, block):
     eigs = spectra()[name]
     a = symmetric(eigs)
     exact = np.linalg.eigvalsh(a.numpy())[::-1][:10]
-    result = lanczos(lambda v: a @ v, N, 10, tol=1e-10, max_iter=N)
+    result = lanczos(lambda v: a @ v, N, 10, tol=1e-10, max_iter=N, block=block)
     assert result.converged
     # residual tol 1e-10 of ‖A‖ bounds each eigenvalue error by 1e-10 ‖A‖; allow rounding on top
     np.testing.assert_allclose(result.values.numpy(), exact, rtol=0, atol=1e-9 * abs(exact).max())
@@ -49,6 +50,14 @@ def test_lanczos_outliers_converge_in_few_steps():
     a = symmetric(spectra()["outliers"])
     result = lanczos(lambda v: a @ v, N, 10)
     assert result.converged and result.matvecs < 40
+
+
+def test_block_lanczos_applies_blocks():
+    """Each product is one block of ``block`` vectors (one data pass for a curvature operator)."""
+    a = symmetric(spectra()["outliers"])
+    widths = []
+    result = lanczos(lambda v: widths.append(v.shape[1]) or a @ v, N, 10, block=5)
+    assert result.converged and set(widths) == {5} and result.matvecs == 5 * len(widths)
 
 
 def test_lanczos_is_deterministic_and_seeded():

@@ -42,16 +42,17 @@ def symmetric_matrices(draw, min_dim: int = 4, max_dim: int = 50):
 
 
 @SETTINGS
-@given(symmetric_matrices(), st.integers(1, 4))
-def test_lanczos_top_k(matrix_and_kind, k):
+@given(symmetric_matrices(), st.integers(1, 4), st.integers(1, 4))
+def test_lanczos_top_k(matrix_and_kind, k, block):
     """Converged Ritz values are the top-k eigenvalues (multiplicities included) to 1e-8 ‖A‖;
-    every Ritz pair is an eigenpair to within its residual (Kahan's bound for symmetric A)."""
+    every Ritz pair is an eigenpair to within its residual (Kahan's bound for symmetric A);
+    for single vectors and blocks."""
     a, kind = matrix_and_kind
     dim = a.shape[0]
     k = min(k, dim)
     exact = torch.linalg.eigvalsh(a).flip(0)
     norm = float(exact.abs().max())
-    result = lanczos(lambda v: a @ v, dim, k, tol=1e-10)
+    result = lanczos(lambda v: a @ v, dim, k, tol=1e-10, block=block)
     values = result.values
     assert torch.all(values[:-1] >= values[1:])
     for theta, residual in zip(values, result.residuals):

@@ -1,7 +1,7 @@
 """Lanczos with full reorthogonalisation: top-k eigenpairs and stochastic Lanczos quadrature.
 
-Everything here takes a matvec ``v ↦ A v`` on flat vectors of a symmetric ``A`` and counts how
-often it was called. Nothing of size dim × dim is formed.
+Everything here takes a product ``V ↦ A V`` of a symmetric ``A`` with a (dim, k) block of
+vectors and counts the vectors it was applied to. Nothing of size dim × dim is formed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from curvkit.progress import progress_bar
 
-Matvec = Callable[[Tensor], Tensor]
+Matmat = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -43,141 +43,198 @@ class Density:
     matvecs: int
 
 
-def random_rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype, device) -> Tensor:
-    """A ±1 vector drawn on the CPU from ``generator`` (so CPU and GPU runs draw the same)."""
-    signs = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8)
+def random_rademacher(
+    shape: int | tuple[int, ...], generator: torch.Generator, dtype: torch.dtype, device
+) -> Tensor:
+    """±1 entries drawn on the CPU from ``generator`` (so CPU and GPU runs draw the same)."""
+    shape = (shape,) if isinstance(shape, int) else shape
+    signs = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
     return (2 * signs - 1).to(device=device, dtype=dtype)
 
 
 class _Krylov:
-    """Lanczos recurrence with full (twice-applied Gram–Schmidt) reorthogonalisation.
+    """Block Lanczos recurrence with full (twice-applied Gram–Schmidt) reorthogonalisation.
 
-    Keeps the orthonormal basis Q and the tridiagonal coefficients α, β. When the Krylov space
-    becomes invariant (β ≈ 0) it continues with a fresh random vector orthogonal to Q, so that the
-    whole space can be explored (repeated eigenvalues then appear as well); ``block_start`` is
-    the index where the newest such block begins (0 while there was none).
+    Keeps the orthonormal basis Q (grown by doubling, never pre-allocated in full) and the
+    projected matrix T = QᵀAQ, which is block tridiagonal. ``newest()`` is the block whose
+    product is due; ``extend(A · newest())`` orthogonalises the product against Q and appends
+    what is left as the next block, dropping a column whose remainder is at rounding level.
+    When nothing is left (the Krylov space became invariant) it continues with a fresh random
+    block orthogonal to Q, so that the whole space can be explored (repeated eigenvalues then
+    appear as well); ``restart`` is the column where the newest such block begins (0 while
+    there was none). Block size 1 is the classic Lanczos recurrence.
     """
 
-    def __init__(self, matvec: Matvec, start: Tensor, capacity: int, generator: torch.Generator):
-        self.matvec = matvec
+    def __init__(self, start: Tensor, capacity: int, generator: torch.Generator):
+        """``start``: the first block (dim, width); ``capacity``: the most products expected."""
         self.generator = generator
-        self.dim = start.numel()
-        self.basis = torch.empty(capacity, self.dim, dtype=start.dtype, device=start.device)
-        self.basis[0] = start / start.norm()
-        self.alpha: list[float] = []
-        self.beta: list[float] = []
-        self.size = 1
-        self.block_start = 0
+        self.dim, self.width = start.shape
+        self.capacity = capacity
+        self.basis = torch.empty(self.dim, 0, dtype=start.dtype, device=start.device)
+        self.projected = torch.zeros(0, 0, dtype=torch.float64)
+        self.blocks: list[slice] = []  # the basis columns of each block
+        self.size = 0  # columns of the basis in use
+        self.restart = 0
         self.matvecs = 0
-        self._last_norm = 0.0
+        self._largest = 0.0
+        self._append(self._orthonormal_columns(start, ()))
 
-    def _orthogonalise(self, w: Tensor) -> Tensor:
-        q = self.basis[: self.size]
+    @property
+    def done(self) -> int:
+        """Columns whose product has been applied (the order of the projected matrix)."""
+        return self.blocks[-1].start
+
+    def newest(self) -> Tensor:
+        return self.basis[:, self.blocks[-1]]
+
+    def _append(self, columns: Tensor) -> None:
+        if self.size + columns.shape[1] > self.basis.shape[1]:
+            grown = max(2 * self.basis.shape[1], self.size + columns.shape[1])
+            grown = min(grown, self.capacity + self.width)
+            basis = self.basis.new_empty(self.dim, grown)
+            basis[:, : self.size] = self.basis[:, : self.size]
+            projected = torch.zeros(grown, grown, dtype=torch.float64)
+            projected[: self.size, : self.size] = self.projected[: self.size, : self.size]
+            self.basis, self.projected = basis, projected
+        self.basis[:, self.size : self.size + columns.shape[1]] = columns
+        self.blocks.append(slice(self.size, self.size + columns.shape[1]))
+        self.size += columns.shape[1]
+
+    def _project_out(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """w minus its projection on Q (twice), and the coefficients Qᵀw."""
+        q = self.basis[:, : self.size]
+        coefficients = torch.zeros(self.size, w.shape[1], dtype=w.dtype, device=w.device)
         for _ in range(2):
-            w = w - q.T @ (q @ w)
-        return w
+            step = q.T @ w
+            w = w - q @ step
+            coefficients += step
+        return w, coefficients
 
-    def step(self) -> None:
-        """Apply A to the newest basis vector and extend the basis by one vector."""
-        j = self.size - 1
-        v = self.basis[j]
-        w = self.matvec(v)
-        self.matvecs += 1
-        self._last_norm = max(self._last_norm, float(w.norm()))
-        alpha = float(v @ w)
-        self.alpha.append(alpha)
-        w = self._orthogonalise(w)
-        beta = float(w.norm())
-        if self.size == self.basis.shape[0]:
-            self.beta.append(beta)
-            return
-        if beta <= 1e-10 * max(self._last_norm, 1e-300):
-            beta = 0.0
-            w = random_rademacher(self.dim, self.generator, v.dtype, v.device)
-            w = self._orthogonalise(w)
-            self.block_start = self.size
-        self.beta.append(beta)
-        self.basis[self.size] = w / w.norm()
-        self.size += 1
+    def _orthonormal_columns(self, w: Tensor, couplings: tuple[Tensor, ...]) -> Tensor:
+        """Orthonormalise w's columns against each other (Q already projected out), dropping
+        those at rounding level; with ``couplings`` = (R,), fill R so that w = new · R."""
+        kept: list[Tensor] = []
+        for j in range(w.shape[1]):
+            v = w[:, j]
+            for _ in range(2):
+                for i, u in enumerate(kept):
+                    step = u @ v
+                    v = v - step * u
+                    if couplings:
+                        couplings[0][i, j] += float(step)
+            norm = float(v.norm())
+            if norm > 1e-10 * max(self._largest, 1e-300) and norm > 0:
+                if couplings:
+                    couplings[0][len(kept), j] = norm
+                kept.append(v / norm)
+        if not kept:
+            return w[:, :0]
+        return torch.stack(kept, 1)
 
-    def tridiagonal(self) -> Tensor:
-        m = len(self.alpha)
-        t = torch.diag(torch.tensor(self.alpha, dtype=torch.float64))
-        off = torch.tensor(self.beta[: m - 1], dtype=torch.float64)
-        return t + torch.diag(off, 1) + torch.diag(off, -1)
+    def extend(self, product: Tensor) -> None:
+        """Record A · newest() and append the next block of the basis."""
+        block = self.blocks[-1]
+        self.matvecs += product.shape[1]
+        self._largest = max(self._largest, float(product.norm(dim=0).max()))
+        w, coefficients = self._project_out(product)
+        coefficients = coefficients.double().cpu()
+        diagonal = coefficients[block]
+        coefficients[block] = (diagonal + diagonal.T) / 2
+        self.projected[: self.size, block] = coefficients
+        self.projected[block, : self.size] = coefficients.T
+        coupling = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
+        columns = self._orthonormal_columns(w, (coupling,))
+        if columns.shape[1] == 0:  # invariant: continue in the complement
+            self.restart = self.size
+            fresh = random_rademacher((self.dim, self.width), self.generator, w.dtype, w.device)
+            columns = self._orthonormal_columns(self._project_out(fresh)[0], ())
+            coupling = torch.zeros(columns.shape[1], w.shape[1], dtype=torch.float64)
+        coupling = coupling[: columns.shape[1]]
+        self._append(columns)
+        new = self.blocks[-1]
+        self.projected[new, block] = coupling
+        self.projected[block, new] = coupling.T
+
+    def ritz(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-k Ritz values, their vectors' coefficients in Q, and the residual norms
+        ``‖A u_i − θ_i u_i‖ = ‖T[new, done] s_i‖`` (new: the block not yet applied)."""
+        done = self.done
+        theta, s = torch.linalg.eigh(self.projected[:done, :done])
+        theta, s = theta.flip(0)[:k], s.flip(1)[:, :k]
+        residuals = (self.projected[done : self.size, :done] @ s).norm(dim=0)
+        return theta, s, residuals
+
+    def complement_explored(self, theta_k: float, tol: float) -> bool:
+        """After a restart: has the newest block converged its top Ritz value below θ_k?"""
+        start, done = self.restart, self.done
+        if start == 0:
+            return True
+        if done <= start:
+            return False
+        values, vectors = torch.linalg.eigh(self.projected[start:done, start:done])
+        top = float((self.projected[done : self.size, start:done] @ vectors[:, -1]).norm())
+        return top <= tol and float(values[-1]) < theta_k - tol
 
 
 def lanczos(
-    matvec: Matvec,
+    matmat: Matmat,
     dim: int,
     k: int,
     *,
     tol: float = 1e-6,
     max_iter: int | None = None,
+    block: int = 1,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> EigenResult:
-    """The k algebraically largest eigenpairs of a symmetric operator.
+    """The k algebraically largest eigenpairs of a symmetric operator, by block Lanczos.
 
-    Converged when every wanted Ritz pair (θ_i, u_i) has residual ``‖A u_i − θ_i u_i‖ =
-    |β_m s_{m,i}| ≤ tol · max|θ|``; since the eigenvalue error is at most the residual (and
-    typically its square over the gap), ``tol`` bounds the error relative to the spectral norm.
-    Once the Krylov space has become invariant, the Ritz values found are exact but further
-    copies of them can only lie in its complement: convergence then also needs the newest block
-    (started from a random vector in the complement) to have converged its largest Ritz value
-    below θ_k, which shows that the complement holds nothing of the top k. Without such a
-    breakdown, a single start vector sees repeated eigenvalues only through rounding, so an
-    exactly repeated top eigenvalue can be missed (a limitation of single-vector Lanczos).
-    Deterministic for a given ``seed``.
+    Each step applies the operator to a block of ``block`` vectors at once (one pass over the
+    data for a curvature operator). Converged when every wanted Ritz pair (θ_i, u_i) has
+    residual ``‖A u_i − θ_i u_i‖ ≤ tol · max|θ|``; since the eigenvalue error is at most the
+    residual (and typically its square over the gap), ``tol`` bounds the error relative to the
+    spectral norm. Once the Krylov space has become invariant, the Ritz values found are exact
+    but further copies of them can only lie in its complement: convergence then also needs the
+    newest block (started from random vectors in the complement) to have converged its largest
+    Ritz value below θ_k, which shows that the complement holds nothing of the top k. Without
+    such a breakdown, an eigenvalue repeated more often than the block size is seen only
+    through rounding and can be missed. ``max_iter`` bounds the products (default
+    max(6k + 40, 100), at most dim). Deterministic for a given ``seed``.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"k must lie in [1, {dim}], got {k}")
     max_iter = min(dim, max_iter if max_iter is not None else max(6 * k + 40, 100))
     max_iter = max(max_iter, k)
+    block = max(1, min(block, k, max_iter))
     generator = torch.Generator().manual_seed(seed)
-    start = random_rademacher(dim, generator, dtype, device)
-    krylov = _Krylov(matvec, start, max_iter, generator)
-    check_every = max(1, k // 4)
+    start = random_rademacher((dim, block), generator, dtype, device)
+    krylov = _Krylov(start, max_iter, generator)
     converged = False
     with progress_bar(total=max_iter, desc="Lanczos", enabled=progress) as bar:
         while True:
-            krylov.step()
-            bar.update(1)
-            m = len(krylov.alpha)
-            if m < k or (m % check_every and m < max_iter):
+            applied = krylov.newest()
+            krylov.extend(matmat(applied))
+            bar.update(applied.shape[1])
+            m = krylov.done
+            if m < k:
                 continue
-            theta, s = torch.linalg.eigh(krylov.tridiagonal())
-            theta, s = theta.flip(0)[:k], s.flip(1)[:, :k]
-            bound = abs(krylov.beta[-1]) * s[-1].abs()
+            theta, s, bound = krylov.ritz(k)
             scale = max(float(theta.abs().max()), 1e-300)
-            converged = bool((bound <= tol * scale).all()) and _complement_explored(
-                krylov, float(theta[-1]), tol * scale
+            converged = bool((bound <= tol * scale).all()) and krylov.complement_explored(
+                float(theta[-1]), tol * scale
             )
             converged = converged or m == dim
             if converged or m >= max_iter:
                 break
-    q = krylov.basis[:m]
-    vectors = q.T @ s.to(dtype=q.dtype, device=q.device)
-    values = theta.to(dtype=dtype)
-    return EigenResult(values, vectors, bound.to(dtype), krylov.matvecs, converged)
-
-
-def _complement_explored(krylov: _Krylov, theta_k: float, tol: float) -> bool:
-    """After a breakdown: has the newest block converged its top Ritz value below θ_k?"""
-    start, m = krylov.block_start, len(krylov.alpha)
-    if start == 0:
-        return True
-    if m <= start:
-        return False
-    values, vectors = torch.linalg.eigh(krylov.tridiagonal()[start:m, start:m])
-    top_bound = abs(krylov.beta[-1]) * float(vectors[-1, -1].abs())
-    return top_bound <= tol and float(values[-1]) < theta_k - tol
+    q = krylov.basis[:, :m]
+    vectors = q @ s.to(dtype=q.dtype, device=q.device)
+    return EigenResult(theta.to(dtype=dtype), vectors, bound.to(dtype), krylov.matvecs, converged)
 
 
 def slq_density(
-    matvec: Matvec,
+    matmat: Matmat,
     dim: int,
     *,
     num_probes: int = 8,
@@ -196,22 +253,27 @@ def slq_density(
     weights τ_j = (e₁ᵀ s_j)² give the quadrature ``vᵀ f(A) v ≈ Σ_j τ_j f(θ_j)``, so the density is
     ``φ(t) ≈ (1/probes) Σ_probes Σ_j τ_j N(t; θ_j, σ²)``. ``σ`` defaults to ``relative_sigma`` times
     the width of the Ritz range. The grid extends 5σ beyond the extreme Ritz values, so φ
-    integrates to 1. ``values_stderr`` is the standard error over probes.
+    integrates to 1. ``values_stderr`` is the standard error over probes. The probes' recurrences
+    run in lockstep: each step is one product with a block of ``num_probes`` vectors.
     """
     steps = min(num_steps, dim)
     generator = torch.Generator().manual_seed(seed)
-    nodes, weights, matvecs = [], [], 0
+    probes = [
+        _Krylov(random_rademacher((dim, 1), generator, dtype, device), steps, generator)
+        for _ in range(num_probes)
+    ]
     with progress_bar(total=num_probes * steps, desc="SLQ", enabled=progress) as bar:
-        for _ in range(num_probes):
-            start = random_rademacher(dim, generator, dtype, device)
-            krylov = _Krylov(matvec, start, steps, generator)
-            for _ in range(steps):
-                krylov.step()
-                bar.update(1)
-            theta, s = torch.linalg.eigh(krylov.tridiagonal())
-            nodes.append(theta)
-            weights.append(s[0] ** 2)
-            matvecs += krylov.matvecs
+        for _ in range(steps):
+            products = matmat(torch.cat([krylov.newest() for krylov in probes], 1))
+            for krylov, product in zip(probes, products.T):
+                krylov.extend(product[:, None])
+            bar.update(num_probes)
+    nodes, weights = [], []
+    for krylov in probes:
+        theta, s = torch.linalg.eigh(krylov.projected[:steps, :steps])
+        nodes.append(theta)
+        weights.append(s[0] ** 2)
+    matvecs = sum(krylov.matvecs for krylov in probes)
     return broadened_density(
         torch.stack(nodes), torch.stack(weights), matvecs, grid_size, sigma, relative_sigma
     )

@@ -9,6 +9,7 @@ and say in the returned Provenance which ran, how many products it used and how 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class Options:
 
     lanczos_tol: float = 1e-6
     lanczos_max_iter: int | None = None
+    lanczos_block: int = 1
+    block_size: int = 16  # the most vectors one batch's product takes at once (memory)
     trace_method: str = "hutch++"
     trace_matvecs: int = 99
     density_probes: int = 5
@@ -46,7 +49,8 @@ class Operator:
     operators), ``derived`` says the products are built from other primitives of the library, and
     ``native`` maps a routine's name to the backend's own implementation, called
     as ``native["top_eigen"](k, options, seed)``, ``native["trace"](options, seed)``,
-    ``native["density"](options, seed)`` and returning (result, Provenance).
+    ``native["density"](options, seed)`` and returning (result, Provenance). ``passes`` counts
+    the backend's passes over the data so far and ``note`` says how its products ran.
     """
 
     size: int
@@ -57,43 +61,46 @@ class Operator:
     cost: int = 1
     derived: bool = False
     native: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    passes: Callable[[], int] = lambda: 0
+    note: Callable[[], str] = lambda: ""
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.matmat(v[:, None])[:, 0]
 
     def minus(self, other: Operator) -> Operator:
         """``self − other``, with curvkit's routines (a native routine is for one matrix)."""
-        return Operator(
-            self.size,
-            lambda V: self.matmat(V) - other.matmat(V),
-            self.dtype,
-            self.device,
-            self.backend,
-            self.cost + other.cost,
-            self.derived or other.derived,
+        return dataclasses.replace(
+            self,
+            matmat=lambda V: self.matmat(V) - other.matmat(V),
+            cost=self.cost + other.cost,
+            derived=self.derived or other.derived,
+            native={},
+            note=lambda: "; ".join(filter(None, dict.fromkeys([self.note(), other.note()]))),
         )
 
     def minus_low_rank(self, factors: Tensor) -> Operator:
         """``self − L Lᵀ`` for a (size, r) matrix L (no extra backend products)."""
-        return Operator(
-            self.size,
-            lambda V: self.matmat(V) - factors @ (factors.T @ V),
-            self.dtype,
-            self.device,
-            self.backend,
-            self.cost,
-            self.derived,
+        return dataclasses.replace(
+            self, matmat=lambda V: self.matmat(V) - factors @ (factors.T @ V), native={}
         )
 
-    def provenance(self, routine: str, columns: int, start: float, note: str = "") -> Provenance:
-        """The record of a routine that applied this operator to ``columns`` vectors."""
+    def clock(self) -> tuple[float, int]:
+        """Wall time and data passes now, for ``provenance``."""
+        return time.perf_counter(), self.passes()
+
+    def provenance(
+        self, routine: str, columns: int, started: tuple[float, int], note: str = ""
+    ) -> Provenance:
+        """The record of a routine that applied this operator to ``columns`` vectors since
+        ``started`` (a ``clock()`` reading)."""
         return Provenance(
             backend=self.backend,
             routine=routine,
             matvecs=columns * self.cost,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - started[0],
             derived=self.derived,
-            note=note,
+            note="; ".join(filter(None, [note, self.note()])),
+            passes=self.passes() - started[1],
         )
 
 
@@ -103,19 +110,20 @@ def top_eigen(
     """The k algebraically largest eigenpairs: the native routine, else curvkit's Lanczos."""
     if native and "top_eigen" in op.native:
         return op.native["top_eigen"](k, options, seed)
-    start = time.perf_counter()
+    started = op.clock()
     result = lanczos(
-        op.matvec,
+        op.matmat,
         op.size,
         k,
         tol=options.lanczos_tol,
         max_iter=options.lanczos_max_iter,
+        block=options.lanczos_block,
         seed=seed,
         dtype=op.dtype,
         device=op.device,
         progress=options.progress,
     )
-    return result, op.provenance("curvkit.lanczos", result.matvecs, start)
+    return result, op.provenance("curvkit.lanczos", result.matvecs, started)
 
 
 def trace(
@@ -125,9 +133,9 @@ def trace(
     with ``trace_matvecs`` products (exact when the operator is no larger than that)."""
     if native and "trace" in op.native:
         return op.native["trace"](options, seed)
-    start = time.perf_counter()
+    started = op.clock()
     result = estimate_trace(
-        op.matvec,
+        op.matmat,
         op.size,
         options.trace_matvecs,
         method=options.trace_method,
@@ -135,7 +143,7 @@ def trace(
         dtype=op.dtype,
         device=op.device,
     )
-    return result, op.provenance(f"curvkit.{result.method}", result.matvecs, start)
+    return result, op.provenance(f"curvkit.{result.method}", result.matvecs, started)
 
 
 def density(
@@ -144,9 +152,9 @@ def density(
     """The spectral density by SLQ: the native routine, else curvkit's."""
     if native and "density" in op.native:
         return op.native["density"](options, seed)
-    start = time.perf_counter()
+    started = op.clock()
     result = slq_density(
-        op.matvec,
+        op.matmat,
         op.size,
         num_probes=options.density_probes,
         num_steps=options.density_steps,
@@ -157,4 +165,4 @@ def density(
         device=op.device,
         progress=options.progress,
     )
-    return result, op.provenance("curvkit.slq", result.matvecs, start)
+    return result, op.provenance("curvkit.slq", result.matvecs, started)

@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from curvkit.linalg.krylov import Matvec, random_rademacher
+from curvkit.linalg.krylov import Matmat, random_rademacher
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -44,18 +45,19 @@ def batch_stderr(per_batch: list[tuple[int, float]]) -> float:
     return math.sqrt(variance / (len(per_batch) - 1) / n)
 
 
-def exact_trace(matvec: Matvec, dim: int, dtype: torch.dtype, device) -> TraceEstimate:
-    """Σ_i e_iᵀ A e_i with dim matvecs: exact, for operators smaller than the probe budget."""
-    total = 0.0
-    for i in range(dim):
-        e = torch.zeros(dim, dtype=dtype, device=device)
-        e[i] = 1
-        total += float(matvec(e)[i])
-    return TraceEstimate(total, 0.0, dim, "exact")
+def exact_trace(matmat: Matmat, dim: int, dtype: torch.dtype, device) -> TraceEstimate:
+    """Σ_i e_iᵀ A e_i with dim products: exact, for operators smaller than the probe budget."""
+    identity = torch.eye(dim, dtype=dtype, device=device)
+    return TraceEstimate(float(matmat(identity).diagonal().sum()), 0.0, dim, "exact")
+
+
+def quadratic_forms(matmat: Matmat, probes: Tensor) -> list[float]:
+    """``v_jᵀ A v_j`` for the columns v_j of ``probes``, in one product with the block."""
+    return (probes * matmat(probes)).sum(0).tolist()
 
 
 def hutchinson(
-    matvec: Matvec,
+    matmat: Matmat,
     dim: int,
     num_matvecs: int,
     *,
@@ -65,16 +67,13 @@ def hutchinson(
 ) -> TraceEstimate:
     """``tr A ≈ (1/m) Σ_k v_kᵀ A v_k`` with Rademacher probes v_k; variance 2(‖A‖_F² − Σ A_ii²)/m."""
     generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(num_matvecs):
-        v = random_rademacher(dim, generator, dtype, device)
-        samples.append(float(v @ matvec(v)))
-    mean, stderr = mean_and_stderr(samples)
+    probes = random_rademacher((dim, num_matvecs), generator, dtype, device)
+    mean, stderr = mean_and_stderr(quadratic_forms(matmat, probes))
     return TraceEstimate(mean, stderr, num_matvecs, "hutchinson")
 
 
 def hutch_plus_plus(
-    matvec: Matvec,
+    matmat: Matmat,
     dim: int,
     num_matvecs: int,
     *,
@@ -86,28 +85,23 @@ def hutch_plus_plus(
 
     The first term is exact given Q; Hutchinson with m/3 probes estimates the deflated rest, whose
     standard error is reported. Beats Hutchinson when A has a few large eigenvalues (outliers).
+    Three products with blocks: the sketch, Q, and the probes.
     """
     if num_matvecs < 3:
         raise ValueError("Hutch++ needs at least 3 matvecs")
     generator = torch.Generator().manual_seed(seed)
     n_sketch = num_matvecs // 3
     n_probe = num_matvecs - 2 * n_sketch
-    sketch = torch.stack(
-        [random_rademacher(dim, generator, dtype, device) for _ in range(n_sketch)], 1
-    )
-    q, _ = torch.linalg.qr(torch.stack([matvec(s) for s in sketch.T], 1))
-    low_rank = math.fsum(float(u @ matvec(u)) for u in q.T)
-    samples = []
-    for _ in range(n_probe):
-        g = random_rademacher(dim, generator, dtype, device)
-        g = g - q @ (q.T @ g)
-        samples.append(float(g @ matvec(g)))
-    mean, stderr = mean_and_stderr(samples)
+    sketch = random_rademacher((dim, n_sketch), generator, dtype, device)
+    q, _ = torch.linalg.qr(matmat(sketch))
+    low_rank = math.fsum(quadratic_forms(matmat, q))
+    probes = random_rademacher((dim, n_probe), generator, dtype, device)
+    mean, stderr = mean_and_stderr(quadratic_forms(matmat, probes - q @ (q.T @ probes)))
     return TraceEstimate(low_rank + mean, stderr, 2 * n_sketch + n_probe, "hutch++")
 
 
 def estimate_trace(
-    matvec: Matvec,
+    matmat: Matmat,
     dim: int,
     num_matvecs: int,
     *,
@@ -118,9 +112,9 @@ def estimate_trace(
 ) -> TraceEstimate:
     """Trace by ``method``; exact (dim unit vectors) whenever dim ≤ num_matvecs."""
     if dim <= num_matvecs:
-        return exact_trace(matvec, dim, dtype, device)
+        return exact_trace(matmat, dim, dtype, device)
     if method == "hutch++":
-        return hutch_plus_plus(matvec, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
+        return hutch_plus_plus(matmat, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
     if method == "hutchinson":
-        return hutchinson(matvec, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
+        return hutchinson(matmat, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
     raise ValueError(f"unknown trace method {method!r}; use one of {METHODS}")
