@@ -7,8 +7,8 @@ Products with a block of k vectors, in one of two routes (setting ``products``):
 - ``reverse-over-reverse``: one gradient with ``create_graph`` and a batched double backward
   (``autograd.grad(..., is_grads_batched=True)``); G products as J v by the double-vjp trick,
   then the output Hessian, then a batched vjp;
-- ``auto`` (default): each route timed once on the first batch for each matrix and block
-  width, the faster kept (provenance notes which). Which is faster depends on the model, the
+- ``auto`` (default): each route timed once on the first batch for each matrix and class of
+  block widths (1, 2–7, ≥ 8 vectors), the faster kept (provenance notes which). Which is faster depends on the model, the
   block width and the device: on 2 CPU cores reverse-over-reverse for single vectors and MLPs,
   forward-over-reverse for blocks on a CNN (benchmarks/results/products_cpu.md). The routes
   agree to rounding, so a run with ``auto`` is reproducible to rounding only; name a route to
@@ -44,6 +44,12 @@ def map_columns(product: Callable[[Tensors], Tensors], columns: Tensors) -> Tens
     return {n: t[None] for n, t in single.items()}
 
 
+def width_class(columns: int) -> str:
+    """The block widths that share one measured route: the ratio changes mostly from one
+    vector to a few and from a few to many."""
+    return "1 vector" if columns == 1 else "2–7 vectors" if columns < 8 else "≥ 8 vectors"
+
+
 def _faster(routes: dict[str, Callable[[], Tensor]]) -> str:
     """The route whose second call (the first warms up) takes the least wall time."""
     seconds = {}
@@ -73,7 +79,7 @@ class TorchFuncBackend(Backend):
     }
 
     def __init__(self, *args, **kwargs) -> None:
-        self.chosen_routes: dict[tuple[str, int], str] = {}
+        self.chosen_routes: dict[tuple[str, str], str] = {}
         super().__init__(*args, **kwargs)
 
     def _params(self, param: str | None = None) -> Tensors:
@@ -99,7 +105,7 @@ class TorchFuncBackend(Backend):
         }
         route = self.config["products"]
         if route == "auto":
-            key = (matrix, V.shape[1])
+            key = (matrix, width_class(V.shape[1]))
             if key not in self.chosen_routes:
                 self.chosen_routes[key] = _faster(
                     {r: (lambda r=r: routes[matrix, r](x, y, V, param)) for r in ROUTES}
@@ -111,9 +117,7 @@ class TorchFuncBackend(Backend):
         if self.config["products"] != "auto":
             return f"products: {self.config['products']}"
         chosen = {k: r for (m, k), r in sorted(self.chosen_routes.items()) if m == matrix}
-        return "products (measured faster): " + ", ".join(
-            f"{r} for blocks of {k}" for k, r in chosen.items()
-        )
+        return "products (measured faster): " + ", ".join(f"{r} for {k}" for k, r in chosen.items())
 
     def _hvp_forward(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         params = self._params(param)

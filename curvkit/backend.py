@@ -203,6 +203,14 @@ class Backend:
             lambda x, y: torch.cat([batch_product(x, y, c, param) for c in chunks], dim=1)
         )
 
+    def _batch_residual(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        return self.batch_hvp(x, y, V, param) - self.batch_ggnvp(x, y, V, param)
+
+    def _loops_over_data(self) -> bool:
+        """Whether the adapter replaced the base class's loop over the batches for products."""
+        cls = type(self)
+        return cls.hvp is not Backend.hvp or cls.ggnvp is not Backend.ggnvp
+
     def product_note(self, matrix: str) -> str:
         """How this backend's products with ``matrix`` ran (for provenance); none by default."""
         return ""
@@ -215,7 +223,7 @@ class Backend:
     def class_deltas(self) -> ClassDeltas:
         """Σ_{y_i=c} δ_{i,c'} over the data set in one pass: from per-example factors
         (``batch_class_deltas``, with tr G exactly) or from weighted gradient passes."""
-        start = time.perf_counter()
+        start, passes = time.perf_counter(), self.passes
         c, p = self.problem.num_classes, self.problem.num_params
         if "class_deltas" not in self.capabilities:
             raise self.unsupported("class_deltas")
@@ -235,7 +243,11 @@ class Backend:
                 self._add_class_sums_by_gradients(x, y, sums)
         routine = "per-example factors" if per_example else "weighted gradient passes"
         provenance = Provenance(
-            self.name, routine, seconds=time.perf_counter() - start, derived=not per_example
+            self.name,
+            routine,
+            seconds=time.perf_counter() - start,
+            derived=not per_example,
+            passes=self.passes - passes,
         )
         group = self.problem.group
         return ClassDeltas(
@@ -284,6 +296,10 @@ class Backend:
         selected parameter or over ``param``'s diagonal block, with the native routines."""
         if matrix == "residual":
             op = self.operator("hessian", param).minus(self.operator("ggn", param))
+            if not self._loops_over_data():  # both products in one pass
+                op.matmat = lambda V: self._columns(
+                    lambda W: self._block_mean(self._batch_residual, W, param), V
+                )
         elif matrix in ("hessian", "ggn"):
             product = self.hvp if matrix == "hessian" else self.ggnvp
             primitive = "hvp" if matrix == "hessian" else "ggnvp"

@@ -29,12 +29,14 @@ class Options:
 
     lanczos_tol: float = 1e-6
     lanczos_max_iter: int | None = None
-    lanczos_block: int = 1
+    lanczos_block: int | None = None  # None: min(8, ⌈k/2⌉)
     block_size: int = 16  # the most vectors one batch's product takes at once (memory)
     trace_method: str = "hutch++"
     trace_matvecs: int = 99
-    density_probes: int = 5
-    density_steps: int = 50
+    density_probes: int = (
+        3  # 3 × 30: W1 within 10 % of 5 × 50's (benchmarks/results/defaults_cpu.md)
+    )
+    density_steps: int = 30
     density_grid: int = 400
     density_relative_sigma: float = 0.01
     progress: bool = False
@@ -117,7 +119,7 @@ def top_eigen(
         k,
         tol=options.lanczos_tol,
         max_iter=options.lanczos_max_iter,
-        block=options.lanczos_block,
+        block=options.lanczos_block or min(8, -(-k // 2)),
         seed=seed,
         dtype=op.dtype,
         device=op.device,

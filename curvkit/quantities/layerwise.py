@@ -63,13 +63,14 @@ def layerwise(
             "the model has no Linear or Conv2d layer whose weight is selected; layerwise analysis "
             "needs at least one."
         )
-    start = time.perf_counter()
+    start, passes = time.perf_counter(), backend.passes
     factors = backend.kronecker_factors()
     factor_prov = Provenance(
         backend.name,
         f"{backend.name}.kronecker_factors",
         seconds=time.perf_counter() - start,
         derived=backend.capabilities.get("kronecker_factors") == "derived",
+        passes=backend.passes - passes,
     )
     full = _full_density(backend, seed, spectra)
     modules = dict(problem.model.named_modules())
