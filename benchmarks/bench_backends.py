@@ -1,7 +1,11 @@
 """Backends side by side in one run: products, per-example factors, eigen/trace/density routines,
-and the class-mean pass. Writes benchmarks/results/backends_<device>.md.
+the class-mean pass, the embedded default run before and after a commit, and top-10 eigenvalues
+against the peer libraries. Writes benchmarks/results/backends_<device>[_<only>].md.
 
-    python benchmarks/bench_backends.py [--device cpu|cuda] [--quick]
+    python benchmarks/bench_backends.py [--device cpu|cuda] [--only SECTION] [--before COMMIT]
+
+``--before COMMIT`` (for ``embedded_run``) checks the commit out into a temporary worktree and
+runs the same default analysis with it in a subprocess, so both columns come from one run.
 
 Times are medians of repeats after a warm-up; ratios are taken within this one run because the
 machines are shared. Peak memory is measured in a fresh subprocess per measurement (CPU: growth
@@ -11,10 +15,14 @@ of the peak resident set; CUDA: torch.cuda.max_memory_allocated).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -351,10 +359,226 @@ def block_products(device: str) -> str:
     return table(rows)
 
 
+def block_costs(device: str) -> str:
+    """Issue 21: a product with a block of k vectors, per vector, as multiples of a gradient."""
+    rows = [["model", "P", "backend (route)", "k = 1", "k = 4", "k = 16", "passes per block"]]
+    variants = [
+        ("torchfunc", {"products": "forward-over-reverse"}),
+        ("torchfunc", {"products": "reverse-over-reverse"}),
+        ("torchfunc", {}),
+        ("backpack", {}),
+        ("pyhessian", {}),
+        ("curvlinops", {}),
+    ]
+    for name, model in models(device).items():
+        model = model.to(device)
+        data = _loader(600, 128, device)
+        with model_guard(model):
+            problem = Problem(model, data)
+            grad_t = median_time(lambda: _gradient(problem))
+            for backend_name, settings in variants:
+                options = curvkit.Options(backend={backend_name: settings})
+                backend = get_backend(backend_name)(problem, options)
+                cells = []
+                for k in (1, 4, 16):
+                    V = torch.randn(problem.num_params, k, dtype=problem.dtype, device=device)
+                    per_vector = median_time(lambda: backend.hvp(V), repeats=3) / k
+                    passes = backend.passes
+                    backend.hvp(V)
+                    cells.append(f"{per_vector / grad_t:.2f}")
+                route = settings.get("products", "auto" if backend_name == "torchfunc" else "")
+                label = f"{backend_name} ({route})" if route else backend_name
+                if backend_name == "torchfunc" and not settings:
+                    label += ": " + backend.product_note("hessian").split(": ", 1)[1]
+                rows.append(
+                    [name, str(problem.num_params), label, *cells, str(backend.passes - passes)]
+                )
+    return table(rows)
+
+
+EMBEDDED_RUN = """
+import json, time, sys, warnings
+warnings.simplefilter("ignore")
+import curvkit
+from curvkit.config import build, load_config
+model, data = build(load_config(None), progress=False)
+start = time.perf_counter()
+report = curvkit.analyze(model, data, progress=False)
+total = time.perf_counter() - start
+print(json.dumps({"total": total, "timings": report.timings, "matvecs": report.matvecs,
+                  "passes": getattr(report, "data_passes", {}),
+                  "top": report.hessian.top_eigenvalues[:3], "trace": report.hessian.trace}))
+"""
+
+
+def _embedded_run(path: str | None) -> dict:
+    env = dict(os.environ, PYTHONPATH=path) if path else dict(os.environ)
+    out = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_RUN], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def embedded_run(device: str, before: str | None = None) -> str:
+    """Issue 21: ``curvkit.analyze`` with every default on the embedded problem, per quantity:
+    the named commit (in a temporary worktree) and the working tree, in one run."""
+    runs = {}
+    if before:
+        with tempfile.TemporaryDirectory() as folder:
+            tree = Path(folder) / "before"
+            subprocess.run(["git", "worktree", "add", "-q", str(tree), before], check=True)
+            try:
+                (tree / "curvkit" / "adapters").symlink_to(tree / "adapters")
+                runs[f"before ({before[:7]})"] = _embedded_run(str(tree))
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
+    runs["after"] = _embedded_run(None)
+    rows = [["run", "quantity", "seconds", "matvecs", "data passes"]]
+    for run, result in runs.items():
+        for quantity, seconds in result["timings"].items():
+            rows.append(
+                [
+                    run,
+                    quantity,
+                    f"{seconds:.1f}",
+                    str(result["matvecs"].get(quantity, "—")),
+                    str(result["passes"].get(quantity, "—")),
+                ]
+            )
+        rows.append([run, "**total**", f"{result['total']:.1f}", "", ""])
+    text = table(rows)
+    numbers = "; ".join(
+        f"{run}: λ1..3 = {', '.join(f'{v:.10g}' for v in r['top'])}, tr = {r['trace']:.5g}"
+        for run, r in runs.items()
+    )
+    return text + f"\nHessian numbers: {numbers}\n"
+
+
+def _counted(batches: list) -> tuple[list, list[int]]:
+    """A re-iterable over ``batches`` that counts its passes."""
+    count = [0]
+
+    class Counted:
+        def __iter__(self):
+            count[0] += 1
+            return iter(batches)
+
+    return Counted(), count
+
+
+def top_eigen_peers(device: str) -> str:
+    """Issue 21: top-10 Hessian eigenvalues on a 200k-parameter MLP and the digits CNN over all
+    1797 digits (float64, batches of 512): curvkit against PyHessian, hessian-eigenthings'
+    Lanczos and curvlinops + scipy's eigsh, error against a tight reference (curvkit's Lanczos to
+    1e-12 on single vectors)."""
+    import scipy.sparse.linalg
+
+    rows = [
+        [
+            "model",
+            "P",
+            "routine",
+            "products",
+            "passes",
+            "seconds",
+            "time / curvkit",
+            "max rel. error",
+        ]
+    ]
+    torch.manual_seed(0)
+    cases = {"MLP 64-400-400-10": mlp(64, (400, 400), 10).double(), "digits CNN": digits_cnn()}
+    for name, model in cases.items():
+        train(model, digits_loader(batch_size=64, shuffle=True), epochs=5, progress=False)
+        model = model.to(device)
+        batches = _loader(1797, 512, device)
+        results = {}
+        with model_guard(model):
+            problem = Problem(model, batches)
+            tight = get_backend("torchfunc")(
+                problem, curvkit.Options(lanczos_tol=1e-12, lanczos_block=1, lanczos_max_iter=400)
+            )
+            reference, _ = top_eigen(tight.operator("hessian"), 10, tight.options, 7)
+            exact = reference.values.cpu().numpy()
+
+            def ours() -> tuple[np.ndarray, int, int]:
+                """Passes: the scan (which caches the batches) and the products' passes."""
+                backend = get_backend("torchfunc")(Problem(model, batches))
+                result, prov = top_eigen(backend.operator("hessian"), 10, backend.options, 0)
+                return result.values.cpu().numpy(), prov.matvecs, 1 + prov.passes
+
+            def eigenthings() -> tuple[np.ndarray, int, int]:
+                import hessian_eigenthings as he
+
+                loader, count = _counted(batches)
+                loss = he.supervised_loss(torch.nn.functional.cross_entropy)
+                op = he.HessianOperator(model, loader, loss)
+                result = he.lanczos(op, k=10, which="LA", seed=0)
+                values = np.sort(result.eigenvalues.cpu().numpy())[::-1]
+                return values, result.iterations, count[0]
+
+            def scipy_eigsh() -> tuple[np.ndarray, int, int]:
+                from curvlinops import HessianLinearOperator
+
+                loader, count = _counted(batches)
+                params = [p for p in model.parameters() if p.requires_grad]
+                op = HessianLinearOperator(
+                    model, torch.nn.CrossEntropyLoss(), params, loader, progressbar=False
+                ).to_scipy()
+                calls = [0]
+
+                def matvec(v):
+                    calls[0] += 1
+                    return op @ v
+
+                wrapped = scipy.sparse.linalg.LinearOperator(
+                    op.shape, matvec=matvec, dtype=op.dtype
+                )
+                values = scipy.sparse.linalg.eigsh(
+                    wrapped, k=10, which="LA", tol=1e-6, return_eigenvectors=False
+                )
+                return np.sort(values)[::-1], calls[0], count[0]
+
+            def pyhessian_raw() -> tuple[np.ndarray, int, int]:
+                from pyhessian import hessian
+
+                loader, count = _counted(batches)
+                engine = hessian(
+                    model, torch.nn.CrossEntropyLoss(), dataloader=loader, cuda=device == "cuda"
+                )
+                values, _ = engine.eigenvalues(top_n=10)
+                return np.sort(values)[::-1], count[0], count[0]
+
+            for routine, run in (
+                ("curvkit torchfunc (defaults)", ours),
+                ("hessian-eigenthings lanczos (defaults)", eigenthings),
+                ("curvlinops + scipy eigsh (tol 1e-6)", scipy_eigsh),
+                ("PyHessian eigenvalues (defaults)", pyhessian_raw),
+            ):
+                start = time.perf_counter()
+                values, products, passes = run()
+                seconds = time.perf_counter() - start
+                results[routine] = seconds
+                error = np.abs(values - exact).max() / np.abs(exact).max()
+                rows.append(
+                    [
+                        name,
+                        str(problem.num_params),
+                        routine,
+                        str(products),
+                        str(passes),
+                        f"{seconds:.2f}",
+                        f"{seconds / results['curvkit torchfunc (defaults)']:.2f}",
+                        f"{error:.1e}",
+                    ]
+                )
+    return table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help="run only the sections whose function name contains this")
+    parser.add_argument("--before", help="embedded_run: also run this commit, side by side")
     args = parser.parse_args()
     sections = [
         (
@@ -378,6 +602,15 @@ def main() -> None:
             "Layer-block Hessian products: native (one parameter) vs slice of the full product",
             block_products,
         ),
+        (
+            "Products with a block of k vectors: seconds per vector / seconds per gradient (600 digits, batches of 128, float64)",
+            block_costs,
+        ),
+        ("The embedded default run (curvkit.analyze, every quantity), per quantity", embedded_run),
+        (
+            "Top-10 Hessian eigenvalues against the peer libraries (1797 digits, float64)",
+            top_eigen_peers,
+        ),
     ]
     lines = [
         f"# Backends side by side ({args.device}, torch {torch.__version__}, "
@@ -388,7 +621,7 @@ def main() -> None:
         if args.only and args.only not in fn.__name__:
             continue
         print(f"== {title}", flush=True)
-        text = fn(args.device)
+        text = fn(args.device, args.before) if fn is embedded_run else fn(args.device)
         print(text, flush=True)
         lines += [f"## {title}\n", text]
     RESULTS.mkdir(exist_ok=True)

@@ -21,7 +21,7 @@ its kind, because the backends compute different kinds of numbers in different w
   libraries by ≤ 2e-3, on the digits MLP.
 - ``count`` (sample counts, class counts, parameter counts): equal.
 
-Provenance, timings, matvec counts, versions, configs and the hierarchy's plot coordinates
+Provenance, timings, matvec and data-pass counts, versions, configs and the hierarchy's plot coordinates
 (eigenvector signs are arbitrary) are not compared.
 """
 
@@ -46,6 +46,7 @@ NOT_COMPARED = {
     "provenance",
     "timings",
     "matvecs",
+    "data_passes",
     "backend",
     "config",
     "skipped",
@@ -116,6 +117,18 @@ class Comparison:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
+    def power(self) -> dict[str, tuple[str, float]]:
+        """Per kind of number that scales with the matrix (iterative, stochastic): the number
+        whose check catches the smallest relative scaling ε of a backend's matrix, and that ε
+        (the allowed error over the value: a scaled matrix scales its eigenvalues and traces)."""
+        best: dict[str, tuple[str, float]] = {}
+        for c in self.checks:
+            if c.kind in ("iterative", "stochastic") and c.expected and c.allowed >= 0:
+                eps = c.allowed / abs(c.expected)
+                if c.kind not in best or eps < best[c.kind][1]:
+                    best[c.kind] = (c.path, eps)
+        return best
+
     def worst(self, n: int = 10) -> list[Check]:
         return sorted(self.checks, key=lambda c: c.ratio, reverse=True)[:n]
 
@@ -130,6 +143,12 @@ class Comparison:
             lines.append(
                 f"  {c.ratio:9.3g}  {c.kind:10s} {c.backend}:{c.path}  "
                 f"{c.value:.6g} vs {c.expected:.6g}"
+            )
+        power = self.power()
+        if power:
+            lines.append(
+                "power: a backend whose matrix is off by a factor 1 + ε fails when ε exceeds "
+                + ", ".join(f"{eps:.1e} ({kind}, {path})" for kind, (path, eps) in power.items())
             )
         for name, reasons in self.skipped.items():
             for quantity, why in reasons.items():

@@ -113,3 +113,14 @@ def test_slq_density_integrates_to_one_and_matches_histogram():
     assert low == pytest.approx(0.5, abs=0.05)
     assert (density.weights.sum(1) - 1).abs().max() < 1e-10
     assert density.matvecs == 20 * 60
+
+
+@pytest.mark.parametrize("block", [3, 5, 7])
+def test_block_lanczos_stops_at_max_iter_for_any_block(block):
+    """A product limit that is not a multiple of the block: at least max_iter products, fewer
+    than max_iter + block, and the Ritz values still bracketed by the spectrum."""
+    eigs = spectra()["indefinite"]
+    a = symmetric(eigs)
+    result = lanczos(lambda v: a @ v, N, 12, tol=1e-14, max_iter=37, block=block)
+    assert not result.converged and 37 <= result.matvecs < 37 + block
+    assert float(result.values[0]) <= float(eigs.max()) + 1e-12

@@ -89,8 +89,8 @@ class _Krylov:
 
     def _append(self, columns: Tensor) -> None:
         if self.size + columns.shape[1] > self.basis.shape[1]:
-            grown = max(2 * self.basis.shape[1], self.size + columns.shape[1])
-            grown = min(grown, self.capacity + self.width)
+            doubled = min(2 * self.basis.shape[1], self.capacity + 2 * self.width)
+            grown = max(doubled, self.size + columns.shape[1])
             basis = self.basis.new_empty(self.dim, grown)
             basis[:, : self.size] = self.basis[:, : self.size]
             projected = torch.zeros(grown, grown, dtype=torch.float64)
