@@ -70,7 +70,7 @@ class _Krylov:
         self.generator = generator
         self.dim, self.width = start.shape
         self.capacity = capacity
-        self.basis = torch.empty(self.dim, 0, dtype=start.dtype, device=start.device)
+        self.basis = torch.empty(0, self.dim, dtype=start.dtype, device=start.device)  # rows
         self.projected = torch.zeros(0, 0, dtype=torch.float64)
         self.blocks: list[slice] = []  # the basis columns of each block
         self.size = 0  # columns of the basis in use
@@ -85,28 +85,28 @@ class _Krylov:
         return self.blocks[-1].start
 
     def newest(self) -> Tensor:
-        return self.basis[:, self.blocks[-1]]
+        return self.basis[self.blocks[-1]].T
 
     def _append(self, columns: Tensor) -> None:
-        if self.size + columns.shape[1] > self.basis.shape[1]:
-            doubled = min(2 * self.basis.shape[1], self.capacity + 2 * self.width)
+        if self.size + columns.shape[1] > self.basis.shape[0]:
+            doubled = min(2 * self.basis.shape[0], self.capacity + 2 * self.width)
             grown = max(doubled, self.size + columns.shape[1])
-            basis = self.basis.new_empty(self.dim, grown)
-            basis[:, : self.size] = self.basis[:, : self.size]
+            basis = self.basis.new_empty(grown, self.dim)
+            basis[: self.size] = self.basis[: self.size]
             projected = torch.zeros(grown, grown, dtype=torch.float64)
             projected[: self.size, : self.size] = self.projected[: self.size, : self.size]
             self.basis, self.projected = basis, projected
-        self.basis[:, self.size : self.size + columns.shape[1]] = columns
+        self.basis[self.size : self.size + columns.shape[1]] = columns.T
         self.blocks.append(slice(self.size, self.size + columns.shape[1]))
         self.size += columns.shape[1]
 
     def _project_out(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """w minus its projection on Q (twice), and the coefficients Qᵀw."""
-        q = self.basis[:, : self.size]
+        q = self.basis[: self.size]  # rows: contiguous
         coefficients = torch.zeros(self.size, w.shape[1], dtype=w.dtype, device=w.device)
         for _ in range(2):
-            step = q.T @ w
-            w = w - q @ step
+            step = q @ w
+            w = w - q.T @ step
             coefficients += step
         return w, coefficients
 
@@ -229,8 +229,8 @@ def lanczos(
             converged = converged or m == dim
             if converged or m >= max_iter:
                 break
-    q = krylov.basis[:, :m]
-    vectors = q @ s.to(dtype=q.dtype, device=q.device)
+    q = krylov.basis[:m]
+    vectors = q.T @ s.to(dtype=q.dtype, device=q.device)
     return EigenResult(theta.to(dtype=dtype), vectors, bound.to(dtype), krylov.matvecs, converged)
 
 

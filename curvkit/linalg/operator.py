@@ -29,7 +29,7 @@ class Options:
 
     lanczos_tol: float = 1e-6
     lanczos_max_iter: int | None = None
-    lanczos_block: int | None = None  # None: min(8, ⌈k/2⌉)
+    lanczos_block: int | None = None  # None: min(4, ⌈k/4⌉) (benchmarks/results/backends_cpu.md)
     block_size: int = 16  # the most vectors one batch's product takes at once (memory)
     trace_method: str = "hutch++"
     trace_matvecs: int = 99
@@ -119,7 +119,7 @@ def top_eigen(
         k,
         tol=options.lanczos_tol,
         max_iter=options.lanczos_max_iter,
-        block=options.lanczos_block or min(8, -(-k // 2)),
+        block=options.lanczos_block or min(4, -(-k // 4)),
         seed=seed,
         dtype=op.dtype,
         device=op.device,
