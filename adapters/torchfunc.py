@@ -21,7 +21,7 @@ materialise P × P matrices for references on small models.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +42,19 @@ def map_columns(product: Callable[[Tensors], Tensors], columns: Tensors) -> Tens
         return vmap(product)(columns)
     single = product({n: c[0] for n, c in columns.items()})
     return {n: t[None] for n, t in single.items()}
+
+
+def batched_grad(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], columns: Sequence[Tensor]
+) -> tuple[Tensor, ...]:
+    """Vector–Jacobian products of ``outputs`` with k columns given as (k, *shape) tensors:
+    one batched backward (a plain one for k = 1, which skips vmap's overhead)."""
+    if columns[0].shape[0] == 1:
+        grads = torch.autograd.grad(outputs, inputs, [c[0] for c in columns], retain_graph=True)
+        return tuple(g[None] for g in grads)
+    return torch.autograd.grad(
+        outputs, inputs, list(columns), is_grads_batched=True, retain_graph=True
+    )
 
 
 def width_class(columns: int) -> str:
@@ -135,9 +148,7 @@ class TorchFuncBackend(Backend):
             loss = self.problem.loss.sum(self._logits(params, x), y)
             gradient = torch.autograd.grad(loss, list(params.values()), create_graph=True)
             columns = self.problem.split_columns(V, param)
-            hv = torch.autograd.grad(
-                gradient, list(params.values()), [columns[n] for n in params], is_grads_batched=True
-            )
+            hv = batched_grad(gradient, list(params.values()), [columns[n] for n in params])
         return self.problem.join_columns(hv)
 
     def _ggnvp_forward(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
@@ -165,11 +176,9 @@ class TorchFuncBackend(Backend):
             dummy = torch.zeros_like(logits, requires_grad=True)
             pulled = torch.autograd.grad(logits, list(params.values()), dummy, create_graph=True)
             columns = self.problem.split_columns(V, param)
-            jv = torch.autograd.grad(
-                pulled, dummy, [columns[n] for n in params], is_grads_batched=True
-            )[0]
+            jv = batched_grad(pulled, [dummy], [columns[n] for n in params])[0]
             hjv = self.problem.loss.output_hessian_product(logits.detach(), jv)
-            gv = torch.autograd.grad(logits, list(params.values()), hjv, is_grads_batched=True)
+            gv = batched_grad([logits], list(params.values()), [hjv])
         return self.problem.join_columns(gv)
 
     def jacobians(self, x: Tensor) -> tuple[Tensor, Tensor]:
