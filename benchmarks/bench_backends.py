@@ -405,16 +405,23 @@ model, data = build(load_config(None), progress=False)
 start = time.perf_counter()
 report = curvkit.analyze(model, data, progress=False)
 total = time.perf_counter() - start
-print(json.dumps({"total": total, "timings": report.timings, "matvecs": report.matvecs,
+print(json.dumps({"file": curvkit.__file__, "total": total, "timings": report.timings, "matvecs": report.matvecs,
                   "passes": getattr(report, "data_passes", {}),
                   "top": report.hessian.top_eigenvalues[:3], "trace": report.hessian.trace}))
 """
 
 
 def _embedded_run(path: str | None) -> dict:
+    """The run in a subprocess importing curvkit from ``path`` (else the installed one); it
+    starts in the temporary folder, as the current folder comes first on sys.path."""
     env = dict(os.environ, PYTHONPATH=path) if path else dict(os.environ)
     out = subprocess.run(
-        [sys.executable, "-c", EMBEDDED_RUN], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", EMBEDDED_RUN],
+        env=env,
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -451,7 +458,8 @@ def embedded_run(device: str, before: str | None = None) -> str:
         f"{run}: λ1..3 = {', '.join(f'{v:.10g}' for v in r['top'])}, tr = {r['trace']:.5g}"
         for run, r in runs.items()
     )
-    return text + f"\nHessian numbers: {numbers}\n"
+    files = "; ".join(f"{run}: {r['file']}" for run, r in runs.items())
+    return text + f"\nHessian numbers: {numbers}\n\ncurvkit imported from: {files}\n"
 
 
 def _counted(batches: list) -> tuple[list, list[int]]:

@@ -33,7 +33,8 @@ BENCH_EXAMPLES = """examples:
   curvkit bench --save-choice --output bench-out/ # store the fastest correct backend per quantity
 """
 COMPARE_EXAMPLES = """examples:
-  curvkit compare --backends torchfunc,backpack,pyhessian,curvlinops
+  curvkit compare --backends torchfunc,backpack,pyhessian,curvlinops   # a quick check
+  curvkit compare --thorough                                # analyze's defaults, all digits
   curvkit compare --quantities ggn classmeans --rtol 1e-4   # exit 1 if any number disagrees
 """
 
@@ -95,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--rtol", type=float, default=1e-3, help="eigenvalues: relative (1e-3)")
     compare.add_argument("--atol", type=float, default=1e-4, help="eigenvalues: times λ1 (1e-4)")
     compare.add_argument("--sigmas", type=float, default=4.0, help="traces: standard errors (4)")
+    compare.add_argument(
+        "--thorough",
+        action="store_true",
+        help="analyze's defaults on all the data (default: a quick check, top-k 5, fewer "
+        "probes, 30 digits per class)",
+    )
 
     plot = commands.add_parser(
         "plot",
@@ -280,6 +287,9 @@ def _bench(args: argparse.Namespace, config: dict) -> int:
 def _compare(args: argparse.Namespace, config: dict) -> int:
     from curvkit.comparison import compare
 
+    data_config = config["data"]
+    if not args.thorough and data_config["name"] == "digits" and not data_config["factory"]:
+        data_config["samples_per_class"] = data_config["samples_per_class"] or 30
     model, data = _problem(args, config)
     comparison = compare(
         model,
@@ -293,7 +303,14 @@ def _compare(args: argparse.Namespace, config: dict) -> int:
         seed=config["seed"],
         options=config["options"],
         progress=not args.quiet,
+        thorough=args.thorough,
     )
+    if not args.thorough:
+        print(
+            f"quick check on {comparison.reports[comparison.reference].model.num_samples} "
+            "examples (top-k 5, 30 trace products, SLQ 2 × 20 unless set); --thorough for "
+            "analyze's defaults on all the data"
+        )
     print(comparison)
     return 0 if comparison.agree else 1
 

@@ -8,7 +8,9 @@ test of H would compare zeros.
 
 Backends: every registered one plus the minimal per-batch adapter of ``tests/minimal_backend.py``;
 ``backend_params(*needs)`` lists those that declare the capabilities a test needs, each skipped
-with the reason when its library is not installed.
+with the reason when its library is not installed. Tests marked ``slow`` (the wrapped libraries'
+runs, reproductions, distributed runs, full comparisons) are left out by ``pytest -m "not
+slow"``; CI runs everything.
 """
 
 from __future__ import annotations
@@ -42,19 +44,23 @@ def backend_class(name: str) -> type[Backend]:
 BACKENDS = sorted(ep.name for ep in importlib.metadata.entry_points(group=GROUP))
 
 
+QUICK_BACKENDS = ("torchfunc", MinimalBackend.name)  # the rest are marked slow
+
+
 def backend_params(*needs: str, minimal: bool = True) -> list:
     """The backends declaring every capability in ``needs``, as pytest params (skipped with the
-    reason when the library is missing)."""
+    reason when the library is missing; the wrapped libraries marked ``slow``, so that
+    ``pytest -m "not slow"`` checks the contract on torch.func and the minimal adapter)."""
     params = []
     for name in BACKENDS + ([MinimalBackend.name] if minimal else []):
         cls = backend_class(name)
         if not all(need in cls.capabilities for need in needs):
             continue
+        marks = [] if name in QUICK_BACKENDS else [pytest.mark.slow]
         try:
             cls.check_available()
-            marks = ()
         except MissingDependencyError as error:
-            marks = pytest.mark.skip(reason=str(error))
+            marks.append(pytest.mark.skip(reason=str(error)))
         params.append(pytest.param(name, marks=marks))
     return params
 

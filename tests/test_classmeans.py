@@ -24,24 +24,37 @@ from tests import reference
 from tests.conftest import backend_params, make_backend
 
 
-def dense_terms(deltas: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The four terms built literally from the definitions, example by example."""
+def dense_terms(
+    deltas: torch.Tensor, labels: torch.Tensor, traces: bool = False
+) -> dict[str, torch.Tensor]:
+    """The four terms built literally from the definitions, example by example (with
+    ``traces``, their traces: each outer product u vᵀ replaced by uᵀv)."""
     n, c, p = deltas.shape
+    outer = torch.dot if traces else torch.outer
     present = sorted(set(labels.tolist()))
     group = {k: deltas[labels == k].mean(0) for k in present}  # (C, P): δ_{k,c'}
     mean = {k: (group[k].sum(0) - group[k][k]) / (c - 1) for k in present}
     w = {k: float((labels == k).sum()) / n for k in present}
-    own = sum(w[k] * torch.outer(group[k][k], group[k][k]) for k in present)
-    cls = (c - 1) * sum(w[k] * torch.outer(mean[k], mean[k]) for k in present)
+    own = sum(w[k] * outer(group[k][k], group[k][k]) for k in present)
+    cls = (c - 1) * sum(w[k] * outer(mean[k], mean[k]) for k in present)
     cross = sum(
-        w[k] * torch.outer(group[k][o] - mean[k], group[k][o] - mean[k])
+        w[k] * outer(group[k][o] - mean[k], group[k][o] - mean[k])
         for k in present
         for o in range(c)
         if o != k
     )
     centred = deltas - torch.stack([group[int(y)] for y in labels])
-    within = torch.einsum("ncp,ncq->pq", centred, centred) / n
+    within = (
+        centred.square().sum() / n if traces else torch.einsum("ncp,ncq->pq", centred, centred) / n
+    )
     return {"own": own, "class": cls, "cross": cross, "within": within}
+
+
+@pytest.fixture(scope="module")
+def exact_terms(dense_mlp) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """Papyan's four terms of the digits MLP's G, dense, with their descending eigenvalues."""
+    terms = dense_terms(dense_mlp["deltas"], dense_mlp["labels"])
+    return {k: (t, np.linalg.eigvalsh(t.numpy())[::-1]) for k, t in terms.items()}
 
 
 @pytest.fixture(scope="module", params=backend_params("class_deltas"))
@@ -52,7 +65,7 @@ def result(request, digits_problem):
         return classmeans(make_backend(request.param, model, loader), top_k=10)
 
 
-def test_decomposition_is_exact(digits_problem, dense_mlp):
+def test_decomposition_is_exact(digits_problem, dense_mlp, exact_terms):
     """curvkit's own, class and cross terms (from its class sums) plus the within term built from
     the dense per-example factors give G exactly (1e-10): nothing is lost or counted twice."""
     model, loader = digits_problem
@@ -60,22 +73,20 @@ def test_decomposition_is_exact(digits_problem, dense_mlp):
         backend = get_backend("torchfunc")(Problem(model, loader))
         deltas = backend.class_deltas()
     factors, _, _, _ = low_rank_factors(deltas.sums, deltas.counts, 300)
-    terms = dense_terms(dense_mlp["deltas"], dense_mlp["labels"])
-    total = sum(f @ f.T for f in factors.values()) + terms["within"]
+    total = sum(f @ f.T for f in factors.values()) + exact_terms["within"][0]
     assert reference.rel_err(total, dense_mlp["ggn"]) < 1e-10
 
 
-def test_gram_route_matches_dense_terms(result, dense_mlp):
-    terms = dense_terms(dense_mlp["deltas"], dense_mlp["labels"])
+def test_gram_route_matches_dense_terms(result, exact_terms):
     for name in ("own", "class", "cross"):
-        exact = np.linalg.eigvalsh(terms[name].numpy())[::-1]
+        term, exact = exact_terms[name]
         got = np.array(result.eigenvalues[name])
         np.testing.assert_allclose(
             got, exact[: len(got)], rtol=0, atol=1e-8 * exact[0], err_msg=name
         )
         assert exact[len(got) :].max(initial=0) < 1e-10 * exact[0]  # nothing nonzero was dropped
-        assert result.trace[name] == pytest.approx(float(torch.trace(terms[name])), rel=1e-10)
-    exact_within = np.linalg.eigvalsh(terms["within"].numpy())[::-1][:10]
+        assert result.trace[name] == pytest.approx(float(torch.trace(term)), rel=1e-10)
+    exact_within = exact_terms["within"][1][:10]
     np.testing.assert_allclose(result.eigenvalues["within"], exact_within, rtol=1e-4)
     assert len(result.eigenvalues["own"]) <= 10 and len(result.eigenvalues["cross"]) <= 90
 
@@ -89,13 +100,17 @@ def test_traces_add_up(result, dense_mlp):
     assert min(t.values()) > 0
 
 
-def test_overlap_matches_dense(result, dense_mlp):
+@pytest.fixture(scope="module")
+def dense_top_vectors(dense_mlp) -> dict[str, torch.Tensor]:
+    return {name: torch.linalg.eigh(dense_mlp[name])[1][:, -10:] for name in ("ggn", "hessian")}
+
+
+def test_overlap_matches_dense(result, dense_mlp, dense_top_vectors):
     d, y = dense_mlp["deltas"], dense_mlp["labels"]
     means = torch.stack([(d[y == k].mean(0).sum(0) - d[y == k].mean(0)[k]) / 9 for k in range(10)])
     q, _ = torch.linalg.qr(means.T)
     for name in ("ggn", "hessian"):
-        _, vectors = torch.linalg.eigh(dense_mlp[name])
-        u = vectors[:, -10:]
+        u = dense_top_vectors[name]
         routine = result.provenance[f"lanczos_{name}"].routine
         tol = 1e-3 if routine == "pyhessian.eigenvalues" else 1e-6
         assert result.overlap[name] == pytest.approx(subspace_overlap(u, q), abs=tol), routine
@@ -119,9 +134,9 @@ def test_unbalanced_and_absent_classes(digits_problem):
     with model_guard(model), pytest.warns(UserWarning, match=r"classes \[3\]"):
         out = classmeans(get_backend("torchfunc")(Problem(model, data)), top_k=5)
     assert out.excluded_classes == [3] and out.counts[3] == 0
-    terms = dense_terms(reference.papyan_deltas(model, x), y)
+    traces = dense_terms(reference.papyan_deltas(model, x), y, traces=True)
     for name in ("own", "class", "cross", "within"):
-        assert out.trace[name] == pytest.approx(float(torch.trace(terms[name])), rel=1e-9)
+        assert out.trace[name] == pytest.approx(float(traces[name]), rel=1e-9)
 
 
 def test_single_class_is_refused(digits_problem):

@@ -78,6 +78,7 @@ def test_comparison_rules():
     }
 
 
+@pytest.mark.slow
 def test_all_backends_agree_on_the_digits_mlp(digits_problem):
     model, loader = digits_problem
     comparison = assert_backends_agree(
@@ -108,6 +109,7 @@ def test_a_wrong_backend_is_caught(digits_problem, plugin_backend):
         assert_backends_agree(model, loader, ["torchfunc", "skewed"], quantities=["ggn"], top_k=3)
 
 
+@pytest.mark.slow
 def test_unsupported_quantities_are_listed_not_fatal(digits_problem):
     model, loader = digits_problem
     comparison = compare(model, loader, ["pyhessian", "torchfunc"], quantities=["layerwise"])
@@ -119,6 +121,7 @@ def test_unsupported_quantities_are_listed_not_fatal(digits_problem):
         compare(model, loader, ["torchfunc"])
 
 
+@pytest.mark.slow
 def test_bench_choice_and_auto(digits_problem, tmp_path):
     model, loader = digits_problem
     result = bench(model, loader, ["torchfunc", "backpack"], ["ggn"], repeats=1, top_k=3)
@@ -148,6 +151,7 @@ def test_bench_choice_and_auto(digits_problem, tmp_path):
     assert report.backend == result.choices["ggn"]
 
 
+@pytest.mark.slow
 def test_auto_without_choice_falls_back_in_order(digits_problem, tmp_path):
     """No saved choice: BackPACK first; where it lacks a layer (LayerNorm), the next backend."""
     _, loader = digits_problem
@@ -180,6 +184,7 @@ def test_cli_compare_exit_codes(capsys):
     assert main(["compare", "--backends", "torchfunc,nope", "--epochs", "0", "--quiet"]) == 2
 
 
+@pytest.mark.slow
 def test_cli_bench_saves_tables_and_choice(tmp_path, capsys):
     code = main(
         [
@@ -211,6 +216,7 @@ def test_cli_bench_saves_tables_and_choice(tmp_path, capsys):
     assert "saved in" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_pyhessian_top_eigenvalues_of_an_indefinite_matrix(cnn_problem):
     """PyHessian's power iteration finds the largest |λ|: on the CNN's residual H (eigenvalues
     ≈ ±0.15) it returned −0.153 among the "top" four until the adapter used Lanczos for H."""

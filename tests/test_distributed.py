@@ -30,6 +30,8 @@ from curvkit.models import digits_mlp
 from tests import reference
 from tests.conftest import backend_params
 
+pytestmark = pytest.mark.slow  # processes started per test
+
 # hessian: products, Lanczos, Hutch++, SLQ; classmeans: class sums, G products, overlaps;
 # layerwise: Kronecker factors and block products (ggn and residual add no other primitive)
 QUANTITIES = ["hessian", "classmeans", "layerwise"]

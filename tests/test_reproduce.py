@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce"
+pytestmark = pytest.mark.slow  # minutes of subprocesses
 
 
 @pytest.mark.parametrize("name", ["sagun", "papyan", "wu", "sankar"])

@@ -201,11 +201,11 @@ def lanczos(
     Ritz value below θ_k, which shows that the complement holds nothing of the top k. Without
     such a breakdown, an eigenvalue repeated more often than the block size is seen only
     through rounding and can be missed. ``max_iter`` bounds the products (default
-    max(6k + 40, 100) + 4 · block, at most dim). Deterministic for a given ``seed``.
+    max(6k + 40, 100) · (1 + block/4), at most dim). Deterministic for a given ``seed``.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"k must lie in [1, {dim}], got {k}")
-    default = max(6 * k + 40, 100) + 4 * block
+    default = max(6 * k + 40, 100) * (4 + block) // 4  # blocks need more products
     max_iter = min(dim, max_iter if max_iter is not None else default)
     max_iter = max(max_iter, k)
     block = max(1, min(block, k, max_iter))
