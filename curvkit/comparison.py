@@ -11,7 +11,9 @@ its kind, because the backends compute different kinds of numbers in different w
   (Rayleigh-quotient stopping rule) is the loosest routine, measured at ≤ 2e-6 relative here.
 - ``stochastic`` (anything with a ``*_stderr`` beside it: traces): libraries draw different
   probes, so the estimates agree only within their error bars. Passes when
-  ``|a − b| ≤ sigmas·sqrt(σ_a² + σ_b²)`` plus rounding (1e-8·|b|); default 4 standard errors.
+  ``|a − b| ≤ sigmas·sqrt(σ_a² + σ_b²)`` plus rounding (1e-8·max(|b|, the spectrum's largest
+  |λ|): an exact trace of H = Hess − G is 0 up to rounding in a ReLU network); default 4
+  standard errors.
 - ``subspace`` (overlaps, rank-one ratios, spectrum distances in [0, 1]): they depend on
   eigenvectors, which are ill-conditioned when eigenvalues nearly coincide; compared with the
   absolute tolerance ``subspace_atol`` (default 0.02; 5e-4 measured on the digits MLP).
@@ -282,7 +284,9 @@ def _compare_trees(
             yield from _compare_trees(want, got, backend, tol, (*parents, key))
         else:
             errors = (expected.get(stderr_key), actual.get(stderr_key))
-            yield from _leaf_checks((*parents, key), want, got, backend, errors, tol)
+            top = expected.get("top_eigenvalues")  # a spectrum's scale, for its trace's rounding
+            norm = max((abs(v) for v in top), default=0.0) if isinstance(top, list) else 0.0
+            yield from _leaf_checks((*parents, key), want, got, backend, errors, tol, norm)
 
 
 def _leaf_checks(
@@ -292,9 +296,11 @@ def _leaf_checks(
     backend: str,
     errors: tuple[Any, Any],
     tol: _Tolerances,
+    norm: float = 0.0,
 ) -> Iterator[Check]:
     """Checks of a number, a list, or a dict of numbers with a sibling ``*_stderr``; the kind
-    follows the keys on the way (``overlap.ggn`` is a subspace number)."""
+    follows the keys on the way (``overlap.ggn`` is a subspace number). ``norm`` (the
+    spectrum's largest |λ|) sets the rounding allowed to an exact trace, which can be 0."""
     name = ".".join(keys)
     flat_want, flat_got = dict(_flatten(want, name)), dict(_flatten(got, name))
     if flat_want.keys() != flat_got.keys():
@@ -312,7 +318,8 @@ def _leaf_checks(
             kind, allowed = "subspace", tol.subspace_atol
         elif stderr_want or stderr_got:
             stderr = math.hypot(stderr_want.get(path, 0.0), stderr_got.get(path, 0.0))
-            kind, allowed, relative_to = "stochastic", tol.sigmas * stderr + 1e-8 * abs(b), abs(b)
+            rounding = 1e-8 * max(abs(b), norm)
+            kind, allowed, relative_to = "stochastic", tol.sigmas * stderr + rounding, abs(b)
         else:
             kind, allowed, relative_to = "iterative", tol.rtol * abs(b) + tol.atol * scale, scale
         yield Check(path, backend, kind, float(a), float(b), error, allowed, relative_to)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 from torch import nn
@@ -65,13 +66,19 @@ def backend_params(*needs: str, minimal: bool = True) -> list:
     return params
 
 
-def requires(name: str) -> pytest.MarkDecorator:
-    """A mark that skips a test, with the reason, when backend ``name``'s library is missing."""
+def requires(name: str) -> Callable[[Callable], Callable]:
+    """A decorator for a test of one wrapped library: marked ``slow``, and skipped with the
+    reason when that library is missing."""
     try:
         backend_class(name).check_available()
+        skip = pytest.mark.skipif(False, reason=f"{name} is installed")
     except MissingDependencyError as error:
-        return pytest.mark.skip(reason=str(error))
-    return pytest.mark.skipif(False, reason=f"{name} is installed")
+        skip = pytest.mark.skip(reason=str(error))
+
+    def decorate(test: Callable) -> Callable:
+        return pytest.mark.slow(skip(test))
+
+    return decorate
 
 
 def make_backend(name: str, model: nn.Module, data, options: Options | None = None) -> Backend:

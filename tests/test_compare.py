@@ -227,3 +227,13 @@ def test_pyhessian_top_eigenvalues_of_an_indefinite_matrix(cnn_problem):
     )
     provenance = comparison.reports["pyhessian"].residual.provenance["top_eigenvalues"]
     assert provenance.derived and "largest |λ|" in provenance.note
+
+
+def test_exact_zero_traces_agree_up_to_rounding():
+    """tr H is 0 in a ReLU network: an exact 0 against a dense sum's 1e-17 agrees (rounding on
+    the spectrum's scale), a real difference of 1e-6 λ1 does not."""
+    want = {"residual": {"top_eigenvalues": [0.01, 0.005], "trace": 1e-17, "trace_stderr": 0.0}}
+    for value, agrees in ((0.0, True), (1e-8, False)):
+        got = {"residual": {"top_eigenvalues": [0.01, 0.005], "trace": value, "trace_stderr": 0.0}}
+        (trace,) = [c for c in compare_reports(want, got, "x") if c.path == "residual.trace"]
+        assert trace.passed == agrees

@@ -170,7 +170,8 @@ def full_report():
     model, loader = curvkit.models.trained_digits_mlp(
         epochs=5, progress=False, samples_per_class=20
     )
-    return curvkit.analyze(model, loader, backend="backpack", top_k=12, progress=False)
+    quick = {"trace_matvecs": 30, "density_probes": 2, "density_steps": 20}
+    return curvkit.analyze(model, loader, top_k=12, progress=False, options=quick)
 
 
 def test_every_figure_is_written(full_report, tmp_path):
