@@ -11,8 +11,9 @@ Products with a block of k vectors, in one of two routes (setting ``products``):
   block widths (1, 2–7, ≥ 8 vectors), the faster kept (provenance notes which). Which is faster depends on the model, the
   block width and the device: on 2 CPU cores reverse-over-reverse for single vectors and MLPs,
   forward-over-reverse for blocks on a CNN (benchmarks/results/products_cpu.md). The routes
-  agree to rounding, so a run with ``auto`` is reproducible to rounding only; name a route to
-  get bit-identical reruns.
+  agree to rounding; the measurement is kept for the process (per architecture, parameters and
+  width class), so reruns in one process are bit-identical, and across processes when a route
+  is named.
 
 Per-example Jacobians are ``vmap`` over ``jacrev``. ``dense_hessian`` and ``dense_ggn``
 materialise P × P matrices for references on small models.
@@ -33,6 +34,9 @@ from curvkit.layers import kronecker_layers, unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
 ROUTES = ("forward-over-reverse", "reverse-over-reverse")
+# the route measured faster, per model architecture, selected parameters, matrix and width class:
+# measured once per process, so that reruns in one process are bit-identical
+MEASURED_ROUTES: dict[tuple, str] = {}
 Tensors = dict[str, Tensor]
 
 
@@ -120,9 +124,12 @@ class TorchFuncBackend(Backend):
         if route == "auto":
             key = (matrix, width_class(V.shape[1]))
             if key not in self.chosen_routes:
-                self.chosen_routes[key] = _faster(
-                    {r: (lambda r=r: routes[matrix, r](x, y, V, param)) for r in ROUTES}
-                )
+                measured = (self.problem.fingerprint(), tuple(self.problem.names), *key)
+                if measured not in MEASURED_ROUTES:
+                    MEASURED_ROUTES[measured] = _faster(
+                        {r: (lambda r=r: routes[matrix, r](x, y, V, param)) for r in ROUTES}
+                    )
+                self.chosen_routes[key] = MEASURED_ROUTES[measured]
             route = self.chosen_routes[key]
         return routes[matrix, route](x, y, V, param)
 

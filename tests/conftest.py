@@ -66,6 +66,11 @@ def backend_params(*needs: str, minimal: bool = True) -> list:
     return params
 
 
+def installed(params: list) -> list[str]:
+    """The names of ``backend_params`` whose library is installed (not skipped)."""
+    return [p.values[0] for p in params if not any(m.name == "skip" for m in p.marks)]
+
+
 def requires(name: str) -> Callable[[Callable], Callable]:
     """A decorator for a test of one wrapped library: marked ``slow``, and skipped with the
     reason when that library is missing."""

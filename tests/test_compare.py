@@ -11,10 +11,10 @@ from curvkit.benchmark import bench
 from curvkit.choice import load_choices
 from curvkit.cli import main
 from curvkit.comparison import assert_backends_agree, compare, compare_reports
-from tests.conftest import backend_params
+from tests.conftest import backend_params, installed
 
 ALL = sorted(  # the installed backends, torchfunc (the reference) first
-    (p.values[0] for p in backend_params(minimal=False) if not p.marks),
+    installed(backend_params(minimal=False)),
     key=lambda n: n != "torchfunc",
 )
 

@@ -28,7 +28,7 @@ import curvkit
 from curvkit.distributed import shard_loader
 from curvkit.models import digits_mlp
 from tests import reference
-from tests.conftest import backend_params
+from tests.conftest import backend_params, installed
 
 pytestmark = pytest.mark.slow  # processes started per test
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow  # processes started per test
 # layerwise: Kronecker factors and block products (ggn and residual add no other primitive)
 QUANTITIES = ["hessian", "classmeans", "layerwise"]
 BACKENDS = [p for p in backend_params(minimal=False) if p.values[0] != "pyhessian"]
-NAMES = [p.values[0] for p in BACKENDS if not p.marks]
+NAMES = installed(BACKENDS)
 SETTINGS = {
     "top_k": 3,
     "progress": False,
