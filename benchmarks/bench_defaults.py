@@ -51,6 +51,7 @@ def main() -> None:
     eye = torch.eye(p, dtype=torch.float64)
     dense = {"hessian": backend.hvp(eye), "ggn": backend.ggnvp(eye)}
     dense["residual"] = dense["hessian"] - dense["ggn"]
+    dense = {name: (matrix + matrix.T) / 2 for name, matrix in dense.items()}  # rounding
     lines = [
         "# Error against cost of the default estimates (embedded problem, P = 2410, CPU)",
         "",
@@ -62,7 +63,6 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, matrix in dense.items():
-        matrix = (matrix + matrix.T) / 2
         exact_trace = float(torch.trace(matrix))
         scale = float(torch.linalg.eigvalsh(matrix).abs().sum())
         for m in (9, 30, 60, 99, 198):
@@ -84,7 +84,6 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, matrix in dense.items():
-        matrix = (matrix + matrix.T) / 2
         exact = torch.linalg.eigvalsh(matrix).numpy()
         scale = float(np.abs(exact).max())
         for probes, steps in ((1, 30), (3, 20), (3, 30), (5, 30), (3, 50), (5, 50), (10, 80)):
