@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from curvkit.analysis import analyze
-from curvkit.errors import InvalidInputError
 from curvkit.backend import MATRICES
+from curvkit.errors import InvalidInputError
 from curvkit.linalg.krylov import normalised_w1
 from curvkit.registry import backends as backend_table
 from curvkit.registry import get_backend

@@ -77,7 +77,7 @@ class _Krylov:
         self.restart = 0
         self.matvecs = 0
         self._largest = 0.0
-        self._append(self._orthonormal_columns(start, ()))
+        self._append(self._orthonormal_columns(start)[0])
 
     @property
     def done(self) -> int:
@@ -110,26 +110,24 @@ class _Krylov:
             coefficients += step
         return w, coefficients
 
-    def _orthonormal_columns(self, w: Tensor, couplings: tuple[Tensor, ...]) -> Tensor:
-        """Orthonormalise w's columns against each other (Q already projected out), dropping
-        those at rounding level; with ``couplings`` = (R,), fill R so that w = new · R."""
+    def _orthonormal_columns(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Gram–Schmidt (twice) on w's columns (Q already projected out), dropping those at
+        rounding level: the orthonormal columns and R with w = columns · R (float64, CPU)."""
         kept: list[Tensor] = []
+        coupling = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
         for j in range(w.shape[1]):
             v = w[:, j]
             for _ in range(2):
                 for i, u in enumerate(kept):
                     step = u @ v
                     v = v - step * u
-                    if couplings:
-                        couplings[0][i, j] += float(step)
+                    coupling[i, j] += float(step)
             norm = float(v.norm())
             if norm > 1e-10 * max(self._largest, 1e-300) and norm > 0:
-                if couplings:
-                    couplings[0][len(kept), j] = norm
+                coupling[len(kept), j] = norm
                 kept.append(v / norm)
-        if not kept:
-            return w[:, :0]
-        return torch.stack(kept, 1)
+        columns = torch.stack(kept, 1) if kept else w[:, :0]
+        return columns, coupling[: len(kept)]
 
     def extend(self, product: Tensor) -> None:
         """Record A · newest() and append the next block of the basis."""
@@ -142,14 +140,12 @@ class _Krylov:
         coefficients[block] = (diagonal + diagonal.T) / 2
         self.projected[: self.size, block] = coefficients
         self.projected[block, : self.size] = coefficients.T
-        coupling = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64)
-        columns = self._orthonormal_columns(w, (coupling,))
-        if columns.shape[1] == 0:  # invariant: continue in the complement
+        columns, coupling = self._orthonormal_columns(w)
+        if columns.shape[1] == 0:  # invariant: continue in the complement, uncoupled
             self.restart = self.size
             fresh = random_rademacher((self.dim, self.width), self.generator, w.dtype, w.device)
-            columns = self._orthonormal_columns(self._project_out(fresh)[0], ())
+            columns = self._orthonormal_columns(self._project_out(fresh)[0])[0]
             coupling = torch.zeros(columns.shape[1], w.shape[1], dtype=torch.float64)
-        coupling = coupling[: columns.shape[1]]
         self._append(columns)
         new = self.blocks[-1]
         self.projected[new, block] = coupling
