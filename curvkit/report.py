@@ -55,10 +55,10 @@ class Spectrum:
     top_eigenvalues: list[float]
     trace: float
     trace_stderr: float
-    density: dict[str, Any]
+    density: dict[str, Any] = field(repr=False)
     n_outliers: int
     converged: bool
-    provenance: dict[str, Provenance]
+    provenance: dict[str, Provenance] = field(repr=False)
     eigenvectors: Tensor | None = field(default=None, repr=False, compare=False)
 
 
@@ -67,15 +67,15 @@ class ClassMeans:
     """Papyan's class-mean structure of G (see curvkit.quantities.classmeans)."""
 
     counts: list[int]
-    class_gram: list[list[float]]
-    group_gram: list[list[float]]
-    eigenvalues: dict[str, list[float]]
+    class_gram: list[list[float]] = field(repr=False)
+    group_gram: list[list[float]] = field(repr=False)
+    eigenvalues: dict[str, list[float]] = field(repr=False)
     trace: dict[str, float]
     trace_stderr: dict[str, float]
     overlap: dict[str, float]
-    coordinates: dict[str, Any]
+    coordinates: dict[str, Any] = field(repr=False)
     excluded_classes: list[int]
-    provenance: dict[str, Provenance]
+    provenance: dict[str, Provenance] = field(repr=False)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Layer:
     rank1: list[float]
     spectrum_distance: float
     closest_to_full: bool
-    provenance: dict[str, Provenance]
+    provenance: dict[str, Provenance] = field(repr=False)
 
 
 @dataclass
@@ -111,6 +111,16 @@ class Report:
     config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """One line (``print(report)`` gives the summary table, ``report.hessian`` etc. the
+        numbers, whose reprs leave out densities, Gram matrices and provenance)."""
+        done = [q for q in QUANTITIES if getattr(self, q) is not None]
+        m = self.model
+        return (
+            f"Report(backend={self.backend!r}, P={m.num_params}, C={m.num_classes}, "
+            f"N={m.num_samples}, quantities={done}, skipped={sorted(self.skipped)})"
+        )
+
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The report as plain Python types (the contract's keys), quantities not run omitted."""
@@ -124,11 +134,19 @@ class Report:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
-        """Read a report written by ``save``."""
+        """Read a report written by ``save``; a file that is not one is an InvalidInputError."""
         path = Path(path)
-        with open(path) as handle:
-            data = json.load(handle) if path.suffix == ".json" else yaml.safe_load(handle)
-        return cls.from_dict(data)
+        try:
+            with open(path) as handle:
+                data = json.load(handle) if path.suffix == ".json" else yaml.safe_load(handle)
+            return cls.from_dict(data)
+        except FileNotFoundError as error:
+            raise InvalidInputError(f"report {path} does not exist.") from error
+        except (TypeError, KeyError, AttributeError, ValueError, yaml.YAMLError) as error:
+            raise InvalidInputError(
+                f"{path} is not a curvkit report ({type(error).__name__}: {error}); give a "
+                "report.yaml or report.json written by curvkit analyze or Report.save."
+            ) from error
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:

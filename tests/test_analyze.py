@@ -181,3 +181,26 @@ def test_an_unsupported_quantity_fails_before_anything_is_computed(digits_proble
     with pytest.raises(curvkit.UnsupportedError, match="kronecker_factors, which layerwise needs"):
         curvkit.analyze(model, Counting(), backend="pyhessian", quantities=["hessian", "layerwise"])
     assert len(passes) == 1
+
+
+def test_reprs_are_short(report):
+    """A REPL shows a line for the report and the headline numbers for a quantity, not the
+    densities, Gram matrices and provenance (those stay attributes)."""
+    assert repr(report).startswith("Report(backend='torchfunc', P=2410, C=10, N=300, ")
+    assert len(repr(report)) < 300
+    for name in ("hessian", "ggn", "residual", "classmeans"):
+        assert len(repr(getattr(report, name))) < 1500, name
+    assert "density" not in repr(report.hessian) and report.hessian.density["grid"]
+    assert all(len(repr(layer)) < 1500 for layer in report.layerwise.values())
+
+
+@pytest.mark.parametrize(
+    "text", ["a: 1\n", "- 1\n- 2\n", "backend: x\nmodel: {num_params: 1}\n", "{unclosed\n"]
+)
+def test_loading_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "other.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidInputError, match="is not a curvkit report"):
+        Report.load(path)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        Report.load(tmp_path / "missing.yaml")
