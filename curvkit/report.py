@@ -257,12 +257,17 @@ class Report:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: readers never see a half-written file."""
+    """Write through a temporary file and a rename: readers never see a half-written file.
+    The file gets the permissions of an ordinary new file (0666 less the umask), not the
+    temporary file's 0600, so colleagues on a shared machine can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

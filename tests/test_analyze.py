@@ -3,6 +3,8 @@ the model given back untouched, and clear errors for bad requests."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,13 @@ def test_loading_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, text):
         Report.load(path)
     with pytest.raises(InvalidInputError, match="does not exist"):
         Report.load(tmp_path / "missing.yaml")
+
+
+def test_saved_report_has_ordinary_file_permissions(report, tmp_path):
+    """0666 less the umask, as `open` would give, not mkstemp's 0600."""
+    umask = os.umask(0o022)
+    try:
+        path = report.save(tmp_path / "report.json")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
