@@ -285,7 +285,7 @@ def _bench(args: argparse.Namespace, config: dict) -> int:
 
 
 def _compare(args: argparse.Namespace, config: dict) -> int:
-    from curvkit.comparison import compare
+    from curvkit.comparison import QUICK_SETTINGS, compare
 
     data_config = config["data"]
     if not args.thorough and data_config["name"] == "digits" and not data_config["factory"]:
@@ -308,8 +308,8 @@ def _compare(args: argparse.Namespace, config: dict) -> int:
     if not args.thorough:
         print(
             f"quick check on {comparison.reports[comparison.reference].model.num_samples} "
-            "examples (top-k 5, 30 trace products, SLQ 2 × 20 unless set); --thorough for "
-            "analyze's defaults on all the data"
+            f"examples ({QUICK_SETTINGS} unless set); --thorough for analyze's defaults on "
+            "all the data"
         )
     print(comparison)
     return 0 if comparison.agree else 1

@@ -70,6 +70,10 @@ DEFAULT_TOLERANCES = {
 }
 QUICK_TOP_K = 5
 QUICK_OPTIONS = {"trace_matvecs": 30, "density_probes": 2, "density_steps": 20}
+QUICK_SETTINGS = (
+    f"top-k {QUICK_TOP_K}, {QUICK_OPTIONS['trace_matvecs']} trace products, SLQ "
+    f"{QUICK_OPTIONS['density_probes']} × {QUICK_OPTIONS['density_steps']}"
+)
 SUBSPACE = {"overlap", "rank1", "spectrum_distance"}
 COUNTS = {"counts", "num_params", "num_classes", "num_samples", "excluded_classes", "shape"}
 

@@ -33,9 +33,8 @@ class Options:
     block_size: int = 16  # the most vectors one batch's product takes at once (memory)
     trace_method: str = "hutch++"
     trace_matvecs: int = 99
-    density_probes: int = (
-        3  # 3 × 30: W1 within 10 % of 5 × 50's (benchmarks/results/defaults_cpu.md)
-    )
+    # 3 × 30: W1 within 10 % of 5 × 50's (benchmarks/results/defaults_cpu.md)
+    density_probes: int = 3
     density_steps: int = 30
     density_grid: int = 400
     density_relative_sigma: float = 0.01
