@@ -238,7 +238,10 @@ class CurvlinopsBackend(Backend):
         """
         from curvlinops import FisherType, KFACLinearOperator, KFACType
 
-        _, params = self.working_copy()
+        _, copies = self.working_copy()
+        layers = kronecker_layers(self.problem)
+        # the layers' weights alone: curvlinops refuses parameters of other layers (LayerNorm, …)
+        params = [copies[self.problem.names.index(f"{n}.weight")] for n in layers]
         shard = self.problem.num_shard_samples
         common = self._common(params, shard)
 
@@ -260,5 +263,4 @@ class CurvlinopsBackend(Backend):
         def reduce(factor: Tensor) -> Tensor:
             return self.problem.all_reduce(factor.detach() * share)
 
-        names = kronecker_layers(self.problem)
-        return {n: KroneckerFactors(reduce(b[n]), reduce(a[n])) for n in names}
+        return {n: KroneckerFactors(reduce(b[n]), reduce(a[n])) for n in layers}

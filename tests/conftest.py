@@ -20,6 +20,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from torch import nn
 
@@ -117,6 +118,21 @@ def cnn_problem():
 @pytest.fixture(scope="session")
 def dense_mlp(digits_problem):
     return reference.dense_references(*digits_problem)
+
+
+@pytest.fixture(scope="session")
+def dense_mlp_eigen(dense_mlp) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Eigenvalues (descending) and eigenvectors (columns, in the same order) of the digits
+    MLP's dense Hessian, G and H = Hess − G, computed once for the session."""
+    eigen = {}
+    for name, matrix in (
+        ("hessian", dense_mlp["hessian"]),
+        ("ggn", dense_mlp["ggn"]),
+        ("residual", dense_mlp["hessian"] - dense_mlp["ggn"]),
+    ):
+        values, vectors = np.linalg.eigh(matrix.numpy())
+        eigen[name] = (values[::-1], vectors[:, ::-1])
+    return eigen
 
 
 @pytest.fixture(scope="session")
