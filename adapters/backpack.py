@@ -33,7 +33,6 @@ from curvkit.linalg.operator import trace
 from curvkit.linalg.trace import batch_stderr
 from curvkit.report import Provenance
 
-OTHER_BACKENDS = "torchfunc, pyhessian"
 STORED = ("sqrt_ggn_exact", "kflr", "kfac", "diag_h", "diag_ggn_exact", "diag_ggn_mc")
 
 
@@ -54,6 +53,13 @@ class BackPACKBackend(Backend):
     }
     default_settings = {"ggn_trace": "exact", "kronecker": "kflr", "mc_samples": 1}
     choices = {"ggn_trace": ("exact", "mc"), "kronecker": ("kflr", "kfac")}
+    # BackPACK's extensions read each module's input and output through their own hooks and
+    # assume each parameter belongs to one module called once: these features make them wrong
+    # without an error (its products are plain autograd and stay right)
+    limits = dict.fromkeys(
+        ("shared_parameters", "forward_hooks", "backward_hooks", "parametrizations"),
+        ("class_deltas", "kronecker_factors", "trace"),
+    )
 
     _extended_copy: tuple[nn.Module, list[Tensor], nn.Module] | None = None
     _positions: dict[str, int] | None = None
@@ -62,6 +68,23 @@ class BackPACKBackend(Backend):
         super().configure(options)
         if self.config["mc_samples"] < 1:
             raise InvalidInputError("setting 'mc_samples' of backend 'backpack' must be ≥ 1.")
+
+    def refusal(self, quantity: str) -> str | None:
+        """Also BackPACK's module coverage: the extension that ``quantity`` needs, tried on two
+        examples (e.g. no BatchNorm, GELU or LayerNorm for second-order extensions)."""
+        reason = super().refusal(quantity)
+        if reason or quantity not in ("classmeans", "layerwise"):
+            return reason
+        x, y = next(self.problem.batches())
+        try:
+            with mc_seeded(self.problem.device, 0):
+                if quantity == "classmeans":
+                    self.batch_class_deltas(x[:2], y[:2])
+                else:
+                    self.batch_kronecker(x[:2], y[:2])
+        except UnsupportedError as error:
+            return str(error).rstrip(".")
+        return None
 
     # -- products on the plain copy -------------------------------------------------------------
     def _plist(self, param: str | None) -> list[Tensor]:
@@ -113,18 +136,14 @@ class BackPACKBackend(Backend):
                 except Exception as error:
                     raise UnsupportedError(
                         f"BackPACK cannot convert the {type(self.problem.model).__name__} model to "
-                        f"a Sequential-like graph ({type(error).__name__}: {error}); use one of "
-                        f"{OTHER_BACKENDS}."
+                        f"a Sequential-like graph ({type(error).__name__}: {error})."
                     ) from error
             else:
                 extend(model)
             # the converter keeps the parameter tensors, possibly under new names: map by identity
             remaining = {id(p) for p in model.parameters()}
             if not all(id(p) in remaining for p in params):
-                raise UnsupportedError(
-                    "BackPACK's converter replaced the model's parameters; use one of "
-                    f"{OTHER_BACKENDS}."
-                )
+                raise UnsupportedError("BackPACK's converter replaced the model's parameters.")
             self._extended_copy = (model, params, extend(self.problem.loss.module("sum")))
         return self._extended_copy
 
@@ -175,7 +194,7 @@ class BackPACKBackend(Backend):
             what = f"cannot handle the {type(self.problem.model).__name__} model ({message})"
             if "inplace" in message:
                 what += ", as in-place operations such as ReLU(inplace=True) break its hooks"
-        return UnsupportedError(f"BackPACK's {extension} {what}; use one of {OTHER_BACKENDS}.")
+        return UnsupportedError(f"BackPACK's {extension} {what}.")
 
     def batch_class_deltas(self, x: Tensor, y: Tensor) -> Tensor:
         """``SqrtGGNExact``: with a summed loss its factor for example i and class c' is exactly

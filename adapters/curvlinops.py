@@ -70,6 +70,15 @@ class CurvlinopsBackend(Backend):
         "block_products": "native",  # the operators built on one parameter
     }
 
+    # its products use torch.func (forward-over-reverse): no full backward hooks, no forward
+    # derivative for weight_norm-like parametrizations; its functional model finds a shared
+    # parameter under one name only
+    limits = {
+        "backward_hooks": ("hvp", "ggnvp", "class_deltas", "top_eigen", "trace", "density"),
+        "parametrizations": ("hvp", "ggnvp", "class_deltas", "top_eigen", "trace", "density"),
+        "shared_parameters": ("class_deltas",),
+    }
+
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
         super().__init__(problem, options)
         self._operators: dict[tuple[str, str | None], Any] = {}
@@ -238,6 +247,7 @@ class CurvlinopsBackend(Backend):
         """
         from curvlinops import FisherType, KFACLinearOperator, KFACType
 
+        self.require("kronecker_factors")
         _, copies = self.working_copy()
         layers = kronecker_layers(self.problem)
         # the layers' weights alone: curvlinops refuses parameters of other layers (LayerNorm, …)

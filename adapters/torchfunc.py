@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.layers import kronecker_layers, unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -68,10 +68,14 @@ def width_class(columns: int) -> str:
 
 
 def _faster(routes: dict[str, Callable[[], Tensor]]) -> str:
-    """The route whose second call (the first warms up) takes the least wall time."""
+    """The route whose second call (the first warms up) takes the least wall time; a route the
+    model's operations do not support (e.g. no forward-mode AD for weight_norm) is left out."""
     seconds = {}
     for name, run in routes.items():
-        run()
+        try:
+            run()
+        except NotImplementedError:
+            continue
         start = time.perf_counter()
         run()
         seconds[name] = time.perf_counter() - start
@@ -94,9 +98,13 @@ class TorchFuncBackend(Backend):
         "per_example_jacobians": "native",
         "dense": "native",
     }
+    # torch.func's transforms cannot run full backward hooks (autograd.Functions without
+    # setup_context)
+    limits = {"backward_hooks": ("hvp", "ggnvp", "class_deltas", "kronecker_factors")}
 
     def __init__(self, *args, **kwargs) -> None:
         self.chosen_routes: dict[tuple[str, str], str] = {}
+        self._aliases: dict[str, str] | None = None  # every parameter/buffer name → first name
         super().__init__(*args, **kwargs)
 
     def _params(self, param: str | None = None) -> Tensors:
@@ -104,7 +112,31 @@ class TorchFuncBackend(Backend):
         return {n: values[n].detach() for n in self.problem.selected(param)}
 
     def _logits(self, params: Tensors, x: Tensor) -> Tensor:
-        return functional_call(self.problem.model, params, (x,))
+        """The model's logits with ``params`` in place of the selected parameters.
+
+        functional_call swaps module attributes by name and restores them afterwards: each
+        attribute must be named exactly once. A Parameter held by two modules (weight tying)
+        is swapped in both; a module registered under two names (``Sequential(a, b, a)``) only
+        once (swapping it twice restored plain tensors in place of the user's Parameters). The
+        buffers are passed too, so that a forward that rebinds one (a call counter) changes
+        only the stand-in that functional_call swaps out again."""
+        model = self.problem.model
+        if self._aliases is None:
+            first = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
+            self._aliases, seen = {}, set()
+            named = [
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            ]
+            for name, tensor in named:
+                owner, _, attribute = name.rpartition(".")
+                slot = (id(model.get_submodule(owner)), attribute)
+                if slot not in seen:
+                    seen.add(slot)
+                    self._aliases[name] = first[id(tensor)]
+        values = {**dict(model.named_buffers()), **params}
+        swapped = {n: values[first] for n, first in self._aliases.items() if first in values}
+        return functional_call(model, swapped, (x,), tie_weights=False)
 
     # -- per-batch primitives -------------------------------------------------------------------
     def batch_hvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
@@ -131,7 +163,15 @@ class TorchFuncBackend(Backend):
                     )
                 self.chosen_routes[key] = MEASURED_ROUTES[measured]
             route = self.chosen_routes[key]
-        return routes[matrix, route](x, y, V, param)
+        try:
+            return routes[matrix, route](x, y, V, param)
+        except NotImplementedError as error:  # an operation without the derivative it needs
+            raise UnsupportedError(
+                f"torch.func's {route} products fail on this model "
+                f"({str(error).splitlines()[0]}); set products: "
+                f"{'reverse-over-reverse' if route == ROUTES[0] else 'forward-over-reverse'} in "
+                "the torchfunc settings."
+            ) from error
 
     def product_note(self, matrix: str) -> str:
         if self.config["products"] != "auto":

@@ -18,21 +18,13 @@ from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, current_group, rank
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Options
+from curvkit.linalg.operator import integer, shown
 from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
-from curvkit.registry import backends, get_backend, providers
+from curvkit.registry import backends, get_backend
 from curvkit.report import QUANTITIES, ModelInfo, Report
-
-# the primitives each quantity needs from a backend (capabilities)
-NEEDS = {
-    "hessian": ("hvp",),
-    "ggn": ("ggnvp",),
-    "residual": ("hvp", "ggnvp"),
-    "classmeans": ("class_deltas", "hvp", "ggnvp"),
-    "layerwise": ("kronecker_factors", "hvp", "ggnvp"),
-}
 
 
 def make_options(
@@ -40,6 +32,11 @@ def make_options(
 ) -> Options:
     """Options from a mapping, with the overrides under ``options[quantity]`` applied; unknown
     keys are rejected with the list of known ones."""
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidInputError(
+            f"options must map option names to values, e.g. {{'trace_matvecs': 99}}, got "
+            f"{shown(options)}."
+        )
     options = dict(options or {})
     known = {f.name for f in dataclasses.fields(Options)} - {"progress"}
     unknown = sorted(set(options) - known - set(QUANTITIES))
@@ -103,10 +100,13 @@ def analyze(
     unknown = [q for q in names if q not in QUANTITIES]
     if unknown or not names:
         raise InvalidInputError(
-            f"unknown quantities {unknown}; choose from {', '.join(QUANTITIES)}."
+            f"unknown quantities {shown(unknown)}; choose from {', '.join(QUANTITIES)}."
             if unknown
             else f"quantities is empty; choose from {', '.join(QUANTITIES)} or pass None for all."
         )
+    if top_k is not None:
+        top_k = integer("top_k", top_k, 1)
+    seed = integer("seed", seed, 0)
     group = current_group(process_group)
     progress = progress and rank(group) == 0
     settings = {
@@ -123,6 +123,7 @@ def analyze(
         return _analyze_auto(model, data, names, settings, skip_unsupported, choice_file)
     backend_cls = get_backend(backend)
     opts = make_options(options, progress)
+    per_quantity = {name: make_options(options, progress, name) for name in names}
     with model_guard(model):
         problem = Problem(model, data, loss=loss, params=params, group=group, cache_mb=cache_mb)
         k = top_k if top_k is not None else default_top_k(problem.num_classes, problem.num_params)
@@ -167,17 +168,11 @@ def analyze(
                 raise
             report.skipped = dict.fromkeys(names, str(error))
             return report
-        per_quantity = {name: make_options(options, progress, name) for name in names}
         for name in names:  # every request checked before anything is computed
             engine.configure(per_quantity[name])
-            missing = [n for n in NEEDS[name] if n not in backend_cls.capabilities]
-            if missing:
-                others = providers(missing)
-                hint = f"use one of {', '.join(others)}" if others else "no installed backend does"
-                error = UnsupportedError(
-                    f"backend {backend!r} does not provide {', '.join(missing)}, which {name} "
-                    f"needs; {hint}."
-                )
+            reason = engine.refusal(name)
+            if reason:
+                error = UnsupportedError(f"{reason}; {advice(problem, name, backend)}.")
                 if not skip_unsupported:
                     raise error
                 report.skipped[name] = str(error)
@@ -192,15 +187,33 @@ def analyze(
                     result = classmeans(engine, k, seed, spectra=report)
                 else:
                     result = layerwise(engine, k, seed, spectra=report)
-            except UnsupportedError as error:
+            except UnsupportedError as error:  # found only while computing
+                advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend)}."
                 if not skip_unsupported:
-                    raise
-                report.skipped[name] = str(error)
+                    raise UnsupportedError(advised) from error
+                report.skipped[name] = advised
                 continue
             setattr(report, name, result)
             report.timings[name] = time.perf_counter() - start
             report.data_passes[name] = engine.passes - passes
     return report
+
+
+def advice(problem: Problem, quantity: str, failed: str) -> str:
+    """Which installed backends can compute ``quantity`` for this problem's model, from their
+    capabilities, declared limits and own checks (``Backend.refusal``), as advice."""
+    able = []
+    for name, row in backends().items():
+        if name == failed or not row["installed"]:
+            continue
+        try:
+            if get_backend(name)(problem).refusal(quantity) is None:
+                able.append(name)
+        except UnsupportedError:  # e.g. PyHessian under torch.distributed
+            continue
+    if not able:
+        return f"no installed backend can compute {quantity} for this model"
+    return f"backend {' or '.join(repr(n) for n in able)} can"
 
 
 def _analyze_auto(

@@ -38,6 +38,16 @@ from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
 
 MATRICES = ("hessian", "ggn", "residual")
+# the primitives each quantity needs from a backend (capabilities)
+NEEDS = {
+    "hessian": ("hvp",),
+    "ggn": ("ggnvp",),
+    "residual": ("hvp", "ggnvp"),
+    "classmeans": ("class_deltas", "hvp", "ggnvp"),
+    "layerwise": ("kronecker_factors", "hvp", "ggnvp"),
+}
+# E[M] ⊗ E[aaᵀ] assumes each layer runs once per example (every backend)
+SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",)}
 
 
 @dataclass
@@ -77,8 +87,10 @@ class Backend:
     Subclasses set ``name``, ``library`` (the distribution whose version is reported),
     ``module`` (what to import to check that it is installed), ``extra`` (the pip extra that
     installs it), ``capabilities`` (for each primitive or routine it provides, ``"native"`` or
-    ``"derived"``), and ``default_settings`` / ``choices`` for its own settings, given as
-    ``options.backend[name]`` (per quantity too: ``configure`` reads them again).
+    ``"derived"``), ``default_settings`` / ``choices`` for its own settings, given as
+    ``options.backend[name]`` (per quantity too: ``configure`` reads them again), and
+    ``limits``: for each model feature its library cannot handle (see curvkit.features), the
+    primitives or native routines that feature breaks.
     """
 
     name: ClassVar[str] = ""
@@ -88,6 +100,7 @@ class Backend:
     capabilities: ClassVar[Mapping[str, str]] = {}
     default_settings: ClassVar[Mapping[str, Any]] = {}
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}
+    limits: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
         self.problem = problem
@@ -144,6 +157,67 @@ class Backend:
             return importlib.metadata.version(cls.library)
         except importlib.metadata.PackageNotFoundError:
             return None
+
+    # -- what this backend can do for this model -------------------------------------------------
+    def broken_by(self, primitive: str) -> str | None:
+        """The model feature that keeps this backend's ``primitive`` from being right, if any."""
+        for feature, where in self.problem.features.items():
+            if primitive in self.limits.get(feature, ()) + SHARED_LIMITS.get(feature, ()):
+                return where
+        return None
+
+    def refusal(self, quantity: str) -> str | None:
+        """Why this backend cannot compute ``quantity`` for this model (None when it can), found
+        before anything is computed: a missing capability, a model feature its library cannot
+        handle, or Papyan's class sums beyond the memory budget. Adapters add their library's
+        own checks."""
+        missing = [n for n in NEEDS[quantity] if n not in self.capabilities]
+        if missing:
+            return (
+                f"backend {self.name!r} does not provide {', '.join(missing)}, which {quantity} "
+                "needs"
+            )
+        for primitive in NEEDS[quantity]:
+            try:
+                self.require(primitive)
+            except UnsupportedError as error:
+                return str(error).rstrip(".")
+        return self.class_sums_refusal() if quantity == "classmeans" else None
+
+    def class_sums_refusal(self) -> str | None:
+        """Papyan's C × C × P class sums and, from per-example factors, a batch's 2 × B × C × P
+        numbers against half the memory budget (see curvkit.problem.free_memory)."""
+        c, p, size = self.problem.num_classes, self.problem.num_params, self.problem.dtype.itemsize
+        free = free_memory(self.problem.device)
+        if free is None:
+            return None
+        sums = c * c * p * size
+        if sums > free / 2:
+            return (
+                f"Papyan's class sums need C × C × P = {c} × {c} × {p} numbers "
+                f"({sums / 2**30:.1f} GiB), but the memory budget is {free / 2**30:.1f} GiB; "
+                "select fewer parameters with params=[...] (e.g. the last layers)"
+            )
+        if self.capabilities.get("class_deltas") != "native":
+            return None
+        per_example = 2 * c * p * size
+        batch = self.problem.summary.max_batch
+        if sums + per_example * batch > free / 2:
+            largest = max(1, int((free / 2 - sums) // per_example))
+            return (
+                f"{self.name}'s per-example factors for a batch of {batch} examples need about "
+                f"{per_example * batch / 2**30:.1f} GiB beside the class sums, but the memory "
+                f"budget is {free / 2**30:.1f} GiB; use batches of at most {largest} examples"
+            )
+        return None
+
+    def require(self, primitive: str) -> None:
+        """Raise UnsupportedError when a model feature breaks ``primitive`` for this backend."""
+        where = self.broken_by(primitive)
+        if where:
+            raise UnsupportedError(
+                f"backend {self.name!r} cannot give {primitive} for a model with {where}."
+            )
 
     def unsupported(self, what: str) -> UnsupportedError:
         return UnsupportedError(
@@ -227,9 +301,11 @@ class Backend:
         c, p = self.problem.num_classes, self.problem.num_params
         if "class_deltas" not in self.capabilities:
             raise self.unsupported("class_deltas")
+        self.require("class_deltas")
         per_example = self.capabilities["class_deltas"] == "native"
-        if per_example:
-            self.check_batch_memory(f"{self.name}'s per-example factors", 2 * c * p)
+        refusal = self.class_sums_refusal()
+        if refusal:
+            raise UnsupportedError(refusal + ".")
         sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
         counts = torch.zeros(c, dtype=torch.long, device=self.problem.device)
         square_norms: list[float] = []
@@ -277,6 +353,7 @@ class Backend:
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
         """Kronecker factors of every selected Linear / Conv2d weight, keyed by module name."""
+        self.require("kronecker_factors")
         sums: dict[str, list[Tensor]] = {}
         for x, y in self.data_pass("Kronecker"):
             for name, (b, a) in self.batch_kronecker(x, y).items():
@@ -315,7 +392,14 @@ class Backend:
             )
         else:
             raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")
-        op.native = self.native_routines(matrix, param, op)
+        native = self.native_routines(matrix, param, op)
+        broken = {r: self.broken_by(r) for r in native}
+        op.native = {r: routine for r, routine in native.items() if not broken[r]}
+        # curvkit's routine on this backend's products instead, and provenance says why
+        why = [f"not {self.name}'s own {r}: {where}" for r, where in broken.items() if where]
+        if why:
+            product_note = op.note
+            op.note = lambda: "; ".join(filter(None, [product_note(), *why]))
         return op
 
     def native_routines(
@@ -350,24 +434,6 @@ class Backend:
             for attribute in attributes:
                 if hasattr(p, attribute):
                     delattr(p, attribute)
-
-    def check_batch_memory(self, what: str, floats_per_example: int) -> None:
-        """Refuse, before allocating, a per-batch tensor that would not fit in free memory.
-
-        ``floats_per_example`` × the largest batch × the dtype's size is compared with half the
-        free memory (CPU: available physical pages; CUDA: ``torch.cuda.mem_get_info``).
-        """
-        per_example = floats_per_example * self.problem.dtype.itemsize
-        needed = per_example * self.problem.summary.max_batch
-        free = free_memory(self.problem.device)
-        if free is not None and needed > free / 2:
-            largest = max(1, int(free / 2 // per_example))
-            raise InvalidInputError(
-                f"{what} for a batch of {self.problem.summary.max_batch} examples needs about "
-                f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB are free; use batches "
-                f"of at most {largest} examples, or a backend with weighted gradient passes "
-                "(pyhessian, curvlinops), which hold only C × C × P numbers."
-            )
 
 
 class CountingBatches:

@@ -196,9 +196,12 @@ def _analyze(args: argparse.Namespace, config: dict) -> int:
     import curvkit
     from curvkit.config import build
     from curvkit.distributed import rank, start_from_environment
+    from curvkit.report import check_writable
 
     with start_from_environment(config["device"]) as group:
         main_rank = rank(group) == 0
+        if main_rank:
+            check_writable(Path(config["output"]))  # before the work, not after
         progress = not args.quiet and main_rank
         model, data = build(config, progress=progress, group=group)
         report = curvkit.analyze(
@@ -245,10 +248,11 @@ def _figures(make) -> list[Path]:
 
 def _plot(args: argparse.Namespace) -> int:
     from curvkit.plot import plot_report
-    from curvkit.report import Report
+    from curvkit.report import Report, check_writable
 
     if not args.report.exists():
         raise InvalidInputError(f"report {args.report} does not exist.")
+    check_writable(args.output or args.report.parent)
     for path in plot_report(Report.load(args.report), args.output or args.report.parent):
         print(f"figure written to {path}")
     return 0
@@ -256,9 +260,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace, config: dict) -> int:
     from curvkit.benchmark import bench
+    from curvkit.report import check_writable
 
     if args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}.")
+    if args.output is not None:
+        check_writable(args.output)
     model, data = _problem(args, config)
     result = bench(
         model,

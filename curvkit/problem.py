@@ -8,6 +8,7 @@ the user's model back exactly as it came.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from curvkit.distributed import (
     current_group,
 )
 from curvkit.errors import CurvkitError, InvalidInputError
+from curvkit.features import model_features
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
 
@@ -393,6 +395,12 @@ class Problem:
     def fingerprint(self) -> str:
         return fingerprint(self.model)
 
+    @functools.cached_property
+    def features(self) -> dict[str, str]:
+        """The model's features that some libraries cannot handle (see curvkit.features)."""
+        x, _ = next(self.batches())
+        return model_features(self.model, x[:1])
+
     def _weights_digest(self) -> str:
         """A hash of the selected parameters' values (to check that all ranks hold the same)."""
         digest = hashlib.sha256()
@@ -411,12 +419,39 @@ def cache_budget(cache_mb: float, device: torch.device) -> int:
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Free memory in bytes on ``device`` (CPU: Linux's available pages), or None if unknown."""
+    """The memory budget in bytes on ``device``: the environment variable CURVKIT_MEMORY_MB
+    when set, else the free memory (CUDA: ``mem_get_info``; CPU: Linux's available memory,
+    at most what the cgroup v2 limit leaves), or None if unknown."""
+    override = os.environ.get("CURVKIT_MEMORY_MB")
+    if override:
+        try:
+            return int(float(override) * 2**20)
+        except ValueError:
+            raise InvalidInputError(
+                f"CURVKIT_MEMORY_MB must be a number of MiB, got {override[:40]!r}."
+            ) from None
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = _read_int("/proc/meminfo", "MemAvailable:", 1024)  # free + reclaimable cache
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    limit = _read_int("/sys/fs/cgroup/memory.max")
+    used = _read_int("/sys/fs/cgroup/memory.current")
+    if limit is not None and used is not None:
+        available = min(available, limit - used)
+    return available
+
+
+def _read_int(path: str, key: str = "", unit: int = 1) -> int | None:
+    """The integer in the file at ``path`` (on the line starting with ``key``), or None."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        with open(path) as file:
+            line = next(line for line in file if line.startswith(key))
+        return int(line.removeprefix(key).split()[0]) * unit
+    except (OSError, ValueError, StopIteration, IndexError):
         return None
 
 
@@ -458,6 +493,12 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
         )
     if not params[0].dtype.is_floating_point:
         raise InvalidInputError(f"parameters of dtype {params[0].dtype} cannot be differentiated.")
+    if params[0].dtype.itemsize < 4:
+        raise InvalidInputError(
+            f"the parameters are {params[0].dtype}, whose rounding (≥ 1e-3) swamps the curvature's "
+            "small eigenvalues and traces; analyse a float32 or float64 copy, e.g. "
+            "copy.deepcopy(model).float()."
+        )
     for n, p in zip(names, params):
         if not torch.isfinite(p).all():
             raise InvalidInputError(
@@ -483,8 +524,9 @@ def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
 
-    Restored: parameter and buffer values, ``.grad`` fields, ``requires_grad``, each module's
-    train/eval mode and its hook dictionaries. Inside, the model is in eval mode by default.
+    Restored: the same Parameter and buffer objects in every module, with their values,
+    ``.grad`` fields and ``requires_grad``, each module's train/eval mode and its hook
+    dictionaries. Inside, the model is in eval mode by default.
     """
     check_module(model)
     params = list(model.parameters())
@@ -492,6 +534,8 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     saved_modules = [(m, m.training, _hook_dicts(m)) for m in model.modules()]
+    # the objects themselves: a forward may rebind a buffer, a library replace a Parameter
+    saved_entries = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         if eval_mode:
             model.eval()
@@ -506,6 +550,10 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
                 p.grad = grad
             for b, value in saved_buffers:
                 b.copy_(value)
+        for m, parameters, buffers in saved_entries:
+            for entries, saved in ((m._parameters, parameters), (m._buffers, buffers)):
+                entries.clear()
+                entries.update(saved)
         for m, training, hooks in saved_modules:
             m.training = training
             for name in list(vars(m)):

@@ -45,15 +45,6 @@ def get_backend(name: str) -> type[Backend]:
     return cls
 
 
-def providers(capabilities: list[str]) -> list[str]:
-    """The installed backends that provide every one of ``capabilities``."""
-    return [
-        name
-        for name, row in backends().items()
-        if row["installed"] and all(c in row["capabilities"] for c in capabilities)
-    ]
-
-
 def backends() -> dict[str, dict]:
     """Every registered backend: whether it is installed, its version and capabilities.
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from curvkit.errors import InvalidInputError
+from curvkit.errors import CurvkitError, InvalidInputError
 
 QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
 
@@ -260,7 +260,7 @@ def write_atomically(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: readers never see a half-written file.
     The file gets the permissions of an ordinary new file (0666 less the umask), not the
     temporary file's 0600, so colleagues on a shared machine can read it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -269,9 +269,30 @@ def write_atomically(path: Path, text: str) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise CurvkitError(
+                f"could not write {path} ({error.strerror or error}); any earlier file there is "
+                "unchanged."
+            ) from error
         raise
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and try a file in it, so that a bad output path fails before the work
+    (a path that is a file, read-only, on a full disk) with one InvalidInputError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"curvkit")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot write into the output folder {folder} ({error.strerror or error}); choose "
+            "another with --output."
+        ) from error
 
 
 def _g(x: float) -> str:

@@ -4,6 +4,7 @@ mistake, the model restored after an interrupt, identical reports for identical 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 import curvkit
 from curvkit.cli import main
-from curvkit.errors import InvalidInputError, MissingDependencyError
+from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
 from curvkit.problem import Problem, model_guard
 from curvkit.registry import get_backend
 from tests.conftest import backend_params
@@ -119,6 +120,56 @@ def test_bad_requests_per_backend(name):
         curvkit.analyze(model, data, backend=name, quantities=["hess"], progress=False)
     with pytest.raises(InvalidInputError, match=f"unknown setting.*{name}"):
         curvkit.analyze(model, data, backend=name, options={"backend": {name: {"x": 1}}})
+
+
+BAD_ARGUMENTS = {
+    "options": ({"trace_matvecs": 0}, "option 'trace_matvecs' must be an integer ≥ 3, got 0"),
+    "string": ({"trace_matvecs": "99"}, "got '99' \\(a string: write it without quotes\\)"),
+    "probes": ({"density_probes": 0}, "option 'density_probes' must be an integer ≥ 1"),
+    "method": ({"trace_method": "foo"}, "'trace_method' must be one of hutch\\+\\+, hutchinson"),
+    "block": ({"ggn": {"block_size": -2}}, "option 'block_size' must be an integer ≥ 1"),
+    "tolerance": ({"lanczos_tol": -1}, "option 'lanczos_tol' must be a number > 0"),
+    "not a mapping": ([1, 2], "options must map option names to values"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_options_get_one_sentence_before_any_pass(case):
+    options, match = BAD_ARGUMENTS[case]
+    loader = RaisingLoader(OSError("read"), at=0)  # any pass over the data would raise
+    with pytest.raises(InvalidInputError, match=match):
+        curvkit.analyze(tiny_model(), loader, options=options, progress=False)
+
+
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"top_k": True}, "top_k must be an integer ≥ 1, got True"),
+        ({"top_k": 2.5}, "top_k must be an integer ≥ 1, got 2.5"),
+        ({"top_k": "5"}, "top_k must be an integer ≥ 1, got '5'"),
+        ({"seed": -1}, "seed must be an integer ≥ 0, got -1"),
+        ({"seed": None}, "seed must be an integer ≥ 0, got None"),
+        ({"top_k": [[1] * 10**4] * 10**4}, r"got \[\[1, 1, 1, 1, 1, 1, \.\.\.\], .{0,200}\.$"),
+    ],
+)
+def test_bad_arguments_get_one_short_sentence(arguments, match):
+    """Also a huge value (a YAML alias bomb) is shown cut to a line, not printed whole."""
+    with pytest.raises(InvalidInputError, match=match):
+        curvkit.analyze(tiny_model(), digits_batches(), **arguments, progress=False)
+
+
+def test_half_precision_is_refused_with_the_fix():
+    with pytest.raises(InvalidInputError, match="float16.*copy.deepcopy\\(model\\).float\\(\\)"):
+        curvkit.analyze(tiny_model().half(), digits_batches(), progress=False)
+
+
+def test_output_path_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
+    """A folder that is a file fails at once (exit 2), before the model is even built."""
+    monkeypatch.setattr("curvkit.config.build", lambda *a, **k: pytest.fail("the work started"))
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["analyze", "--quiet", "--output", str(blocked)]) == 2
+    assert "cannot write into the output folder" in capsys.readouterr().err
 
 
 def test_missing_library_names_the_extra(plugin_backend):
@@ -254,18 +305,126 @@ def test_same_seed_gives_identical_reports(name):
     )
 
 
-@pytest.mark.parametrize("name", ["torchfunc", "backpack"])
-def test_per_example_factors_too_large_are_refused_before_allocating(name):
-    """B × C × P factors for P = 3.0 M and batches of 512 would need ≈ 229 GiB: a clear error
-    with the largest batch that fits, instead of the machine running out of memory."""
+def advised(message: str) -> list[str]:
+    """The backends an UnsupportedError's advice names ("backend 'a' or 'b' can")."""
+    match = re.search(r"backend ('[\w-]+'(?: or '[\w-]+')*) can\.$", message)
+    return re.findall(r"'([\w-]+)'", match.group(1)) if match else []
+
+
+@pytest.mark.slow
+def test_memory_budget_refuses_up_front_and_advises_what_fits(monkeypatch):
+    """Budget 2 MiB (CURVKIT_MEMORY_MB; half of it usable): the tiny MLP's C × C × P class sums
+    (10 × 10 × 610 float64, 0.49 MB) fit, torch.func's per-example factors for a batch of 20
+    (2 × 20 × 10 × 610 float64, 1.95 MB) do not. The refusal comes before any pass, names the
+    largest batch that fits, and advises exactly the backends with weighted gradient passes,
+    each of which then computes the class means; at 0.5 MiB the class sums themselves do not
+    fit and no backend is advised."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "2")
+    model, data = tiny_model(), digits_batches()
+    with pytest.raises(UnsupportedError, match="batches of at most 5 examples") as refused:
+        curvkit.analyze(model, data, quantities=["hessian", "classmeans"], progress=False)
+    derived = [n for n, row in curvkit.backends().items() if row["installed"]
+               and row["capabilities"].get("class_deltas") == "derived"]  # fmt: skip
+    assert advised(str(refused.value)) == derived
+    for name in derived:
+        report = curvkit.analyze(model, data, name, ["classmeans"], top_k=3, progress=False)
+        assert report.classmeans.trace["total"] > 0
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.5")
+    with pytest.raises(UnsupportedError, match="class sums need C × C × P.*no installed backend"):
+        curvkit.analyze(model, data, quantities=["classmeans"], progress=False)
+
+
+class SharedWeight(nn.Module):
+    """Two Linear modules holding one Parameter (weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(64, 8), nn.Linear(8, 8)
+        self.third, self.head = nn.Linear(8, 8), nn.Linear(8, 10)
+        self.third.weight = self.second.weight
+        self.double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.third(torch.tanh(self.second(torch.tanh(self.first(x)))))))
+
+
+class CountsCalls(nn.Module):
+    """A forward that rebinds a buffer (a call counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return self.net(x)
+
+
+def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Models with a feature some library cannot handle, each with a plain model computing the
+    same function that torch.func's dense G can be built on."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 40_000), nn.Tanh(), nn.Linear(40_000, 10)).double()
-    with model_guard(model):
-        backend = get_backend(name)(Problem(model, digits_batches(n=520, batch=512)))
-        with pytest.raises(
-            InvalidInputError, match=r"batch of 512 examples needs about 228\.9 GiB"
-        ):
-            backend.class_deltas()
+    layer = nn.Linear(8, 8)
+    reused = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), layer, nn.Tanh(), layer, nn.Tanh(),
+                           nn.Linear(8, 10)).double()  # fmt: skip
+    doubled = tiny_model()
+    doubled[1].register_forward_hook(lambda module, args, output: 2 * output)
+    logged = tiny_model()
+    logged[0].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    normed = tiny_model()
+    normed[2] = nn.utils.parametrizations.weight_norm(normed[2])
+    counting = CountsCalls()
+    shared = SharedWeight()
+    return {
+        "shared parameter": (shared, shared),
+        "module used twice": (reused, reused),
+        "forward hook changing outputs": (doubled, doubled),
+        "full backward hook": (logged, tiny_model()),
+        "weight_norm": (normed, normed),
+        "buffer rebound in forward": (counting, counting),
+    }
+
+
+ADVICE_CHECKED: set[tuple[str, str, str]] = set()  # (case, quantity, advised backend) tried
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("case", list(featured_models()))
+def test_model_features_give_right_numbers_or_a_refusal(name, case):
+    """Each backend computes G's top eigenvalue (rtol 1e-4, PyHessian's power iteration 1e-3)
+    and trace (4 standard errors, exact ones to 1e-8) and the class means' tr G right against
+    torch.func's dense G, or refuses the quantity before computing, naming the feature and
+    advising backends that can; the model comes back with the same objects and values."""
+    model, plain = featured_models()[case]
+    data = digits_batches()
+    with model_guard(plain):
+        exact = float(torch.trace(get_backend("torchfunc")(Problem(plain, data)).dense_ggn()))
+        lam = float(
+            torch.linalg.eigvalsh(get_backend("torchfunc")(Problem(plain, data)).dense_ggn())[-1]
+        )
+    entries = {n: id(t) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    values = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    report = curvkit.analyze(model, data, name, ["ggn", "classmeans", "layerwise"], top_k=3,
+                             progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
+    assert report.ggn.top_eigenvalues[0] == pytest.approx(
+        lam, rel=1e-3 if name == "pyhessian" else 1e-4
+    )
+    assert abs(report.ggn.trace - exact) <= 4 * report.ggn.trace_stderr + 1e-8 * exact
+    if report.classmeans is not None:
+        total, stderr = report.classmeans.trace["total"], report.classmeans.trace_stderr["total"]
+        assert abs(total - exact) <= 4 * stderr + 1e-8 * exact
+    for quantity, why in report.skipped.items():
+        assert re.search("shared parameters|runs 2 times|hooks on|parametrized|does not", why), why
+        for other in advised(why):  # the advice holds: each advised backend computes it
+            if (case, quantity, other) not in ADVICE_CHECKED:
+                curvkit.analyze(
+                    model, data, other, [quantity], top_k=3, progress=False, options=QUICK
+                )
+                ADVICE_CHECKED.add((case, quantity, other))
+    after = [*model.named_parameters(), *model.named_buffers()]
+    assert {n: id(t) for n, t in after} == entries
+    assert all(torch.equal(values[n], t) for n, t in after)
 
 
 class ChangingData:

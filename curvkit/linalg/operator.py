@@ -10,16 +10,20 @@ and say in the returned Provenance which ran, how many products it used and how 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import reprlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from curvkit.errors import InvalidInputError
 from curvkit.linalg.krylov import Density, EigenResult, lanczos, slq_density
-from curvkit.linalg.trace import TraceEstimate, estimate_trace
+from curvkit.linalg.trace import METHODS, TraceEstimate, estimate_trace
 from curvkit.report import Provenance
 
 
@@ -40,6 +44,68 @@ class Options:
     density_relative_sigma: float = 0.01
     progress: bool = False
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
+
+    def __post_init__(self) -> None:
+        """Every setting checked once, with one sentence for a bad value; a number written as
+        a string (YAML reads ``1e-6`` as one) is read as the number."""
+        for name, least in (("lanczos_tol", 0.0), ("density_relative_sigma", 0.0)):
+            setattr(self, name, positive_number(name, getattr(self, name), least))
+        for name, least in INTEGER_OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None or name not in ("lanczos_max_iter", "lanczos_block"):
+                setattr(self, name, integer(f"option {name!r}", value, least))
+        if self.trace_method not in METHODS:
+            raise InvalidInputError(
+                f"option 'trace_method' must be one of {', '.join(METHODS)}, "
+                f"got {shown(self.trace_method)}."
+            )
+        if not isinstance(self.backend, Mapping) or not all(
+            isinstance(v, Mapping) or v is None for v in self.backend.values()
+        ):
+            raise InvalidInputError(
+                "option 'backend' must map backend names to their settings, e.g. "
+                f"{{'pyhessian': {{'power_tol': 1e-7}}}}, got {shown(self.backend)}."
+            )
+
+
+# the least value of each integer option: Hutch++ needs a sketch and two probes (3 products)
+INTEGER_OPTIONS = {
+    "lanczos_max_iter": 1,
+    "lanczos_block": 1,
+    "block_size": 1,
+    "trace_matvecs": 3,
+    "density_probes": 1,
+    "density_steps": 2,
+    "density_grid": 2,
+}
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a line, for error messages (a value may be huge or nested)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, 40, 40
+    return short.repr(value)
+
+
+def integer(what: str, value: Any, least: int) -> int:
+    """``value`` as an int ≥ ``least``, or an InvalidInputError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        hint = " (a string: write it without quotes)" if isinstance(value, str) else ""
+        raise InvalidInputError(f"{what} must be an integer ≥ {least}, got {shown(value)}{hint}.")
+    return int(value)
+
+
+def positive_number(what: str, value: Any, least: float) -> float:
+    """``value`` (a number, or a string that reads as one) as a float > ``least``."""
+    try:
+        number = float(value) if isinstance(value, (str, numbers.Real)) else math.nan
+    except ValueError:
+        number = math.nan
+    if isinstance(value, bool) or not number > least or math.isinf(number):
+        raise InvalidInputError(
+            f"option {what!r} must be a number > {least:g}, got {shown(value)}."
+        )
+    return number
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""Model features that some libraries cannot handle, found once per Problem before anything is
+computed.
+
+A backend declares in ``Backend.limits`` which primitives each feature breaks for its library;
+``Backend.refusal`` then refuses a quantity that needs such a primitive, naming the feature, and
+a native routine that it breaks is replaced by curvkit's own (provenance says why).
+
+- ``shared_parameters``: one Parameter reachable under several names, or a module that runs
+  more than once per forward pass (weight tying, ``Sequential(a, b, a)``);
+- ``forward_hooks`` / ``backward_hooks``: hooks registered on the model's modules or globally;
+- ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+from torch.nn.utils import parametrize
+
+FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
+
+
+def model_features(model: nn.Module, example: Tensor) -> dict[str, str]:
+    """The features of ``model`` among those above, each with the words that say where; one
+    forward pass on ``example`` (a batch of one, without gradients) counts module calls."""
+    features = {}
+    shared = _shared(model, example)
+    if shared:
+        features["shared_parameters"] = shared
+    for feature, attributes in (
+        ("forward_hooks", FORWARD_HOOKS),
+        ("backward_hooks", BACKWARD_HOOKS),
+    ):
+        hooked = _hooked(model, attributes)
+        if hooked:
+            features[feature] = f"{feature.replace('_', ' ')} on {hooked}"
+    parametrized = [
+        n or "<root>" for n, m in model.named_modules() if parametrize.is_parametrized(m)
+    ]
+    if parametrized:
+        features["parametrizations"] = f"parametrized module(s) {', '.join(parametrized)}"
+    return features
+
+
+def _shared(model: nn.Module, example: Tensor) -> str:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = [" = ".join(group) for group in names.values() if len(group) > 1]
+    calls: Counter[str] = Counter()
+    handles = [
+        m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+        for name, m in model.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    reused = [f"module {n} runs {k} times per forward pass" for n, k in calls.items() if k > 1]
+    return "; ".join([f"shared parameters {', '.join(tied)}"] * bool(tied) + reused)
+
+
+def _hooked(model: nn.Module, attributes: tuple[str, ...]) -> str:
+    modules = [
+        name or "<root>"
+        for name, m in model.named_modules()
+        if any(getattr(m, a, None) for a in attributes)
+    ]
+    if any(getattr(module_globals, f"_global{a}", None) for a in attributes):
+        modules.append("every module (global hooks)")
+    return f"module(s) {', '.join(modules)}" if modules else ""
