@@ -207,9 +207,13 @@ def test_backpack_rejects_unsupported_layer(digits_problem):
     ).double()
     _, loader = digits_problem
     with model_guard(model):
-        backend = make_backend("backpack", model, loader)
-        with pytest.raises(curvkit.UnsupportedError, match=r"1 \(LayerNorm\).*torchfunc"):
-            backend.class_deltas()
+        with pytest.raises(curvkit.UnsupportedError, match=r"1 \(LayerNorm\)\.$"):
+            make_backend("backpack", model, loader).class_deltas()
+    # through analyze: found before any pass, with the backends that can, computed
+    with pytest.raises(
+        curvkit.UnsupportedError, match=r"1 \(LayerNorm\); backend .*'torchfunc' can"
+    ):
+        curvkit.analyze(model, loader, "backpack", ["hessian", "classmeans"], progress=False)
 
 
 @needs_backpack
@@ -356,5 +360,9 @@ def test_backpack_names_what_it_cannot_follow(digits_problem):
     _, loader = digits_problem
     model = ResidualMLP(functional=True).double()
     with model_guard(model):
-        with pytest.raises(curvkit.UnsupportedError, match="SqrtGGNExact cannot handle.*torchfunc"):
+        with pytest.raises(curvkit.UnsupportedError, match="SqrtGGNExact cannot handle"):
             make_backend("backpack", model, loader).class_deltas()
+    with pytest.raises(
+        curvkit.UnsupportedError, match="SqrtGGNExact cannot handle.*'torchfunc' can"
+    ):
+        curvkit.analyze(model, loader, "backpack", ["classmeans"], progress=False)

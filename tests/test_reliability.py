@@ -387,8 +387,10 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
 
 
 ADVICE_CHECKED: set[tuple[str, str, str]] = set()  # (case, quantity, advised backend) tried
-# PyHessian's power iteration to 1e-5: eigenvalues to ~1e-5, inside the test's 1e-3
-FEATURE_OPTIONS = {**QUICK, "backend": {"pyhessian": {"power_tol": 1e-5}}}
+# traces from 60 products: ≥ 20 probes give an honest standard error (QUICK's 6 products leave
+# 2 probes, whose error bar came out 5× too small on the weight_norm model); PyHessian's power
+# iteration to 1e-5: eigenvalues to ~1e-5, inside the test's 1e-3
+FEATURE_OPTIONS = {**QUICK, "trace_matvecs": 60, "backend": {"pyhessian": {"power_tol": 1e-5}}}
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -409,10 +411,11 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     values = {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
     report = curvkit.analyze(model, data, name, ["ggn", "classmeans", "layerwise"], top_k=3,
                              progress=False, skip_unsupported=True, options=FEATURE_OPTIONS)  # fmt: skip
-    assert report.ggn.top_eigenvalues[0] == pytest.approx(
-        lam, rel=1e-3 if name == "pyhessian" else 1e-4
-    )
-    assert abs(report.ggn.trace - exact) <= 4 * report.ggn.trace_stderr + 1e-8 * exact
+    if report.ggn is not None:
+        assert report.ggn.top_eigenvalues[0] == pytest.approx(
+            lam, rel=1e-3 if name == "pyhessian" else 1e-4
+        )
+        assert abs(report.ggn.trace - exact) <= 4 * report.ggn.trace_stderr + 1e-8 * exact
     if report.classmeans is not None:
         total, stderr = report.classmeans.trace["total"], report.classmeans.trace_stderr["total"]
         assert abs(total - exact) <= 4 * stderr + 1e-8 * exact
