@@ -435,8 +435,11 @@ def embedded_run(device: str, before: str | None = None) -> str:
             tree = Path(folder) / "before"
             subprocess.run(["git", "worktree", "add", "-q", str(tree), before], check=True)
             try:
-                (tree / "curvkit" / "adapters").symlink_to(tree / "adapters")
-                runs[f"before ({before[:7]})"] = _embedded_run(str(tree))
+                if (tree / "src").is_dir():
+                    runs[f"before ({before[:7]})"] = _embedded_run(str(tree / "src"))
+                else:  # the flat layout before the move to src/: adapters/ beside curvkit/
+                    (tree / "curvkit" / "adapters").symlink_to(tree / "adapters")
+                    runs[f"before ({before[:7]})"] = _embedded_run(str(tree))
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
     runs["after"] = _embedded_run(None)

@@ -4,6 +4,7 @@ the model given back untouched, and clear errors for bad requests."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from curvkit.errors import BackendNotFoundError, InvalidInputError
 from curvkit.quantities.spectrum import count_outliers
 from curvkit.report import Report
 from tests.conftest import requires
+
+QUICK_TRACE = {"trace_matvecs": 6, "density_probes": 1, "density_steps": 5}
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,16 @@ def test_saved_report_has_ordinary_file_permissions(report, tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_run_without_a_terminal_logs_one_line_per_quantity(digits_problem, capsys):
+    """Bars are off when stderr is not a terminal (pytest captures it): one line at the start
+    and one per finished quantity, with its time and passes; nothing with progress=False."""
+    model, loader = digits_problem
+    curvkit.analyze(model, loader, quantities=["hessian", "ggn"], top_k=3, options=QUICK_TRACE)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("curvkit: torchfunc on 300 examples, P = 2410: hessian, ggn")
+    assert re.fullmatch(r"curvkit: hessian done in [\d.]+ s \(\d+ passes over the data\)", lines[1])
+    assert lines[2].startswith("curvkit: ggn done in") and len(lines) == 3
+    curvkit.analyze(model, loader, quantities=["ggn"], top_k=3, progress=False, options=QUICK_TRACE)
+    assert capsys.readouterr().err == ""

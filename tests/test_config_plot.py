@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import textwrap
 
 import pytest
@@ -112,7 +113,8 @@ def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
             return digits_loader(batch_size=50, samples_per_class=5)
         """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # found in the working folder, without PYTHONPATH=.
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", str(tmp_path))])
     torch.manual_seed(1)
     trained = torch.nn.Sequential(torch.nn.Linear(64, 10)).double()
     torch.save(trained.state_dict(), tmp_path / "weights.pt")
@@ -130,8 +132,14 @@ def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(model[0].weight, trained[0].weight)
     assert model[0].weight.dtype == torch.float64
     assert sum(len(y) for _, y in data) == 50
+    assert config["model"]["epochs"] is None  # a factory model is never trained
+    assert str(tmp_path) not in sys.path  # searched for the import only, last
     with pytest.raises(curvkit.InvalidInputError, match="cannot import the model factory"):
         build(load_config(None, {"model": "userproject:nothing"}), progress=False)
+    with pytest.raises(curvkit.InvalidInputError, match="model.epochs apply to zoo models only"):
+        load_config(None, {"model": {"factory": "userproject:make_model", "epochs": 3}})
+    with pytest.raises(curvkit.InvalidInputError, match="'builtins:exit' exited"):
+        build(load_config(None, {"model": "builtins:exit"}), progress=False)
 
 
 def test_torchvision_data_sets_are_local_only(tmp_path):

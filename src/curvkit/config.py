@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import pickle
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ from curvkit.errors import InvalidInputError
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
 DATASETS = ("digits", "gaussian-mixture", "mnist", "fashion-mnist", "cifar10", "fake")
 MIXTURE_KEYS = ("classes", "separation", "features")
+ZOO_SETTINGS = ("epochs", "width", "depth")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 DEFAULTS: dict[str, Any] = {
@@ -152,6 +155,8 @@ def _merge(config: dict[str, Any], given: Mapping[str, Any], where: str) -> None
                 )
             if value.get("factory"):
                 config[key]["name"] = None
+                if key == "model":  # a zoo model's settings: recorded only when given
+                    config[key].update(dict.fromkeys(ZOO_SETTINGS))
             config[key].update(value)
         else:
             config[key] = value
@@ -167,6 +172,14 @@ def _check(config: dict[str, Any]) -> None:
                 f"got {value!r}."
             )
     model, data = config["model"], config["data"]
+    given = [f"model.{key}" for key in ZOO_SETTINGS if model[key] is not None]
+    if model["factory"] is not None and given:
+        raise InvalidInputError(
+            f"config key(s) {', '.join(given)} apply to zoo models only, not to the factory "
+            f"{model['factory']!r}; remove them."
+        )
+    if model["checkpoint"] is not None:
+        model["epochs"] = None  # loaded, not trained: the stored config must not say trained
     if model["factory"] is None and model["name"] not in ZOO:
         raise InvalidInputError(
             f"config key 'model' is {model['name']!r}; use one of {', '.join(ZOO)} or a "
@@ -315,11 +328,25 @@ def _call(spec: str, what: str) -> Any:
         raise InvalidInputError(
             f"the {what} factory {spec!r} must look like 'package.module:function'."
         )
+    # the working folder is searched last, so that a module there (mymodels.py) is found
+    # without PYTHONPATH=. but cannot shadow an installed package
+    folder = os.getcwd()
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise InvalidInputError(f"cannot import the {what} factory {spec!r}: {error}.") from error
-    return factory()
+    finally:
+        if added:
+            sys.path.remove(folder)
+    try:
+        return factory()
+    except SystemExit as error:  # e.g. builtins:exit: not a silent exit 0 without a report
+        raise InvalidInputError(
+            f"the {what} factory {spec!r} exited ({error.code!r}) instead of returning a {what}."
+        ) from None
 
 
 class _Moved:

@@ -4,6 +4,7 @@ trainer."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from curvkit.datasets import DIGITS_CLASSES, DIGITS_FEATURES, digits_loader
 from curvkit.errors import InvalidInputError, MissingDependencyError
-from curvkit.progress import progress_bar
+from curvkit.progress import log, progress_bar
 
 
 def mlp(
@@ -65,6 +66,7 @@ def train(
     progress: bool = True,
 ) -> nn.Module:
     """Adam on the mean cross-entropy, deterministic for a given seed; returns the model in eval mode."""
+    start = time.perf_counter()
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     dtype = next(model.parameters()).dtype
@@ -78,6 +80,7 @@ def train(
                 optimizer.step()
             bar.update(1)
     optimizer.zero_grad(set_to_none=True)
+    log(f"trained {epochs} epochs in {time.perf_counter() - start:.1f} s", progress)
     return model.eval()
 
 

@@ -209,7 +209,7 @@ def lanczos(
     start = random_rademacher((dim, block), generator, dtype, device)
     krylov = _Krylov(start, max_iter, generator)
     converged = False
-    with progress_bar(total=max_iter, desc="Lanczos", enabled=progress) as bar:
+    with progress_bar(total=max_iter, desc="Lanczos products", enabled=progress) as bar:
         while True:
             applied = krylov.newest()
             krylov.extend(matmat(applied))
@@ -259,7 +259,7 @@ def slq_density(
         _Krylov(random_rademacher((dim, 1), generator, dtype, device), steps, generator)
         for _ in range(num_probes)
     ]
-    with progress_bar(total=num_probes * steps, desc="SLQ", enabled=progress) as bar:
+    with progress_bar(total=num_probes * steps, desc="SLQ products", enabled=progress) as bar:
         for _ in range(steps):
             products = matmat(torch.cat([krylov.newest() for krylov in probes], 1))
             for krylov, product in zip(probes, products.T):

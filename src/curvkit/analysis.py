@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from curvkit import __version__
-from curvkit.backend import MATRICES
+from curvkit.backend import MATRICES, Backend
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, current_group, rank
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Options
 from curvkit.linalg.operator import integer, shown
 from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard
+from curvkit.progress import computing, log
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
@@ -176,17 +177,18 @@ def analyze(
                 if not skip_unsupported:
                     raise error
                 report.skipped[name] = str(error)
-        for name in [n for n in names if n not in report.skipped]:
+        todo = [n for n in names if n not in report.skipped]
+        log(
+            f"{backend} on {problem.num_samples} examples, P = {problem.num_params}: "
+            f"{', '.join(todo)}",
+            progress,
+        )
+        for name in todo:
             start, passes = time.perf_counter(), engine.passes
             engine.configure(per_quantity[name])
             try:
-                if name in MATRICES:
-                    result = spectrum(engine, name, k, seed)
-                    report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
-                elif name == "classmeans":
-                    result = classmeans(engine, k, seed, spectra=report)
-                else:
-                    result = layerwise(engine, k, seed, spectra=report)
+                with computing(name):
+                    result = _compute(engine, name, k, seed, report)
             except UnsupportedError as error:  # found only while computing
                 advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend)}."
                 if not skip_unsupported:
@@ -196,7 +198,23 @@ def analyze(
             setattr(report, name, result)
             report.timings[name] = time.perf_counter() - start
             report.data_passes[name] = engine.passes - passes
+            if name in MATRICES:
+                report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
+            log(
+                f"{name} done in {report.timings[name]:.1f} s "
+                f"({report.data_passes[name]} passes over the data)",
+                progress,
+            )
     return report
+
+
+def _compute(engine: Backend, name: str, k: int, seed: int, report: Report) -> Any:
+    """One quantity's result (the spectra already in ``report`` are reused)."""
+    if name in MATRICES:
+        return spectrum(engine, name, k, seed)
+    if name == "classmeans":
+        return classmeans(engine, k, seed, spectra=report)
+    return layerwise(engine, k, seed, spectra=report)
 
 
 def advice(problem: Problem, quantity: str, failed: str) -> str:
