@@ -165,6 +165,9 @@ def test_count_outliers_rule():
     assert count_outliers([50.0, 30.0, 20.0] + bulk) == 3
     assert count_outliers(bulk) == 0
     assert count_outliers([1.0, -1.0]) == 0
+    # a flat top: small steps over a flatter bulk are not outliers
+    flat = [0.0323, 0.0316, 0.031, 0.0305, 0.03, 0.0296, 0.0293, 0.029, 0.0288, 0.0286]
+    assert count_outliers(flat + [0.0281 - 1e-5 * i for i in range(10)]) == 0
 
 
 @requires("pyhessian")

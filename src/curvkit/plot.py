@@ -76,7 +76,9 @@ def spectral_density(report: Report) -> Figure | None:
         for level, (matrix, s) in enumerate(spectra.items()):
             grid, values = np.asarray(s.density["grid"]), np.asarray(s.density["values"])
             colour = COLOURS[matrix]
-            axes.semilogy(grid, np.maximum(values, 1e-12), color=colour, label=LABELS[matrix])
+            sigma = s.density.get("sigma")
+            label = LABELS[matrix] + (f" (Gaussian smoothing σ = {sigma:.2g})" if sigma else "")
+            axes.semilogy(grid, np.maximum(values, 1e-12), color=colour, label=label)
             outliers = s.top_eigenvalues[: s.n_outliers]
             axes.plot(
                 outliers,
@@ -85,6 +87,9 @@ def spectral_density(report: Report) -> Figure | None:
                 color=colour,
                 label=f"{LABELS[matrix]}: {s.n_outliers} outliers",
             )
+        if "ggn" in spectra:  # G ≥ 0: what its curve shows below 0 is the smoothing
+            axes.axvline(0, color="grey", linewidth=0.8, linestyle=":",
+                         label="λ = 0 (G's density below it is smoothing)")  # fmt: skip
         axes.set_ylim(bottom=max(1e-8, axes.get_ylim()[0]))
         axes.set_xlabel("eigenvalue λ")
         axes.set_ylabel("spectral density (log scale)")
@@ -168,11 +173,25 @@ def hierarchy(report: Report) -> Figure | None:
         axes.scatter(
             means[i, 0], means[i, 1], s=160, color=colour, edgecolor="black", label=f"class {c}"
         )
+        # overlapping means (near the origin, outside this plane) stay identifiable
+        axes.annotate(str(c), (means[i, 0], means[i, 1]), fontsize="x-small",
+                      xytext=(6, 4), textcoords="offset points")  # fmt: skip
     axes.axhline(0, color="grey", linewidth=0.5)
     axes.axvline(0, color="grey", linewidth=0.5)
     axes.set_xlabel("projection on the 1st eigenvector of G_class")
     axes.set_ylabel("projection on the 2nd eigenvector of G_class")
-    axes.set_title(_title(report, "Class means δ_c (large) and group means δ_(c,c') (small)"))
+    spectrum = [v for v in report.classmeans.eigenvalues.get("class") or [] if v > 0]
+    shown = (
+        f"; this plane holds {sum(spectrum[:2]) / sum(spectrum):.0%} of G_class" if spectrum else ""
+    )
+    axes.set_title(
+        _title(
+            report,
+            "Class means δ_c (large) and group means δ_(c,c') (small),\n"
+            f"both coloured by the example's class c{shown}",
+        ),
+        fontsize="small",
+    )
     axes.legend(fontsize="x-small", ncol=2)
     return figure
 
@@ -188,12 +207,14 @@ def layers(report: Report) -> Figure | None:
     x = np.arange(len(names))
     traces = [report.layerwise[n].trace for n in names]
     maxima = [report.layerwise[n].max_eigenvalue for n in names]
-    left.bar(x - 0.2, traces, 0.4, label="trace tr(H_l)")
-    left.bar(x + 0.2, maxima, 0.4, label="λ_max(H_l)")
+    # points, not bars: a bar's length on a log axis depends on where the axis starts
+    left.plot(x, traces, "o", label="trace tr(H_l)")
+    left.plot(x, maxima, "s", label="λ_max(H_l)")
     left.set_xticks(x, names)
     left.set_xlabel("layer (module name)")
-    left.set_ylabel("value")
-    left.set_yscale("log")
+    positive = min(traces + maxima) > 0
+    left.set_ylabel("value (log scale)" if positive else "value")
+    left.set_yscale("log" if positive else "linear")
     left.set_title("Per-layer Hessian trace and λ_max")
     left.legend(fontsize="small")
     for i, n in enumerate(names):
