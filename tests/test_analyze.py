@@ -231,3 +231,27 @@ def test_a_run_without_a_terminal_logs_one_line_per_quantity(digits_problem, cap
     assert lines[2].startswith("curvkit: ggn done in") and len(lines) == 3
     curvkit.analyze(model, loader, quantities=["ggn"], top_k=3, progress=False, options=QUICK_TRACE)
     assert capsys.readouterr().err == ""
+
+
+def test_every_number_in_a_tidy_table(report):
+    """``numbers()`` holds each scalar once with its routine; ``to_pandas`` is the same table
+    (or, without pandas, a MissingDependencyError naming the fix)."""
+    rows = report.numbers()
+    by_name = {(r["quantity"], r["name"]): r for r in rows}
+    first = by_name["hessian", "top_eigenvalues[0]"]
+    assert first["value"] == report.hessian.top_eigenvalues[0] and first["backend"] == "torchfunc"
+    assert first["routine"] == report.hessian.provenance["top_eigenvalues"].routine
+    assert by_name["ggn", "trace_stderr"]["value"] == report.ggn.trace_stderr
+    assert by_name["classmeans", "trace.within"]["value"] == report.classmeans.trace["within"]
+    layer = next(iter(report.layerwise))
+    assert by_name[f"layerwise/{layer}", "max_eigenvalue"]["value"] > 0
+    assert len(by_name) == len(rows) and not any("density" in r["name"] for r in rows)
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(curvkit.MissingDependencyError, match="pip install pandas"):
+            report.to_pandas()
+    else:
+        frame = report.to_pandas()
+        assert list(frame.columns) == ["backend", "quantity", "name", "value", "routine"]
+        assert len(frame) == len(rows)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, InvalidInputError
+from curvkit.errors import CurvkitError, InvalidInputError, MissingDependencyError
 
 QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
 
@@ -120,6 +122,49 @@ class Report:
             f"Report(backend={self.backend!r}, P={m.num_params}, C={m.num_classes}, "
             f"N={m.num_samples}, quantities={done}, skipped={sorted(self.skipped)})"
         )
+
+    # -- tables ---------------------------------------------------------------------------------
+    def numbers(self) -> list[dict[str, Any]]:
+        """Every number of the report as a tidy table, one row each: the backend, the quantity
+        (``layerwise/<layer>`` per layer), the number's name (a field, ``[i]`` for the i-th
+        entry of a list, ``.key`` for a dict's entry), its value, and the routine that gave
+        it where the provenance records one. Densities, Gram matrices and coordinates are left
+        out (arrays, not numbers to compare across runs)."""
+        parts: list[tuple[str, Any]] = [
+            (q, getattr(self, q))
+            for q in ("hessian", "ggn", "residual", "classmeans")
+            if getattr(self, q) is not None
+        ]
+        parts += [(f"layerwise/{n}", layer) for n, layer in (self.layerwise or {}).items()]
+        rows = []
+        for quantity, part in parts:
+            backend = self.config.get("backends", {}).get(quantity.split("/")[0], self.backend)
+            for f in dataclasses.fields(part):
+                if f.name in NOT_NUMBERS:
+                    continue
+                provenance = part.provenance.get(f.name.removesuffix("_stderr"))
+                for name, value in _leaves(f.name, getattr(part, f.name)):
+                    rows.append(
+                        {
+                            "backend": backend,
+                            "quantity": quantity,
+                            "name": name,
+                            "value": value,
+                            "routine": provenance.routine if provenance else None,
+                        }
+                    )
+        return rows
+
+    def to_pandas(self) -> Any:
+        """``numbers()`` as a pandas DataFrame (pandas is not a dependency of curvkit)."""
+        try:
+            import pandas
+        except ImportError as error:
+            raise MissingDependencyError(
+                "Report.to_pandas needs pandas: pip install pandas, or use report.numbers(), "
+                "the same table as a list of dicts."
+            ) from error
+        return pandas.DataFrame(self.numbers())
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -293,6 +338,22 @@ def check_writable(folder: Path) -> None:
             f"cannot write into the output folder {folder} ({error.strerror or error}); choose "
             "another with --output."
         ) from error
+
+
+# fields that hold arrays or records, not numbers to tabulate
+NOT_NUMBERS = {"density", "class_gram", "group_gram", "coordinates", "provenance", "eigenvectors"}
+
+
+def _leaves(name: str, value: Any) -> Iterator[tuple[str, float]]:
+    """The numbers inside ``value`` (lists and dicts opened), each with its path from ``name``."""
+    if isinstance(value, numbers.Real):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _leaves(f"{name}[{i}]", item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(f"{name}.{key}", item)
 
 
 def _g(x: float) -> str:
