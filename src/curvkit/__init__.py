@@ -17,6 +17,7 @@ from curvkit.errors import (  # noqa: E402
     CurvkitError,
     InvalidInputError,
     MissingDependencyError,
+    PeerFailedError,
     UnsupportedError,
 )
 from curvkit.linalg import Operator, Options  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "MissingDependencyError",
     "Operator",
     "Options",
+    "PeerFailedError",
     "Problem",
     "Provenance",
     "Report",

@@ -15,7 +15,7 @@ from torch import nn
 from curvkit import __version__
 from curvkit.backend import MATRICES, Backend
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
-from curvkit.distributed import Group, current_group, rank
+from curvkit.distributed import Group, all_gather_objects, current_group, rank, stop_all_on_failure
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Options
 from curvkit.linalg.operator import integer, shown
@@ -171,7 +171,9 @@ def analyze(
             return report
         for name in names:  # every request checked before anything is computed
             engine.configure(per_quantity[name])
-            reason = engine.refusal(name)
+            # every rank's answer (memory differs between machines): refused if any refuses
+            reasons = all_gather_objects(engine.refusal(name), problem.group)
+            reason = next((r for r in reasons if r), None)
             if reason:
                 error = UnsupportedError(f"{reason}; {advice(problem, name, backend)}.")
                 if not skip_unsupported:
@@ -183,28 +185,29 @@ def analyze(
             f"{', '.join(todo)}",
             progress,
         )
-        for name in todo:
-            start, passes = time.perf_counter(), engine.passes
-            engine.configure(per_quantity[name])
-            try:
-                with computing(name):
-                    result = _compute(engine, name, k, seed, report)
-            except UnsupportedError as error:  # found only while computing
-                advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend)}."
-                if not skip_unsupported:
-                    raise UnsupportedError(advised) from error
-                report.skipped[name] = advised
-                continue
-            setattr(report, name, result)
-            report.timings[name] = time.perf_counter() - start
-            report.data_passes[name] = engine.passes - passes
-            if name in MATRICES:
-                report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
-            log(
-                f"{name} done in {report.timings[name]:.1f} s "
-                f"({report.data_passes[name]} passes over the data)",
-                progress,
-            )
+        with stop_all_on_failure(problem.group):  # no rank waits for a failed one
+            for name in todo:
+                start, passes = time.perf_counter(), engine.passes
+                engine.configure(per_quantity[name])
+                try:
+                    with computing(name):
+                        result = _compute(engine, name, k, seed, report)
+                except UnsupportedError as error:  # found only while computing
+                    advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend)}."
+                    if not skip_unsupported or problem.group is not None:  # maybe this rank only
+                        raise UnsupportedError(advised) from error
+                    report.skipped[name] = advised
+                    continue
+                setattr(report, name, result)
+                report.timings[name] = time.perf_counter() - start
+                report.data_passes[name] = engine.passes - passes
+                if name in MATRICES:
+                    report.matvecs[name] = sum(p.matvecs for p in result.provenance.values())
+                log(
+                    f"{name} done in {report.timings[name]:.1f} s "
+                    f"({report.data_passes[name]} passes over the data)",
+                    progress,
+                )
     return report
 
 

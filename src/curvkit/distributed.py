@@ -18,7 +18,11 @@ m_l²) once for the Kronecker factors; P floats for a diagonal trace.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import itertools
 import os
+import pickle
+import time
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -26,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from curvkit.errors import CurvkitError, InvalidInputError
+from curvkit.errors import CurvkitError, InvalidInputError, PeerFailedError
 
 Group = dist.ProcessGroup | None
 
@@ -60,7 +64,7 @@ def all_reduce(tensor: Tensor, group: Group) -> Tensor:
         else tensor.device
     )
     total = tensor.detach().to(device, copy=True)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    _wait(dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group, async_op=True))
     return total.to(tensor.device)
 
 
@@ -69,12 +73,79 @@ def all_reduce_float(value: float, group: Group) -> float:
 
 
 def all_gather_objects(value: object, group: Group) -> list[object]:
-    """Every rank's ``value`` (a picklable object), in rank order."""
+    """Every rank's ``value`` (a picklable object), in rank order: pickled, the lengths summed
+    and the padded bytes gathered, each an asynchronous collective watched as in ``_wait``."""
     if group is None:
         return [value]
-    gathered: list[object] = [None] * world_size(group)
-    dist.all_gather_object(gathered, value, group=group)
-    return gathered
+    ranks, me = world_size(group), rank(group)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend(group) == "nccl"
+        else torch.device("cpu")
+    )
+    data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(device)
+    lengths = torch.zeros(ranks, dtype=torch.long, device=device)
+    lengths[me] = len(data)
+    _wait(dist.all_reduce(lengths, group=group, async_op=True))
+    padded = torch.zeros(int(lengths.max()), dtype=torch.uint8, device=device)
+    padded[: len(data)] = data
+    parts = [torch.empty_like(padded) for _ in range(ranks)]
+    _wait(dist.all_gather(parts, padded, group=group, async_op=True))
+    return [pickle.loads(p[:n].cpu().numpy().tobytes()) for p, n in zip(parts, lengths.tolist())]
+
+
+# one key per analysis in the group's store, set by a rank that fails (see stop_all_on_failure)
+_analyses = itertools.count()
+_failure_key: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "curvkit_failure", default=None
+)
+
+
+def _wait(work: dist.Work) -> None:
+    """Wait for an asynchronous collective, and raise one CurvkitError naming the rank and its
+    error as soon as another rank has failed (it will never join this collective)."""
+    key, delay = _failure_key.get(), 1e-4
+    while not work.is_completed():
+        if key is not None and _store().check([key]):
+            raise PeerFailedError(
+                f"{_store().get(key).decode()} (this rank stopped waiting for it)."
+            )
+        time.sleep(delay)
+        delay = min(2 * delay, 0.02)
+    try:
+        work.wait()
+    except RuntimeError as error:  # a peer's process ended: its connection closed
+        raise PeerFailedError(
+            "another rank stopped while this one waited for it in a collective "
+            f"({str(error).splitlines()[0][:160]}); that rank's error says why."
+        ) from error
+
+
+def _store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()
+
+
+@contextlib.contextmanager
+def stop_all_on_failure(group: Group) -> Iterator[None]:
+    """Within this block, a rank that fails (an error or an interrupt) writes its error to the
+    group's store, and every other rank's pending collective raises PeerFailedError with it at
+    once, instead of waiting for the group's timeout (30 min by default). The group's pending
+    work is left undefined: end the group after such a failure."""
+    if group is None:
+        yield
+        return
+    token = _failure_key.set(f"curvkit/failed/{next(_analyses)}")
+    try:
+        yield
+    except PeerFailedError:
+        raise
+    except BaseException as error:
+        _store().set(
+            _failure_key.get(), f"rank {rank(group)} failed: {type(error).__name__}: {error}"
+        )
+        raise
+    finally:
+        _failure_key.reset(token)
 
 
 def agree(error: CurvkitError | None, group: Group) -> None:
@@ -143,4 +214,5 @@ def start_from_environment(device: str = "cpu") -> Iterator[Group]:
     try:
         yield dist.group.WORLD
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a failed rank has ended it already
+            dist.destroy_process_group()

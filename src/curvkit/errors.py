@@ -24,3 +24,7 @@ class BackendNotFoundError(CurvkitError, KeyError):
 
 class MissingDependencyError(CurvkitError, ImportError):
     """A backend's library is not installed."""
+
+
+class PeerFailedError(CurvkitError):
+    """Under torch.distributed, another rank failed during the analysis (its error is quoted)."""

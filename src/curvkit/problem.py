@@ -119,6 +119,8 @@ class Problem:
         self.model = model
         self.data = data
         self.first_pass: PassRecord | None = None
+        # the first two examples, kept by the scan for checks before computing (no data pass)
+        self.sample: tuple[Tensor, Tensor] | None = None
         self.cache_mb = cache_mb
         self.cached: list[tuple[Tensor, Tensor]] | None = None
         self._weights: dict[int, Tensor] = {}
@@ -285,6 +287,8 @@ class Problem:
         cache: list[tuple[Tensor, Tensor]] | None = [] if budget > 0 else None
         with model_guard(self.model), torch.no_grad():
             for index, (x, y) in enumerate(self.batches()):
+                if self.sample is None:
+                    self.sample = (x[:2].clone(), y[:2].clone())
                 if cache is not None:
                     budget -= x.nbytes + y.nbytes
                     if budget >= 0:
@@ -398,8 +402,7 @@ class Problem:
     @functools.cached_property
     def features(self) -> dict[str, str]:
         """The model's features that some libraries cannot handle (see curvkit.features)."""
-        x, _ = next(self.batches())
-        return model_features(self.model, x[:1])
+        return model_features(self.model, self.sample[0][:1])
 
     def _weights_digest(self) -> str:
         """A hash of the selected parameters' values (to check that all ranks hold the same)."""

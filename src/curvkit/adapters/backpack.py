@@ -75,13 +75,13 @@ class BackPACKBackend(Backend):
         reason = super().refusal(quantity)
         if reason or quantity not in ("classmeans", "layerwise"):
             return reason
-        x, y = next(self.problem.batches())
+        x, y = self.problem.sample
         try:
             with mc_seeded(self.problem.device, 0):
                 if quantity == "classmeans":
-                    self.batch_class_deltas(x[:2], y[:2])
+                    self.batch_class_deltas(x, y)
                 else:
-                    self.batch_kronecker(x[:2], y[:2])
+                    self.batch_kronecker(x, y)
         except UnsupportedError as error:
             return str(error).rstrip(".")
         return None
