@@ -313,15 +313,15 @@ def advised(message: str) -> list[str]:
 
 @pytest.mark.slow
 def test_memory_budget_refuses_up_front_and_advises_what_fits(monkeypatch):
-    """Budget 2 MiB (CURVKIT_MEMORY_MB; half of it usable): the tiny MLP's C × C × P class sums
-    (10 × 10 × 610 float64, 0.49 MB) fit, torch.func's per-example factors for a batch of 20
-    (2 × 20 × 10 × 610 float64, 1.95 MB) do not. The refusal comes before any pass, names the
-    largest batch that fits, and advises exactly the backends with weighted gradient passes,
-    each of which then computes the class means; at 0.5 MiB the class sums themselves do not
-    fit and no backend is advised."""
-    monkeypatch.setenv("CURVKIT_MEMORY_MB", "2")
+    """Budget 6 MiB (CURVKIT_MEMORY_MB; half of it usable): the tiny MLP's class-mean
+    structure (5 C²P + (C(C−1))² = 313 100 float64, 2.4 MiB for C = 10, P = 610) fits, torch.func's
+    per-example factors for a batch of 20 (2 × 20 × 10 × 610 float64, 1.9 MiB) beside it do
+    not. The refusal comes before any computation, names the largest batch that fits (6), and advises
+    exactly the backends with weighted gradient passes, each of which then computes the class
+    means; at 4 MiB the structure itself does not fit and no backend is advised."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "6")
     model, data = tiny_model(), digits_batches()
-    with pytest.raises(UnsupportedError, match="batches of at most 5 examples") as refused:
+    with pytest.raises(UnsupportedError, match="batches of at most 6 examples") as refused:
         curvkit.analyze(model, data, quantities=["hessian", "classmeans"], progress=False)
     derived = [n for n, row in curvkit.backends().items() if row["installed"]
                and row["capabilities"].get("class_deltas") == "derived"]  # fmt: skip
@@ -329,8 +329,8 @@ def test_memory_budget_refuses_up_front_and_advises_what_fits(monkeypatch):
     for name in derived:
         report = curvkit.analyze(model, data, name, ["classmeans"], top_k=3, progress=False)
         assert report.classmeans.trace["total"] > 0
-    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.5")
-    with pytest.raises(UnsupportedError, match="class sums need C × C × P.*no installed backend"):
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "4")
+    with pytest.raises(UnsupportedError, match="class-mean structure needs.*no installed backend"):
         curvkit.analyze(model, data, quantities=["classmeans"], progress=False)
 
 

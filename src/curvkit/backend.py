@@ -185,29 +185,34 @@ class Backend:
         return self.class_sums_refusal() if quantity == "classmeans" else None
 
     def class_sums_refusal(self) -> str | None:
-        """Papyan's C × C × P class sums and, from per-example factors, a batch's 2 × B × C × P
-        numbers against half the memory budget (see curvkit.problem.free_memory)."""
+        """Papyan's class-mean structure against half the memory budget (see
+        curvkit.problem.free_memory): the C × C × P class sums with their group means, the
+        centred copy and the cross-class factors (about 5 C²P numbers at the peak), the
+        (C(C−1))² cross-class Gram matrix and, from per-example factors, a batch's 2 × B × C × P."""
         c, p, size = self.problem.num_classes, self.problem.num_params, self.problem.dtype.itemsize
         free = free_memory(self.problem.device)
         if free is None:
             return None
-        sums = c * c * p * size
-        if sums > free / 2:
+        structure = (5 * c * c * p + (c * (c - 1)) ** 2) * size
+        if structure > free / 2:
             return (
-                f"Papyan's class sums need C × C × P = {c} × {c} × {p} numbers "
-                f"({sums / 2**30:.1f} GiB), but the memory budget is {free / 2**30:.1f} GiB; "
-                "select fewer parameters with params=[...] (e.g. the last layers)"
+                f"Papyan's class-mean structure needs about 5 C²P + (C(C−1))² numbers for C = {c} "
+                f"and P = {p} ({structure / 2**30:.1f} GiB: class sums, group means, cross-class "
+                f"factors and their Gram matrix), but the memory budget is "
+                f"{free / 2**30:.1f} GiB; select fewer parameters with params=[...] (e.g. the "
+                "last layers)"
             )
         if self.capabilities.get("class_deltas") != "native":
             return None
         per_example = 2 * c * p * size
         batch = self.problem.summary.max_batch
-        if sums + per_example * batch > free / 2:
-            largest = max(1, int((free / 2 - sums) // per_example))
+        if structure + per_example * batch > free / 2:
+            largest = max(1, int((free / 2 - structure) // per_example))
             return (
                 f"{self.name}'s per-example factors for a batch of {batch} examples need about "
-                f"{per_example * batch / 2**30:.1f} GiB beside the class sums, but the memory "
-                f"budget is {free / 2**30:.1f} GiB; use batches of at most {largest} examples"
+                f"{per_example * batch / 2**30:.1f} GiB beside the class-mean structure, but the "
+                f"memory budget is {free / 2**30:.1f} GiB; use batches of at most {largest} "
+                "examples"
             )
         return None
 
