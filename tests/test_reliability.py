@@ -393,6 +393,7 @@ ADVICE_CHECKED: set[tuple[str, str, str]] = set()  # (case, quantity, advised ba
 FEATURE_OPTIONS = {**QUICK, "trace_matvecs": 60, "backend": {"pyhessian": {"power_tol": 1e-5}}}
 
 
+@pytest.mark.slow  # each refusal's advice is tried on the wrapped libraries
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("case", list(featured_models()))
 def test_model_features_give_right_numbers_or_a_refusal(name, case):
