@@ -89,6 +89,19 @@ class Flat(nn.Module):
         self.linear = nn.Linear(64, 10).double()
 
 
+class SelfUpdating(nn.Module):
+    """A forward that changes a weight: every product would see another function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.net[0].weight.mul_(1.0001)
+        return self.net(x)
+
+
 def bad_models():
     nan_model = tiny_model()
     with torch.no_grad():
@@ -100,6 +113,11 @@ def bad_models():
         "nothing to differentiate": (frozen, "no parameter of the model requires gradients"),
         "one class": (nn.Linear(64, 1).double(), "at least 2 classes"),
         "not a module": (lambda x: x, "must be a torch.nn.Module"),
+        "forward changes parameters": (
+            SelfUpdating(),
+            "forward pass changes its parameters \\(net.0.weight\\)",
+        ),
+        "meta device": (tiny_model().to("meta"), "meta device and hold no values"),
     }
 
 
@@ -149,6 +167,7 @@ def test_bad_options_get_one_sentence_before_any_pass(case):
         ({"top_k": "5"}, "top_k must be an integer ≥ 1, got '5'"),
         ({"seed": -1}, "seed must be an integer ≥ 0, got -1"),
         ({"seed": None}, "seed must be an integer ≥ 0, got None"),
+        ({"cache_mb": "10"}, "cache_mb must be a number of MiB ≥ 0, got '10'"),
         ({"top_k": [[1] * 10**4] * 10**4}, r"got \[\[1, 1, 1, 1, 1, 1, \.\.\.\], .{0,200}\.$"),
     ],
 )

@@ -97,6 +97,8 @@ def analyze(
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
     """
+    if isinstance(quantities, str):  # one name
+        quantities = [quantities]
     names = list(QUANTITIES if quantities is None else quantities)
     unknown = [q for q in names if q not in QUANTITIES]
     if unknown or not names:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from curvkit.distributed import all_reduce_float
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
-from curvkit.linalg.operator import Operator, Options
+from curvkit.linalg.operator import Operator, Options, shown
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
 
@@ -124,8 +124,8 @@ class Backend:
                 config[key] = type(defaults[key])(value)
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(
-                    f"setting {key!r} of backend {self.name!r} must be a "
-                    f"{type(defaults[key]).__name__}, got {value!r}."
+                    f"setting {key!r} of backend {self.name!r} must be of type "
+                    f"{type(defaults[key]).__name__}, got {shown(value)}."
                 ) from error
             allowed = self.choices.get(key)
             if allowed is not None and config[key] not in allowed:

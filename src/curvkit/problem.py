@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import numbers
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -414,8 +415,8 @@ class Problem:
 
 def cache_budget(cache_mb: float, device: torch.device) -> int:
     """Bytes the batches may occupy: ``cache_mb`` MiB, at most a quarter of the free memory."""
-    if not cache_mb >= 0:
-        raise InvalidInputError(f"cache_mb must be a number of MiB ≥ 0, got {cache_mb!r}.")
+    if isinstance(cache_mb, bool) or not isinstance(cache_mb, numbers.Real) or not cache_mb >= 0:
+        raise InvalidInputError(f"cache_mb must be a number of MiB ≥ 0, got {cache_mb!r:.40}.")
     budget = int(cache_mb * 2**20)
     free = free_memory(device)
     return budget if free is None else min(budget, free // 4)
@@ -493,6 +494,11 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
         raise InvalidInputError(
             "the selected parameters live on several devices or dtypes; move the model with "
             "model.to(device, dtype) first."
+        )
+    if params[0].device.type == "meta":
+        raise InvalidInputError(
+            "the parameters are on the meta device and hold no values; materialise them first "
+            "(model.to_empty(device=...) and load_state_dict)."
         )
     if not params[0].dtype.is_floating_point:
         raise InvalidInputError(f"parameters of dtype {params[0].dtype} cannot be differentiated.")
