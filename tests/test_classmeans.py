@@ -28,27 +28,28 @@ from tests.conftest import backend_params, make_backend
 def dense_terms(
     deltas: torch.Tensor, labels: torch.Tensor, traces: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The four terms built literally from the definitions, example by example (with
-    ``traces``, their traces: each outer product u vᵀ replaced by uᵀv)."""
+    """The four terms built literally from the definitions, example by example: each a sum of
+    weighted outer products Σ_j w_j u_j u_jᵀ, formed as one product Uᵀ diag(w) U of the stacked
+    vectors (with ``traces``, their traces Σ_j w_j ‖u_j‖²)."""
     n, c, p = deltas.shape
-    outer = torch.dot if traces else torch.outer
     present = sorted(set(labels.tolist()))
     group = {k: deltas[labels == k].mean(0) for k in present}  # (C, P): δ_{k,c'}
     mean = {k: (group[k].sum(0) - group[k][k]) / (c - 1) for k in present}
     w = {k: float((labels == k).sum()) / n for k in present}
-    own = sum(w[k] * outer(group[k][k], group[k][k]) for k in present)
-    cls = (c - 1) * sum(w[k] * outer(mean[k], mean[k]) for k in present)
-    cross = sum(
-        w[k] * outer(group[k][o] - mean[k], group[k][o] - mean[k])
-        for k in present
-        for o in range(c)
-        if o != k
-    )
+    pairs = [(k, o) for k in present for o in range(c) if o != k]
+    stacked = {
+        "own": ([group[k][k] for k in present], [w[k] for k in present]),
+        "class": ([mean[k] for k in present], [(c - 1) * w[k] for k in present]),
+        "cross": ([group[k][o] - mean[k] for k, o in pairs], [w[k] for k, _ in pairs]),
+    }
     centred = deltas - torch.stack([group[int(y)] for y in labels])
-    within = (
-        centred.square().sum() / n if traces else torch.einsum("ncp,ncq->pq", centred, centred) / n
-    )
-    return {"own": own, "class": cls, "cross": cross, "within": within}
+    vectors = {name: torch.stack(u) for name, (u, _) in stacked.items()}
+    weights = {name: torch.tensor(ws, dtype=deltas.dtype) for name, (_, ws) in stacked.items()}
+    vectors["within"] = centred.reshape(-1, p)
+    weights["within"] = torch.full((n * c,), 1 / n, dtype=deltas.dtype)
+    if traces:
+        return {k: (weights[k] * vectors[k].square().sum(1)).sum() for k in vectors}
+    return {k: vectors[k].T @ (weights[k][:, None] * vectors[k]) for k in vectors}
 
 
 @pytest.fixture(scope="module")

@@ -182,6 +182,7 @@ def full_report():
     return curvkit.analyze(model, loader, top_k=12, progress=False, options=quick)
 
 
+@pytest.mark.slow  # seven figures rendered; the CLI tests render the spectra's in the quick run
 def test_every_figure_is_written(full_report, tmp_path):
     files = plot_report(full_report, tmp_path)
     names = {f.name for f in files}
