@@ -54,16 +54,11 @@ def world_size(group: Group = None) -> int:
 
 
 def all_reduce(tensor: Tensor, group: Group) -> Tensor:
-    """The sum of ``tensor`` over the ranks (``tensor`` itself without a group). NCCL reduces on
-    this rank's GPU, so CPU tensors travel there and back."""
+    """The sum of ``tensor`` over the ranks (``tensor`` itself without a group); CPU tensors
+    travel to this rank's GPU and back under NCCL."""
     if group is None:
         return tensor
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend(group) == "nccl"
-        else tensor.device
-    )
-    total = tensor.detach().to(device, copy=True)
+    total = tensor.detach().to(_device(group, tensor.device), copy=True)
     _wait(dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group, async_op=True))
     return total.to(tensor.device)
 
@@ -78,11 +73,7 @@ def all_gather_objects(value: object, group: Group) -> list[object]:
     if group is None:
         return [value]
     ranks, me = world_size(group), rank(group)
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend(group) == "nccl"
-        else torch.device("cpu")
-    )
+    device = _device(group, torch.device("cpu"))
     data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8).to(device)
     lengths = torch.zeros(ranks, dtype=torch.long, device=device)
     lengths[me] = len(data)
@@ -92,6 +83,13 @@ def all_gather_objects(value: object, group: Group) -> list[object]:
     parts = [torch.empty_like(padded) for _ in range(ranks)]
     _wait(dist.all_gather(parts, padded, group=group, async_op=True))
     return [pickle.loads(p[:n].cpu().numpy().tobytes()) for p, n in zip(parts, lengths.tolist())]
+
+
+def _device(group: Group, default: torch.device) -> torch.device:
+    """Where a collective's tensors must live: NCCL reduces on this rank's GPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return default
 
 
 # one key per analysis in the group's store, set by a rank that fails (see stop_all_on_failure)
