@@ -166,6 +166,15 @@ class Backend:
                 return where
         return None
 
+    def _broken(self, primitive: str) -> str | None:
+        """``broken_by`` as the sentence of a refusal."""
+        where = self.broken_by(primitive)
+        return (
+            f"backend {self.name!r} cannot give {primitive} for a model with {where}"
+            if where
+            else None
+        )
+
     def refusal(self, quantity: str) -> str | None:
         """Why this backend cannot compute ``quantity`` for this model (None when it can), found
         before anything is computed: a missing capability, a model feature its library cannot
@@ -177,11 +186,9 @@ class Backend:
                 f"backend {self.name!r} does not provide {', '.join(missing)}, which {quantity} "
                 "needs"
             )
-        for primitive in NEEDS[quantity]:
-            try:
-                self.require(primitive)
-            except UnsupportedError as error:
-                return str(error).rstrip(".")
+        broken = next(filter(None, map(self._broken, NEEDS[quantity])), None)
+        if broken:
+            return broken
         return self.class_sums_refusal() if quantity == "classmeans" else None
 
     def class_sums_refusal(self) -> str | None:
@@ -218,11 +225,9 @@ class Backend:
 
     def require(self, primitive: str) -> None:
         """Raise UnsupportedError when a model feature breaks ``primitive`` for this backend."""
-        where = self.broken_by(primitive)
-        if where:
-            raise UnsupportedError(
-                f"backend {self.name!r} cannot give {primitive} for a model with {where}."
-            )
+        broken = self._broken(primitive)
+        if broken:
+            raise UnsupportedError(broken + ".")
 
     def unsupported(self, what: str) -> UnsupportedError:
         return UnsupportedError(

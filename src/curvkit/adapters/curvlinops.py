@@ -71,11 +71,11 @@ class CurvlinopsBackend(Backend):
     }
 
     # its products use torch.func (forward-over-reverse): no full backward hooks, no forward
-    # derivative for weight_norm-like parametrizations; its functional model finds a shared
-    # parameter under one name only
+    # derivative for weight_norm-like parametrizations (its routines go down with its products);
+    # its functional model finds a shared parameter under one name only
     limits = {
-        "backward_hooks": ("hvp", "ggnvp", "class_deltas", "top_eigen", "trace", "density"),
-        "parametrizations": ("hvp", "ggnvp", "class_deltas", "top_eigen", "trace", "density"),
+        "backward_hooks": ("hvp", "ggnvp", "class_deltas"),
+        "parametrizations": ("hvp", "ggnvp", "class_deltas"),
         "shared_parameters": ("class_deltas",),
     }
 

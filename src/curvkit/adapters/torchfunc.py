@@ -105,6 +105,7 @@ class TorchFuncBackend(Backend):
     def __init__(self, *args, **kwargs) -> None:
         self.chosen_routes: dict[tuple[str, str], str] = {}
         self._aliases: dict[str, str] | None = None  # every parameter/buffer name → first name
+        self._buffers: dict[str, Tensor] = {}
         super().__init__(*args, **kwargs)
 
     def _params(self, param: str | None = None) -> Tensors:
@@ -121,7 +122,8 @@ class TorchFuncBackend(Backend):
         buffers are passed too, so that a forward that rebinds one (a call counter) changes
         only the stand-in that functional_call swaps out again."""
         model = self.problem.model
-        if self._aliases is None:
+        if self._aliases is None:  # once: this is on every product's path
+            self._buffers = dict(model.named_buffers())
             first = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
             self._aliases, seen = {}, set()
             named = [
@@ -134,7 +136,7 @@ class TorchFuncBackend(Backend):
                 if slot not in seen:
                     seen.add(slot)
                     self._aliases[name] = first[id(tensor)]
-        values = {**dict(model.named_buffers()), **params}
+        values = {**self._buffers, **params}
         swapped = {n: values[first] for n, first in self._aliases.items() if first in values}
         return functional_call(model, swapped, (x,), tie_weights=False)
 
