@@ -11,6 +11,8 @@ eigenvectors accurate to about sqrt(1e-7) ‖A‖ / gap.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg
@@ -18,6 +20,7 @@ import torch
 
 import curvkit
 from curvkit.linalg import subspace_overlap
+from curvkit.backend import ROUTINES
 from curvkit.problem import Problem, model_guard
 from curvkit.quantities.classmeans import classmeans, low_rank_factors
 from curvkit.registry import get_backend
@@ -79,7 +82,7 @@ def test_decomposition_is_exact(digits_problem, dense_mlp, exact_terms):
     with model_guard(model):
         backend = get_backend("torchfunc")(Problem(model, loader))
         deltas = backend.class_deltas()
-    factors, _, _, _ = low_rank_factors(deltas.sums, deltas.counts, 300)
+    _, factors, _, _, _ = low_rank_factors(deltas.sums, deltas.counts, 300)
     total = sum(f @ f.T for f in factors.values()) + exact_terms["within"][0]
     assert reference.rel_err(total, dense_mlp["ggn"]) < 1e-10
 
@@ -137,10 +140,8 @@ def test_group_gram_and_coordinates(result, dense_mlp):
 def test_unbalanced_and_absent_classes(digits_problem):
     """Drop class 3 entirely and thin class 5: weights n_c/N, class 3 excluded with a warning."""
     model, loader = digits_problem
-    x, y = reference.all_data(loader)
-    keep = (y != 3) & ~((y == 5) & (torch.arange(len(y)) % 3 != 0))
-    x, y = x[keep], y[keep]
-    data = [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(y), 100)]
+    data = unbalanced(loader)
+    x, y = (torch.cat(t) for t in zip(*data))
     with model_guard(model), pytest.warns(UserWarning, match=r"classes \[3\]"):
         out = classmeans(get_backend("torchfunc")(Problem(model, data)), top_k=5)
     assert out.excluded_classes == [3] and out.counts[3] == 0
@@ -163,7 +164,62 @@ def test_low_rank_factors_reproduce_terms_on_random_deltas():
     deltas = torch.randn(50, c, p, generator=g, dtype=torch.float64)
     labels = torch.randint(0, c, (50,), generator=g)
     sums = torch.stack([deltas[labels == k].sum(0) for k in range(c)])
-    factors, _, _, _ = low_rank_factors(sums, torch.bincount(labels, minlength=c), 50)
+    _, factors, _, _, _ = low_rank_factors(sums, torch.bincount(labels, minlength=c), 50)
     terms = dense_terms(deltas, labels)
     for name in ("own", "class", "cross"):
         assert reference.rel_err(factors[name] @ factors[name].T, terms[name]) < 1e-12
+
+
+def unbalanced(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The digits without class 3 and with two thirds of class 5 left out, in batches of 100."""
+    x, y = reference.all_data(loader)
+    keep = (y != 3) & ~((y == 5) & (torch.arange(len(y)) % 3 != 0))
+    x, y = x[keep], y[keep]
+    return [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(y), 100)]
+
+
+@pytest.mark.parametrize("balance", ["balanced", "unbalanced"])
+def test_streaming_routes_equal_per_example(digits_problem, balance):
+    """The gradient routes (C or 2 vector–Jacobian products per class and batch, C²·P or C·P
+    memory) give the same class sums as the per-example factors, to 1e-10 relative in float64
+    (the same sums in another order), on balanced data and on data with an absent and a thinned
+    class; the means route's own-label and class-mean sums are those of the full sums."""
+    model, loader = digits_problem
+    data = loader if balance == "balanced" else unbalanced(loader)
+    sums = {}
+    with model_guard(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the absent class
+        for route in ("per-example", "gradients", "means"):
+            options = curvkit.Options(class_sums=route)
+            backend = get_backend("torchfunc")(Problem(model, data), options)
+            deltas = backend.class_deltas()
+            assert deltas.route == route and deltas.provenance.routine in ROUTINES.values()
+            sums[route] = deltas.sums
+    full = sums["per-example"]
+    assert reference.rel_err(sums["gradients"], full) < 1e-10
+    c = full.shape[0]
+    own = full[torch.arange(c), torch.arange(c)]
+    means = (full.sum(1) - own) / (c - 1)
+    assert reference.rel_err(sums["means"], torch.stack([own, means], 1)) < 1e-10
+
+
+def test_means_route_reports_own_and_class_terms_exactly(digits_problem, exact_terms, dense_mlp):
+    """On the means route the own-label and class-mean terms are exact (their Gram eigenvalues
+    to 1e-8 of the largest, as above) and G_cross + G_within is one term, whose top eigenvalues
+    are those of the dense G − G_own − G_class (Lanczos, 1e-4); cross and within are listed as
+    skipped with the reason."""
+    model, loader = digits_problem
+    with model_guard(model):
+        backend = make_backend("torchfunc", model, loader, curvkit.Options(class_sums="means"))
+        out = classmeans(backend, top_k=5)
+    assert set(out.skipped) == {"cross", "within"} and "class_sums" in out.skipped["cross"]
+    for name in ("own", "class"):
+        term, exact = exact_terms[name]
+        got = np.array(out.eigenvalues[name])
+        np.testing.assert_allclose(got, exact[: len(got)], rtol=0, atol=1e-8 * exact[0])
+    rest = exact_terms["cross"][0] + exact_terms["within"][0]
+    top = np.sort(np.linalg.eigvalsh(rest.numpy()))[::-1][:5]
+    np.testing.assert_allclose(out.eigenvalues["cross_within"], top, rtol=1e-4)
+    t = out.trace
+    assert t["own"] + t["class"] + t["cross_within"] == pytest.approx(t["total"], rel=1e-12)
+    assert out.group_gram == [] and out.coordinates["group_means"] == []

@@ -331,26 +331,43 @@ def advised(message: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_memory_budget_refuses_up_front_and_advises_what_fits(monkeypatch):
-    """Budget 6 MiB (CURVKIT_MEMORY_MB; half of it usable): the tiny MLP's class-mean
-    structure (5 C²P + (C(C−1))² = 313 100 float64, 2.4 MiB for C = 10, P = 610) fits, torch.func's
-    per-example factors for a batch of 20 (2 × 20 × 10 × 610 float64, 1.9 MiB) beside it do
-    not. The refusal comes before any computation, names the largest batch that fits (6), and advises
-    exactly the backends with weighted gradient passes, each of which then computes the class
-    means; at 4 MiB the structure itself does not fit and no backend is advised."""
-    monkeypatch.setenv("CURVKIT_MEMORY_MB", "6")
+@pytest.mark.parametrize(
+    ("megabytes", "route"),
+    [(8, "per-example factors"), (5, "weighted gradient passes"), (1, "class-mean gradient passes")],
+)
+def test_memory_budget_chooses_the_class_sums_route(monkeypatch, megabytes, route):
+    """The tiny MLP (C = 10, P = 610, float64, batches of 20) against half the budget
+    (CURVKIT_MEMORY_MB): the per-example route needs (2C² + 2C)P + (C(C−1))² + 2·20·C·P numbers
+    (2.95 MiB), the gradient route (2C² + 2C)P + (C(C−1))² + CP (1.13 MiB), the means route
+    5CP (0.23 MiB). Each budget gets the most complete route that fits, on every backend that
+    has it, with no refusal for size; the provenance names it and why the better one was left."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", str(megabytes))
     model, data = tiny_model(), digits_batches()
-    with pytest.raises(UnsupportedError, match="batches of at most 6 examples") as refused:
+    for name, row in curvkit.backends().items():
+        if not row["installed"] or "class_deltas" not in row["capabilities"]:
+            continue
+        report = curvkit.analyze(model, data, name, ["classmeans"], top_k=3, options=QUICK,
+                                 progress=False)  # fmt: skip
+        deltas = report.classmeans.provenance["deltas"]
+        native = row["capabilities"]["class_deltas"] == "native"
+        expected = "weighted gradient passes" if route == "per-example factors" and not native else route
+        assert deltas.routine == expected, name
+        assert ("beyond half the memory budget" in deltas.note) == (
+            expected != ("per-example factors" if native else "weighted gradient passes")
+        ), name
+        separated = expected != "class-mean gradient passes"
+        assert set(report.classmeans.skipped) == (set() if separated else {"cross", "within"})
+        assert ("cross" in report.classmeans.trace) == separated
+
+
+@pytest.mark.slow
+def test_memory_budget_refuses_up_front_when_no_route_fits(monkeypatch):
+    """At 0.2 MiB even the means route's 5CP numbers (0.23 MiB) exceed half the budget: the
+    refusal comes before any computation and advises no backend."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.2")
+    model, data = tiny_model(), digits_batches()
+    with pytest.raises(UnsupportedError, match="class means for C = 10.*no installed backend"):
         curvkit.analyze(model, data, quantities=["hessian", "classmeans"], progress=False)
-    derived = [n for n, row in curvkit.backends().items() if row["installed"]
-               and row["capabilities"].get("class_deltas") == "derived"]  # fmt: skip
-    assert advised(str(refused.value)) == derived
-    for name in derived:
-        report = curvkit.analyze(model, data, name, ["classmeans"], top_k=3, progress=False)
-        assert report.classmeans.trace["total"] > 0
-    monkeypatch.setenv("CURVKIT_MEMORY_MB", "4")
-    with pytest.raises(UnsupportedError, match="class-mean structure needs.*no installed backend"):
-        curvkit.analyze(model, data, quantities=["classmeans"], progress=False)
 
 
 class SharedWeight(nn.Module):

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from curvkit.distributed import all_reduce_float
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
-from curvkit.linalg.operator import Operator, Options, shown
+from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options, shown
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
 
@@ -46,6 +46,11 @@ NEEDS = {
     "classmeans": ("class_deltas", "hvp", "ggnvp"),
     "layerwise": ("kronecker_factors", "hvp", "ggnvp"),
 }
+ROUTINES = {
+    "per-example": "per-example factors",
+    "gradients": "weighted gradient passes",
+    "means": "class-mean gradient passes",
+}
 # E[M] ⊗ E[aaᵀ] assumes each layer runs once per example (every backend)
 SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",)}
 
@@ -54,14 +59,16 @@ SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",)}
 class ClassDeltas:
     """Per-class sums of Papyan's ``δ_{i,c'} = sqrt(p_{i,c'}) J_iᵀ(e_{c'} − p_i)``.
 
-    ``sums[c, c']`` = Σ_{i: y_i = c} δ_{i,c'} (shape C × C × P); ``counts[c]`` = n_c;
-    ``square_norm_sum`` = Σ_i Σ_{c'} ‖δ_{i,c'}‖² = N · tr G when the backend has per-example
-    factors, else None.
+    ``sums[c, c']`` = Σ_{i: y_i = c} δ_{i,c'} (C × C × P), except on the ``means`` route, where
+    ``sums[c]`` = (Σ_{y_i=c} δ_{i,c}, Σ_{y_i=c} (1/(C−1)) Σ_{c'≠c} δ_{i,c'}) (C × 2 × P);
+    ``counts[c]`` = n_c; ``square_norm_sum`` = Σ_i Σ_{c'} ‖δ_{i,c'}‖² = N · tr G on the
+    per-example route, else None; ``route``: one of CLASS_SUMS_ROUTES.
     """
 
     sums: Tensor
     counts: Tensor
     square_norm_sum: float | None
+    route: str
     provenance: Provenance
 
 
@@ -189,39 +196,56 @@ class Backend:
         broken = next(filter(None, map(self._broken, NEEDS[quantity])), None)
         if broken:
             return broken
-        return self.class_sums_refusal() if quantity == "classmeans" else None
-
-    def class_sums_refusal(self) -> str | None:
-        """Papyan's class-mean structure against half the memory budget (see
-        curvkit.problem.free_memory): the C × C × P class sums with their group means, the
-        centred copy and the cross-class factors (about 5 C²P numbers at the peak), the
-        (C(C−1))² cross-class Gram matrix and, from per-example factors, a batch's 2 × B × C × P."""
-        c, p, size = self.problem.num_classes, self.problem.num_params, self.problem.dtype.itemsize
-        free = free_memory(self.problem.device)
-        if free is None:
-            return None
-        structure = (5 * c * c * p + (c * (c - 1)) ** 2) * size
-        if structure > free / 2:
-            return (
-                f"Papyan's class-mean structure needs about 5 C²P + (C(C−1))² numbers for C = {c} "
-                f"and P = {p} ({structure / 2**30:.1f} GiB: class sums, group means, cross-class "
-                f"factors and their Gram matrix), but the memory budget is "
-                f"{free / 2**30:.1f} GiB; select fewer parameters with params=[...] (e.g. the "
-                "last layers)"
-            )
-        if self.capabilities.get("class_deltas") != "native":
-            return None
-        per_example = 2 * c * p * size
-        batch = self.problem.summary.max_batch
-        if structure + per_example * batch > free / 2:
-            largest = max(1, int((free / 2 - structure) // per_example))
-            return (
-                f"{self.name}'s per-example factors for a batch of {batch} examples need about "
-                f"{per_example * batch / 2**30:.1f} GiB beside the class-mean structure, but the "
-                f"memory budget is {free / 2**30:.1f} GiB; use batches of at most {largest} "
-                "examples"
-            )
+        if quantity == "classmeans":
+            route, why = self.class_sums_route()
+            return None if route else why
         return None
+
+    def class_sums_route(self) -> tuple[str | None, str]:
+        """The route of Papyan's class sums (see CLASS_SUMS_ROUTES) and a sentence saying why,
+        or (None, the reason for a refusal): the most complete route this backend has that fits
+        half the memory budget (curvkit.problem.free_memory), or ``options.class_sums`` when
+        named. Memory at the peak, in numbers: the C × C × P group sums and the low-rank factors
+        of the own, class and cross terms, (2C² + 2C)P, the (C(C−1))² cross Gram matrix, and
+        beside them a batch's 2 × B × C × P per-example factors or one class's C × P
+        gradients; the means route about 5 C P."""
+        c, p, size = self.problem.num_classes, self.problem.num_params, self.problem.dtype.itemsize
+        batch = self.problem.summary.max_batch
+        structure = (2 * c * c + 2 * c) * p + (c * (c - 1)) ** 2
+        need = {
+            "per-example": structure + 2 * batch * c * p,
+            "gradients": structure + c * p,
+            "means": 5 * c * p,
+        }
+        what = {
+            "per-example": f"per-example factors (a batch of {batch}) beside the C² group sums",
+            "gradients": "the C² group sums and the cross-class factors",
+            "means": "the own-label and class-mean sums",
+        }
+        routes = list(CLASS_SUMS_ROUTES)
+        if self.capabilities.get("class_deltas") != "native":
+            routes.remove("per-example")
+        wanted = self.options.class_sums
+        if wanted != "auto":
+            if wanted not in routes:
+                return None, f"backend {self.name!r} has no per-example factors (class_sums)"
+            routes = [wanted]
+        free = free_memory(self.problem.device)
+        budget = None if free is None else free / 2
+        for route in routes:
+            if budget is None or need[route] * size <= budget:
+                best = routes[0]
+                return route, "" if route == best else (
+                    f"the {best} route would need {need[best] * size / 2**30:.1f} GiB "
+                    f"({what[best]}), beyond half the memory budget, {budget / 2**30:.1f} GiB"
+                )
+        last = routes[-1]
+        return None, (
+            f"Papyan's class means for C = {c} and P = {p} need at least "
+            f"{need[last] * size / 2**30:.1f} GiB ({what[last]}), but half the memory budget is "
+            f"{budget / 2**30:.1f} GiB; select fewer parameters with params=[...] (e.g. the "
+            "last layers)"
+        )
 
     def require(self, primitive: str) -> None:
         """Raise UnsupportedError when a model feature breaks ``primitive`` for this backend."""
@@ -305,61 +329,70 @@ class Backend:
         return product(v) if v.dim() == 2 else product(v[:, None])[:, 0]
 
     def class_deltas(self) -> ClassDeltas:
-        """Σ_{y_i=c} δ_{i,c'} over the data set in one pass: from per-example factors
-        (``batch_class_deltas``, with tr G exactly) or from weighted gradient passes."""
+        """Papyan's class sums over the data set in one pass, by the route that
+        ``class_sums_route`` chooses: per-example factors (``batch_class_deltas``, with tr G
+        exactly) or vector–Jacobian products of each class's logits (``add_class_gradients``)."""
         start, passes = time.perf_counter(), self.passes
-        c, p = self.problem.num_classes, self.problem.num_params
         if "class_deltas" not in self.capabilities:
             raise self.unsupported("class_deltas")
         self.require("class_deltas")
-        per_example = self.capabilities["class_deltas"] == "native"
-        refusal = self.class_sums_refusal()
-        if refusal:
-            raise UnsupportedError(refusal + ".")
-        sums = torch.zeros(c, c, p, dtype=self.problem.dtype, device=self.problem.device)
-        counts = torch.zeros(c, dtype=torch.long, device=self.problem.device)
+        route, why = self.class_sums_route()
+        if route is None:
+            raise UnsupportedError(why + ".")
+        c, p, dtype, device = (
+            self.problem.num_classes,
+            self.problem.num_params,
+            self.problem.dtype,
+            self.problem.device,
+        )
+        # column j of sums[c] sums S_i mixing[c][:, j] over class c (S_i[:, c'] gives δ_{i,c'})
+        eye = torch.eye(c, dtype=dtype, device=device)
+        mixing = eye.expand(c, c, c) if route != "means" else torch.stack([eye, (1 - eye) / (c - 1)], 2)
+        sums = torch.zeros(c, mixing.shape[2], p, dtype=dtype, device=device)
+        counts = torch.zeros(c, dtype=torch.long, device=device)
         square_norms: list[float] = []
         for x, y in self.data_pass("class sums"):
             counts += torch.bincount(y, minlength=c)
-            if per_example:
+            if route == "per-example":
                 deltas = self.batch_class_deltas(x, y)
                 sums.index_add_(0, y, deltas)
                 square_norms.append(float((deltas**2).sum()))
             else:
-                self._add_class_sums_by_gradients(x, y, sums)
-        routine = "per-example factors" if per_example else "weighted gradient passes"
+                self.add_class_gradients(x, y, sums, mixing)
         provenance = Provenance(
             self.name,
-            routine,
+            ROUTINES[route],
             seconds=time.perf_counter() - start,
-            derived=not per_example,
+            derived=route != "per-example",
+            note=why,
             passes=self.passes - passes,
         )
         group = self.problem.group
         return ClassDeltas(
             self.problem.all_reduce(sums),
             self.problem.all_reduce(counts).cpu(),
-            all_reduce_float(math.fsum(square_norms), group) if per_example else None,
+            all_reduce_float(math.fsum(square_norms), group) if route == "per-example" else None,
+            route,
             provenance,
         )
 
-    def _add_class_sums_by_gradients(self, x: Tensor, y: Tensor, sums: Tensor) -> None:
-        """Add Σ_{i in batch, y_i=c} δ_{i,c'} to ``sums[c, c']`` without per-example factors.
-
-        ``δ_{i,c'} = J_iᵀ S_i[:, c']`` (S the loss's square-root output Hessian), so the group sum
-        is one vector–Jacobian product of the class's logits with S's column c' held constant:
-        C backward passes per class and batch, on the adapter's model copy.
-        """
+    def add_class_gradients(self, x: Tensor, y: Tensor, sums: Tensor, mixing: Tensor) -> None:
+        """Add ``Σ_{i in batch, y_i=c} J_iᵀ S_i mixing[c]`` to ``sums[c]`` (one row per column of
+        ``mixing[c]``), S the loss's square-root output Hessian: a batched vector–Jacobian
+        product of each class's logits with the cotangents held constant, in chunks of at most
+        ``options.block_size`` columns, on the adapter's model copy (plain autograd)."""
         model, params = self.working_copy()
-        loss = self.problem.loss
         for label in y.unique().tolist():
             logits = model(x[y == label])
-            sqrt_h = loss.sqrt_output_hessian(logits.detach())
-            for other in range(sqrt_h.shape[2]):
+            sqrt_h = self.problem.loss.sqrt_output_hessian(logits.detach())
+            chunks = torch.split((sqrt_h @ mixing[label]).movedim(2, 0), self.options.block_size)
+            row = 0
+            for i, chunk in enumerate(chunks):
                 grads = torch.autograd.grad(
-                    logits, params, sqrt_h[:, :, other], retain_graph=other < sqrt_h.shape[2] - 1
+                    logits, params, chunk, is_grads_batched=True, retain_graph=i < len(chunks) - 1
                 )
-                sums[label, other] += self.problem.flatten(grads)
+                sums[label, row : row + len(chunk)] += torch.cat([g.flatten(1) for g in grads], 1)
+                row += len(chunk)
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
         """Kronecker factors of every selected Linear / Conv2d weight, keyed by module name."""

@@ -78,6 +78,7 @@ class ClassMeans:
     coordinates: dict[str, Any] = field(repr=False)
     excluded_classes: list[int]
     provenance: dict[str, Provenance] = field(repr=False)
+    skipped: dict[str, str] = field(default_factory=dict)  # terms not computed, with the reason
 
 
 @dataclass
@@ -265,7 +266,7 @@ class Report:
                 "",
                 "class means (Papyan): tr G = "
                 + " + ".join(
-                    f"{k} {_g(t[k])} ({share[k]:.0%})" for k in ("own", "class", "cross", "within")
+                    f"{k} {_g(t[k])} ({share[k]:.0%})" for k in t if k != "total"
                 ),
                 "overlap of span{δ_c} with top-C eigenspace: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),

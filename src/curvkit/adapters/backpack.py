@@ -71,10 +71,13 @@ class BackPACKBackend(Backend):
 
     def refusal(self, quantity: str) -> str | None:
         """Also BackPACK's module coverage: the extension that ``quantity`` needs, tried on two
-        examples (e.g. no BatchNorm, GELU or LayerNorm for second-order extensions)."""
+        examples (e.g. no BatchNorm, GELU or LayerNorm for second-order extensions); Papyan's
+        class sums need it only on the per-example route."""
         reason = super().refusal(quantity)
         if reason or quantity not in ("classmeans", "layerwise"):
             return reason
+        if quantity == "classmeans" and self.class_sums_route()[0] != "per-example":
+            return None  # the gradient routes run plain autograd on a copy
         x, y = self.problem.sample
         try:
             with mc_seeded(self.problem.device, 0):

@@ -42,6 +42,9 @@ class Options:
     density_steps: int = 30
     density_grid: int = 400
     density_relative_sigma: float = 0.01
+    # Papyan's class sums: "auto" (the most complete route that fits the memory budget),
+    # "per-example", "gradients" or "means" (see curvkit.backend.CLASS_SUMS_ROUTES)
+    class_sums: str = "auto"
     progress: bool = False
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
 
@@ -59,6 +62,11 @@ class Options:
                 f"option 'trace_method' must be one of {', '.join(METHODS)}, "
                 f"got {shown(self.trace_method)}."
             )
+        if self.class_sums not in ("auto", *CLASS_SUMS_ROUTES):
+            raise InvalidInputError(
+                "option 'class_sums' must be one of auto, "
+                f"{', '.join(CLASS_SUMS_ROUTES)}, got {shown(self.class_sums)}."
+            )
         if not isinstance(self.backend, Mapping) or not all(
             isinstance(v, Mapping) or v is None for v in self.backend.values()
         ):
@@ -67,6 +75,11 @@ class Options:
                 f"{{'pyhessian': {{'power_tol': 1e-7}}}}, got {shown(self.backend)}."
             )
 
+
+# Papyan's class sums, from the most to the least complete: per-example factors δ_{i,c'}
+# (exact tr G), C weighted gradient passes per class (all C² group sums, tr G estimated), two
+# per class (the own-label and class-mean sums only: C·P memory, cross and within not separated)
+CLASS_SUMS_ROUTES = ("per-example", "gradients", "means")
 
 # the least value of each integer option: Hutch++ needs a sketch and two probes (3 products)
 INTEGER_OPTIONS = {

@@ -32,12 +32,18 @@ if TYPE_CHECKING:
     from curvkit.report import Report
 
 TERMS = ("own", "class", "cross")
+# on the ``means`` route (C·P memory) the cross and within terms are not separated
+MEANS_ROUTE_REST = "cross_within"
 
 
 def low_rank_factors(
-    sums: Tensor, counts: Tensor, num_samples: int
-) -> tuple[dict[str, Tensor], Tensor, Tensor, list[int]]:
-    """Scaled vectors L_term (P × r) with G_term = L Lᵀ, plus δ_{c,c'}, δ_c and the classes used.
+    sums: Tensor, counts: Tensor, num_samples: int, route: str = "gradients"
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor, list[int]]:
+    """Scaled vectors of the low-rank terms, G_term = L Lᵀ, as the rows of one (r × P) matrix
+    (the own, class and cross rows, r = 2C + C(C−1); on the ``means`` route own and class
+    only) with each term's L as a (P × r_term) view of it, plus δ_{c,c'} (None on the means
+    route), δ_c and the classes used. ``sums`` (see ClassDeltas) is divided in place into the
+    group means: at the peak the group means and the rows, about 2 C²P numbers.
 
     Only classes present in the data (n_c > 0) enter; all C outputs stay potential classes c'.
     """
@@ -45,19 +51,29 @@ def low_rank_factors(
     present = [c for c in range(num_classes) if counts[c] > 0]
     n = counts[present].to(sums.dtype).to(sums.device)
     weights = n / num_samples
-    group = sums[present] / n[:, None, None]  # δ_{c,c'}: (C_present, C, P)
-    others = torch.ones(len(present), num_classes, dtype=torch.bool, device=sums.device)
-    others[torch.arange(len(present)), present] = False
-    means = (group * others[..., None]).sum(1) / (num_classes - 1)  # δ_c
-    own = group[torch.arange(len(present)), present]  # δ_{c,c}
-    cross = (group - means[:, None, :])[others]  # δ_{c,c'} − δ_c for c' ≠ c, row-major in (c, c')
-    cross_weights = weights[:, None].expand(-1, num_classes)[others]
-    factors = {
-        "own": (own * weights.sqrt()[:, None]).T,
-        "class": (means * ((num_classes - 1) * weights).sqrt()[:, None]).T,
-        "cross": (cross * cross_weights.sqrt()[:, None]).T,
-    }
-    return factors, group, means, present
+    sums.div_(counts.clamp_min(1).to(sums)[:, None, None])  # the per-class means
+    group = sums if len(present) == num_classes else sums[present]
+    if route == "means":  # group[c] = (δ_{c,c}, δ_c)
+        own, means, group = group[:, 0], group[:, 1], None
+    else:  # group[c, c'] = δ_{c,c'}
+        own = group[torch.arange(len(present)), present]
+        others = torch.ones(len(present), num_classes, dtype=torch.bool, device=sums.device)
+        others[torch.arange(len(present)), present] = False
+        means = (group.sum(1) - own) / (num_classes - 1)
+    k = len(present)
+    cross_rows = 0 if group is None else k * (num_classes - 1)
+    rows = sums.new_empty(2 * k + cross_rows, sums.shape[2])
+    torch.mul(own, weights.sqrt()[:, None], out=rows[:k])
+    torch.mul(means, ((num_classes - 1) * weights).sqrt()[:, None], out=rows[k : 2 * k])
+    if group is not None:  # δ_{c,c'} − δ_c for c' ≠ c, row-major in (c, c'), class by class
+        for i in range(k):
+            block = rows[2 * k + i * (num_classes - 1) : 2 * k + (i + 1) * (num_classes - 1)]
+            torch.sub(group[i, others[i]], means[i], out=block)
+            block.mul_(weights[i].sqrt())
+    factors = {"own": rows[:k].T, "class": rows[k : 2 * k].T}
+    if group is not None:
+        factors["cross"] = rows[2 * k :].T
+    return rows, factors, group, means, present
 
 
 def classmeans(
@@ -66,13 +82,15 @@ def classmeans(
     """Papyan's decomposition of G, its spectra from Gram matrices, and the class-mean overlaps.
 
     ``top_k`` eigenvalues of G_within are computed; ``spectra``, when given, supplies
-    already-computed top eigenvectors of G and the Hessian.
+    already-computed top eigenvectors of G and the Hessian. On the ``means`` route (when the
+    C² group sums do not fit the memory budget) G_cross and G_within are reported together,
+    as ``cross_within`` = G − G_own − G_class, and listed in ``skipped``.
     """
     problem = backend.problem
     num_classes = problem.num_classes
     deltas = backend.class_deltas()
-    factors, group, means, present = low_rank_factors(
-        deltas.sums, deltas.counts, problem.num_samples
+    rows, factors, group, means, present = low_rank_factors(
+        deltas.sums, deltas.counts, problem.num_samples, deltas.route
     )
     excluded = [c for c in range(num_classes) if c not in present]
     if len(present) < 2:
@@ -87,7 +105,8 @@ def classmeans(
             stacklevel=2,
         )
 
-    traces = {t: float(factors[t].double().pow(2).sum()) for t in TERMS}
+    grams = {t: f.T @ f for t, f in factors.items()}
+    traces = {t: float(torch.diagonal(g).double().sum()) for t, g in grams.items()}
     provenance = {"deltas": deltas.provenance}
     ggn, options = backend.operator("ggn"), backend.options
     stderr = 0.0
@@ -96,13 +115,12 @@ def classmeans(
     else:
         estimate, provenance["trace_ggn"] = trace(ggn, options, seed + 1)
         total, stderr = estimate.value, estimate.stderr
-    traces = {"total": total, **traces, "within": total - sum(traces.values())}
+    rest = "within" if group is not None else MEANS_ROUTE_REST
+    traces = {"total": total, **traces, rest: total - sum(traces.values())}
 
-    low_rank = torch.cat([factors[t] for t in TERMS], dim=1)
-    within, provenance["within"] = top_eigen(ggn.minus_low_rank(low_rank), top_k, options, seed)
-
-    eigenvalues = {t: gram_eigenvalues(factors[t].T @ factors[t]) for t in TERMS}
-    eigenvalues["within"] = [float(v) for v in within.values]
+    remainder, provenance[rest] = top_eigen(ggn.minus_low_rank(rows.T), top_k, options, seed)
+    eigenvalues = {t: gram_eigenvalues(g) for t, g in grams.items()}
+    eigenvalues[rest] = [float(v) for v in remainder.values]
 
     class_basis = orthonormal_basis(means.T)
     overlap = {}
@@ -110,18 +128,27 @@ def classmeans(
         vectors = _top_vectors(backend, matrix, num_classes, seed, spectra, provenance)
         overlap[matrix] = subspace_overlap(vectors, class_basis)
 
-    flat_group = group.reshape(-1, problem.num_params)
+    skipped = {}
+    if group is None:
+        reason = (
+            "not separated on the class-means route (C·P memory): "
+            f"{deltas.provenance.note or 'chosen with class_sums'}; "
+            f"{MEANS_ROUTE_REST} holds their sum"
+        )
+        skipped = {"cross": reason, "within": reason}
+    flat_group = group.reshape(-1, problem.num_params) if group is not None else None
     return ClassMeans(
         counts=[int(c) for c in deltas.counts],
         class_gram=(means @ means.T).tolist(),
-        group_gram=(flat_group @ flat_group.T).tolist(),
+        group_gram=(flat_group @ flat_group.T).tolist() if flat_group is not None else [],
         eigenvalues=eigenvalues,
         trace=traces,
-        trace_stderr={"total": stderr, "within": stderr},
+        trace_stderr={"total": stderr, rest: stderr},
         overlap=overlap,
         coordinates=_coordinates(factors["class"], means, group, present),
         excluded_classes=excluded,
         provenance=provenance,
+        skipped=skipped,
     )
 
 
@@ -148,7 +175,7 @@ def _top_vectors(
 
 
 def _coordinates(
-    class_factors: Tensor, means: Tensor, group: Tensor, present: list[int]
+    class_factors: Tensor, means: Tensor, group: Tensor | None, present: list[int]
 ) -> dict[str, object]:
     """δ_c and δ_{c,c'} projected on the top two eigenvectors of G_class (Papyan's hierarchy plot)."""
     gram = class_factors.T @ class_factors
@@ -159,5 +186,5 @@ def _coordinates(
         "axes": "top two eigenvectors of G_class",
         "classes": present,
         "class_means": (means @ axes).tolist(),
-        "group_means": (group @ axes).tolist(),
+        "group_means": (group @ axes).tolist() if group is not None else [],
     }
