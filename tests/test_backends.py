@@ -366,3 +366,54 @@ def test_backpack_names_what_it_cannot_follow(digits_problem):
         curvkit.UnsupportedError, match="SqrtGGNExact cannot handle.*'torchfunc' can"
     ):
         curvkit.analyze(model, loader, "backpack", ["classmeans"], progress=False)
+
+
+class TinyResNet(torch.nn.Module):
+    """torchvision's ResNet pattern in small: in-place ReLU, an in-place residual add
+    (``out += x``), BatchNorm and an adaptive average pool, on 8×8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.pool, self.fc = torch.nn.AdaptiveAvgPool2d(2), torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x.reshape(-1, 1, 8, 8))))
+        out = self.bn2(self.conv2(x))
+        out += x
+        return self.fc(torch.flatten(self.pool(self.relu(out)), 1))
+
+
+@needs_backpack
+def test_backpack_on_a_resnet_pattern(digits_problem):
+    """BackPACK's extensions break on in-place ReLU and have no AdaptiveAvgPool2d rule; on its
+    own copy the adapter computes the ReLU out of place and pools with the equivalent fixed
+    AvgPool2d (4×4 inputs to 2×2 here), so SqrtGGNExact's class sums equal torch.func's. float32
+    (BackPACK's AvgPool2d rule computes in float32): sums of 300 examples' products in float32
+    measured 3e-7 relative; 1e-5 catches a wrong pooling (its error is O(1)). KFLR has no
+    BatchNorm rule, which the refusal says; the user's model keeps its modules."""
+    _, loader = digits_problem
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    data = digits_loader(batch_size=128, samples_per_class=30, dtype=torch.float32)
+    options = curvkit.Options(class_sums="per-example")
+    with model_guard(model):
+        backend = make_backend("backpack", model, data, options)
+        assert backend.refusal("classmeans") is None
+        expected = make_backend("torchfunc", model, data, options).class_deltas().sums
+        assert reference.rel_err(backend.class_deltas().sums, expected) < 1e-5
+        assert "KFLR does not support the 2 BatchNorm2d modules" in backend.refusal("layerwise")
+    assert model.relu.inplace and isinstance(model.pool, torch.nn.AdaptiveAvgPool2d)
+
+
+def test_features_are_found_in_eval_mode():
+    """Finding the model's features runs one example through it: in training mode BatchNorm
+    refused that with a raw ValueError (and would have updated its running statistics)."""
+    torch.manual_seed(0)
+    model = TinyResNet().train()
+    data = digits_loader(batch_size=128, samples_per_class=3, dtype=torch.float32)
+    before = model.bn1.running_mean.clone()
+    assert curvkit.Problem(model, data).features == {}
+    assert model.training and torch.equal(model.bn1.running_mean, before)

@@ -402,8 +402,11 @@ class Problem:
 
     @functools.cached_property
     def features(self) -> dict[str, str]:
-        """The model's features that some libraries cannot handle (see curvkit.features)."""
-        return model_features(self.model, self.sample[0][:1])
+        """The model's features that some libraries cannot handle (see curvkit.features),
+        found in eval mode (BatchNorm refuses one example in training mode, and would update
+        its running statistics) on the model, which comes back as it was."""
+        with model_guard(self.model):
+            return model_features(self.model, self.sample[0][:1])
 
     def _weights_digest(self) -> str:
         """A hash of the selected parameters' values (to check that all ranks hold the same)."""

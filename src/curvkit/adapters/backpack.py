@@ -133,6 +133,7 @@ class BackPACKBackend(Backend):
             from backpack import extend
 
             model, params = self.model_copy()
+            self._as_backpack_modules(model)
             if not isinstance(model, nn.Sequential):
                 try:
                     model = extend(model, use_converter=True)
@@ -149,6 +150,42 @@ class BackPACKBackend(Backend):
                 raise UnsupportedError("BackPACK's converter replaced the model's parameters.")
             self._extended_copy = (model, params, extend(self.problem.loss.module("sum")))
         return self._extended_copy
+
+    def _as_backpack_modules(self, model: nn.Module) -> None:
+        """Rewrite the copy into modules BackPACK's extensions support, with the same function:
+        in-place activations (``ReLU(inplace=True)``) computed out of place (BackPACK's hooks
+        hand out tensors that an in-place operation may not change) and an adaptive average
+        pool over an input whose size its output divides as the fixed ``AvgPool2d`` it is for
+        this data (BackPACK has no AdaptiveAvgPool2d rule)."""
+        for module in model.modules():
+            if getattr(module, "inplace", False) is True:
+                module.inplace = False
+        sizes: dict[nn.Module, tuple[int, int]] = {}
+
+        def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            sizes[module] = tuple(args[0].shape[-2:])
+
+        pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+        if not pools:
+            return
+        handles = [m.register_forward_pre_hook(record) for m in pools]
+        try:
+            with torch.no_grad():
+                model(self.problem.sample[0])
+        finally:
+            for handle in handles:
+                handle.remove()
+        parents = {child: (parent, name) for parent in model.modules()
+                   for name, child in parent.named_children()}  # fmt: skip
+        for pool in pools:
+            size = sizes.get(pool)
+            out = nn.modules.utils._pair(pool.output_size)
+            if size is None or pool not in parents or None in out:
+                continue
+            if all(s % o == 0 for s, o in zip(size, out)):
+                kernel = tuple(s // o for s, o in zip(size, out))
+                parent, name = parents[pool]
+                setattr(parent, name, nn.AvgPool2d(kernel, stride=kernel))
 
     @contextlib.contextmanager
     def _backward(self, x: Tensor, y: Tensor, *extensions: Any) -> Iterator[list[Tensor]]:
@@ -180,10 +217,14 @@ class BackPACKBackend(Backend):
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         message = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>:?\s*", "", message).strip(" .,")
         message = re.sub(r",? Extension:?$", "", message)
+        named: dict[str, list[str]] = {}  # module type → names of the modules of that type
+        for name, m in self.problem.model.named_modules():
+            if str(type(m)) in message:
+                named.setdefault(type(m).__name__, []).append(name or "<root>")
         culprits = [
-            f"module {name or '<root>'} ({type(m).__name__})"
-            for name, m in self.problem.model.named_modules()
-            if str(type(m)) in message
+            f"module {names[0]} ({kind})" if len(names) == 1
+            else f"the {len(names)} {kind} modules ({', '.join(names[:2])}, ...)"
+            for kind, names in named.items()
         ]
         inserted = re.findall(r"<class '[\w.]*\.(\w+)'>", message)
         if culprits:
@@ -192,6 +233,11 @@ class BackPACKBackend(Backend):
             what = (
                 f"does not support the {inserted[0]} that its converter inserted for the "
                 f"{type(self.problem.model).__name__} model's branching"
+            )
+        elif "expected scalar type Double but found Float" in message:
+            what = (
+                "fails in float64 on this model (its AvgPool2d rule computes in float32): "
+                "analyse a float32 copy"
             )
         else:
             what = f"cannot handle the {type(self.problem.model).__name__} model ({message})"

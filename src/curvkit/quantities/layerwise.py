@@ -32,14 +32,18 @@ if TYPE_CHECKING:
 
 
 def kronecker_top(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k eigenpairs of ``B ⊗ A`` from the factors' eigenpairs, without forming the product."""
-    lb, ub = torch.linalg.eigh(b)
-    la, ua = torch.linalg.eigh(a)
+    """Top-k eigenpairs of ``B ⊗ A`` from the factors' eigenpairs, without forming the product.
+
+    The factors are decomposed in float64 (LAPACK's float32 eigh fails to converge on large,
+    nearly singular factors such as a ResNet's 4608 × 4608 patch covariance), and the result
+    comes back in the factors' dtype."""
+    lb, ub = torch.linalg.eigh(b.double())
+    la, ua = torch.linalg.eigh(a.double())
     products = torch.outer(lb, la).flatten()
     order = torch.argsort(products, descending=True)[:k]
     i, j = order // la.numel(), order % la.numel()
     vectors = (ub[:, i][:, None, :] * ua[:, j][None, :, :]).reshape(-1, k)  # u_i ⊗ v_j
-    return products[order], vectors
+    return products[order].to(b.dtype), vectors.to(b.dtype)
 
 
 def rank_one_ratio(vector: Tensor, shape: tuple[int, int]) -> float:
