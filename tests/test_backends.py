@@ -84,7 +84,9 @@ def test_layerwise_matches_dense(name, case):
     of B ⊗ A's top eigenvectors with the dense block's (the top-4 eigenvalues are separated by
     ≥ 1 % here, so Lanczos' eigenvectors are accurate to ~1e-6; 1e-4 absolute)."""
     model, loader, dense = case
-    options = curvkit.Options(trace_matvecs=30, density_probes=1, density_steps=10)
+    options = curvkit.Options(
+        trace_matvecs=30, density_probes=1, density_steps=10, layer_density=True
+    )
     with model_guard(model):
         layers = layerwise(make_backend(name, model, loader, options), top_k=4)
     assert layers.keys() == dense["kronecker"].keys()

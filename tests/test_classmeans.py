@@ -19,10 +19,10 @@ import scipy.sparse.linalg
 import torch
 
 import curvkit
-from curvkit.linalg import subspace_overlap
 from curvkit.backend import ROUTINES
+from curvkit.linalg import subspace_overlap
 from curvkit.problem import Problem, model_guard
-from curvkit.quantities.classmeans import classmeans, low_rank_factors
+from curvkit.quantities.classmeans import classmeans, group_means
 from curvkit.registry import get_backend
 from tests import reference
 from tests.conftest import backend_params, make_backend
@@ -82,8 +82,9 @@ def test_decomposition_is_exact(digits_problem, dense_mlp, exact_terms):
     with model_guard(model):
         backend = get_backend("torchfunc")(Problem(model, loader))
         deltas = backend.class_deltas()
-    _, factors, _, _, _ = low_rank_factors(deltas.sums, deltas.counts, 300)
-    total = sum(f @ f.T for f in factors.values()) + exact_terms["within"][0]
+    group = group_means(deltas.sums, deltas.counts, 300, deltas.route)
+    factors = [group.factor(t) for t in ("own", "class", "cross")]
+    total = sum(f @ f.T for f in factors) + exact_terms["within"][0]
     assert reference.rel_err(total, dense_mlp["ggn"]) < 1e-10
 
 
@@ -158,16 +159,17 @@ def test_single_class_is_refused(digits_problem):
         classmeans(get_backend("torchfunc")(Problem(model, data)), top_k=3)
 
 
-def test_low_rank_factors_reproduce_terms_on_random_deltas():
+def test_term_factors_reproduce_terms_on_random_deltas():
     g = torch.Generator().manual_seed(0)
     c, p = 4, 30
     deltas = torch.randn(50, c, p, generator=g, dtype=torch.float64)
     labels = torch.randint(0, c, (50,), generator=g)
     sums = torch.stack([deltas[labels == k].sum(0) for k in range(c)])
-    _, factors, _, _, _ = low_rank_factors(sums, torch.bincount(labels, minlength=c), 50)
+    group = group_means(sums, torch.bincount(labels, minlength=c), 50, "gradients")
     terms = dense_terms(deltas, labels)
     for name in ("own", "class", "cross"):
-        assert reference.rel_err(factors[name] @ factors[name].T, terms[name]) < 1e-12
+        factor = group.factor(name)
+        assert reference.rel_err(factor @ factor.T, terms[name]) < 1e-12
 
 
 def unbalanced(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:

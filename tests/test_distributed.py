@@ -42,7 +42,12 @@ NAMES = installed(BACKENDS)
 SETTINGS = {
     "top_k": 3,
     "progress": False,
-    "options": {"trace_matvecs": 12, "density_probes": 1, "density_steps": 20},
+    "options": {
+        "trace_matvecs": 12,
+        "density_probes": 1,
+        "density_steps": 20,
+        "layer_density": True,
+    },
 }
 IGNORED = {"timings", "provenance", "versions", "seconds"}
 DENSITIES = {"density", "spectrum_distance"}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from curvkit.linalg import hutch_plus_plus, hutchinson, lanczos
-from curvkit.quantities.classmeans import low_rank_factors
+from curvkit.quantities.classmeans import group_means
 
 SETTINGS = settings(
     max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -90,11 +90,14 @@ def test_classmean_decomposition_is_exact(n, c, p, seed, drop_class):
     labels = torch.randint(0, c - 1 if drop_class else c, (n,), generator=g)
     sums = torch.zeros(c, c, p, dtype=torch.float64).index_add_(0, labels, deltas)
     counts = torch.bincount(labels, minlength=c)
-    factors, group, _, present = low_rank_factors(sums, counts, n)
+    group = group_means(sums, counts, n, "gradients")
+    present = group.present
     ggn = torch.einsum("icp,icq->pq", deltas, deltas) / n
     rows = {cls: i for i, cls in enumerate(present)}
-    centred = deltas - group[[rows[int(y)] for y in labels]]
+    means = group.rows.reshape(len(present), c, p)
+    centred = deltas - means[[rows[int(y)] for y in labels]]
     within = torch.einsum("icp,icq->pq", centred, centred) / n
-    terms = sum(f @ f.T for f in factors.values()) + within
+    factors = [group.factor(t) for t in ("own", "class", "cross")]
+    terms = sum(f @ f.T for f in factors) + within
     torch.testing.assert_close(terms, ggn, rtol=0, atol=1e-10 * float(ggn.abs().max()))
     assert present == [cls for cls in range(c) if counts[cls] > 0]

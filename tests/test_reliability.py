@@ -333,7 +333,11 @@ def advised(message: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("megabytes", "route"),
-    [(8, "per-example factors"), (5, "weighted gradient passes"), (1, "class-mean gradient passes")],
+    [
+        (8, "per-example factors"),
+        (5, "weighted gradient passes"),
+        (1, "class-mean gradient passes"),
+    ],
 )
 def test_memory_budget_chooses_the_class_sums_route(monkeypatch, megabytes, route):
     """The tiny MLP (C = 10, P = 610, float64, batches of 20) against half the budget
@@ -350,7 +354,9 @@ def test_memory_budget_chooses_the_class_sums_route(monkeypatch, megabytes, rout
                                  progress=False)  # fmt: skip
         deltas = report.classmeans.provenance["deltas"]
         native = row["capabilities"]["class_deltas"] == "native"
-        expected = "weighted gradient passes" if route == "per-example factors" and not native else route
+        expected = (
+            "weighted gradient passes" if route == "per-example factors" and not native else route
+        )
         assert deltas.routine == expected, name
         assert ("beyond half the memory budget" in deltas.note) == (
             expected != ("per-example factors" if native else "weighted gradient passes")
@@ -362,12 +368,19 @@ def test_memory_budget_chooses_the_class_sums_route(monkeypatch, megabytes, rout
 
 @pytest.mark.slow
 def test_memory_budget_refuses_up_front_when_no_route_fits(monkeypatch):
-    """At 0.2 MiB even the means route's 5CP numbers (0.23 MiB) exceed half the budget: the
-    refusal comes before any computation and advises no backend."""
+    """At 0.2 MiB even the means route's 5CP numbers (0.23 MiB) exceed half the budget, and
+    so do the Kronecker factors (2 · 8 bytes · Σ(n² + m²) + 16 bytes · the largest pair's
+    n² + m²: 0.13 MiB): the refusals come before any computation, name the largest layer, and
+    advise no backend."""
     monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.2")
     model, data = tiny_model(), digits_batches()
     with pytest.raises(UnsupportedError, match="class means for C = 10.*no installed backend"):
         curvkit.analyze(model, data, quantities=["hessian", "classmeans"], progress=False)
+    with pytest.raises(UnsupportedError, match=r"2 layers need.*0 \(A 64 × 64\).*no installed"):
+        curvkit.analyze(model, data, quantities=["hessian", "layerwise"], progress=False)
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.3")
+    report = curvkit.analyze(model, data, quantities=["layerwise"], top_k=2, progress=False)
+    assert set(report.layerwise) == {"0", "2"}
 
 
 class SharedWeight(nn.Module):

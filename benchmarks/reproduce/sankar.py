@@ -30,7 +30,7 @@ from bench_trace_penalty import run as train_with_penalty  # noqa: E402
 from bench_trace_penalty import split
 
 GAMMA = 3e-3
-OPTIONS = {"trace_matvecs": 30, "density_probes": 3, "density_steps": 40}
+OPTIONS = {"trace_matvecs": 30, "density_probes": 3, "density_steps": 40, "layer_density": True}
 
 
 def checkpoints(args, samples: int | None, stops: tuple[int, ...]) -> tuple[list[dict], list[str]]:

@@ -14,7 +14,9 @@ operators) overrides the whole-data methods (``hvp``, ``ggnvp``, ``kronecker_fac
 instead. ``operator(matrix, param)`` wraps the products as a linear operator for the routines
 (``curvkit.linalg.operator``), with the library's own routines attached by
 ``native_routines``. Capabilities are declared: a ``class_deltas`` capability of ``"native"``
-means per-example factors, ``"derived"`` weighted gradient passes on the adapter's model copy.
+means per-example factors, ``"derived"`` only the gradient routes (batched vector–Jacobian
+products on the adapter's model copy), which every backend has for models too large for
+per-example factors (``class_sums_route``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from curvkit.distributed import all_reduce_float
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
+from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options, shown
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
@@ -199,7 +202,30 @@ class Backend:
         if quantity == "classmeans":
             route, why = self.class_sums_route()
             return None if route else why
-        return None
+        return self.kronecker_refusal() if quantity == "layerwise" else None
+
+    def kronecker_refusal(self) -> str | None:
+        """The Kronecker factors against half the memory budget: every layer's B (n × n) and
+        A (m × m), summed over the data beside one batch's part, and the largest layer's pair
+        decomposed in float64 (matrices and eigenvectors)."""
+        free = free_memory(self.problem.device)
+        if free is None:
+            return None
+        modules = dict(self.problem.model.named_modules())
+        shapes = {n: kronecker_shape(modules[n]) for n in kronecker_layers(self.problem)}
+        squares = {name: n * n + m * m for name, (n, m) in shapes.items()}
+        if not squares:
+            return None
+        need = 2 * self.problem.dtype.itemsize * sum(squares.values()) + 16 * max(squares.values())
+        if need <= free / 2:
+            return None
+        largest = sorted(squares, key=squares.get, reverse=True)[:3]
+        return (
+            f"the Kronecker factors of the {len(squares)} layers need about "
+            f"{need / 2**30:.1f} GiB, beyond half the memory budget, {free / 2**30:.1f} GiB; "
+            "leave the largest out of params=[...]: "
+            + ", ".join(f"{n} (A {shapes[n][1]} × {shapes[n][1]})" for n in largest)
+        )
 
     def class_sums_route(self) -> tuple[str | None, str]:
         """The route of Papyan's class sums (see CLASS_SUMS_ROUTES) and a sentence saying why,
@@ -228,7 +254,10 @@ class Backend:
         wanted = self.options.class_sums
         if wanted != "auto":
             if wanted not in routes:
-                return None, f"backend {self.name!r} has no per-example factors (class_sums)"
+                return None, (
+                    f"backend {self.name!r} has no per-example factors, which option "
+                    "class_sums='per-example' asks for"
+                )
             routes = [wanted]
         free = free_memory(self.problem.device)
         budget = None if free is None else free / 2
@@ -347,7 +376,9 @@ class Backend:
         )
         # column j of sums[c] sums S_i mixing[c][:, j] over class c (S_i[:, c'] gives δ_{i,c'})
         eye = torch.eye(c, dtype=dtype, device=device)
-        mixing = eye.expand(c, c, c) if route != "means" else torch.stack([eye, (1 - eye) / (c - 1)], 2)
+        mixing = (
+            eye.expand(c, c, c) if route != "means" else torch.stack([eye, (1 - eye) / (c - 1)], 2)
+        )
         sums = torch.zeros(c, mixing.shape[2], p, dtype=dtype, device=device)
         counts = torch.zeros(c, dtype=torch.long, device=device)
         square_norms: list[float] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import tempfile
@@ -265,9 +266,7 @@ class Report:
             lines += [
                 "",
                 "class means (Papyan): tr G = "
-                + " + ".join(
-                    f"{k} {_g(t[k])} ({share[k]:.0%})" for k in t if k != "total"
-                ),
+                + " + ".join(f"{k} {_g(t[k])} ({share[k]:.0%})" for k in t if k != "total"),
                 "overlap of span{δ_c} with top-C eigenspace: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),
             ]
@@ -294,7 +293,9 @@ class Report:
                         _g(layer.kronecker["top_eigenvalues"][0]),
                         f"{layer.overlap['hessian']:.3f}",
                         f"{layer.rank1[0]:.3f}",
-                        f"{layer.spectrum_distance:.3f}",
+                        ""
+                        if math.isnan(layer.spectrum_distance)
+                        else f"{layer.spectrum_distance:.3f}",
                     )
                 )
             lines += ["", "layers (Wu et al., Sankar et al.; * closest to the full spectrum):"]

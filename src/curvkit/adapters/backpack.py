@@ -222,7 +222,8 @@ class BackPACKBackend(Backend):
             if str(type(m)) in message:
                 named.setdefault(type(m).__name__, []).append(name or "<root>")
         culprits = [
-            f"module {names[0]} ({kind})" if len(names) == 1
+            f"module {names[0]} ({kind})"
+            if len(names) == 1
             else f"the {len(names)} {kind} modules ({', '.join(names[:2])}, ...)"
             for kind, names in named.items()
         ]

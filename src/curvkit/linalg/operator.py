@@ -45,6 +45,9 @@ class Options:
     # Papyan's class sums: "auto" (the most complete route that fits the memory budget),
     # "per-example", "gradients" or "means" (see curvkit.backend.CLASS_SUMS_ROUTES)
     class_sums: str = "auto"
+    # layerwise: each layer's SLQ density and its distance to the full Hessian's (Sankar et
+    # al.), only when asked: on a ResNet-18 its 21 densities cost more than the rest
+    layer_density: bool = False
     progress: bool = False
     backend: dict[str, dict[str, Any]] = field(default_factory=dict)  # per backend name
 
@@ -158,10 +161,11 @@ class Operator:
             note=lambda: "; ".join(filter(None, dict.fromkeys([self.note(), other.note()]))),
         )
 
-    def minus_low_rank(self, factors: Tensor) -> Operator:
-        """``self − L Lᵀ`` for a (size, r) matrix L (no extra backend products)."""
+    def minus_low_rank(self, factors: Tensor, inner: Tensor) -> Operator:
+        """``self − F K Fᵀ`` for a (size, r) matrix F and an r × r matrix K, without extra
+        backend products."""
         return dataclasses.replace(
-            self, matmat=lambda V: self.matmat(V) - factors @ (factors.T @ V), native={}
+            self, matmat=lambda V: self.matmat(V) - factors @ (inner @ (factors.T @ V)), native={}
         )
 
     def clock(self) -> tuple[float, int]:

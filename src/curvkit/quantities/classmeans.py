@@ -10,13 +10,16 @@ class means ``δ_c = (1/(C−1)) Σ_{c'≠c} δ_{c,c'}`` and weights ``w_c = n_c
     G_within = (1/N) Σ_i Σ_{c'} (δ_{i,c'} − δ_{y_i,c'})(δ_{i,c'} − δ_{y_i,c'})ᵀ
 
 Each of the first three is ``L Lᵀ`` for a P × r matrix L of scaled vectors (r = C, C, C(C−1)), so
-its nonzero eigenvalues are those of the small Gram matrix ``Lᵀ L``. G_within is reached through
+its nonzero eigenvalues are those of the small Gram matrix ``Lᵀ L``. Every such vector is a
+combination of the C² group means, ``L = Rᵀ M`` (R the group means as rows, M small), so
+``Lᵀ L = Mᵀ (R Rᵀ) M`` and nothing P-sized is stored beyond R. G_within is reached through
 ``v ↦ G v − Σ L Lᵀ v`` (Lanczos) and its trace as tr G minus the other three.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,49 +34,77 @@ from curvkit.report import ClassMeans, Provenance
 if TYPE_CHECKING:
     from curvkit.report import Report
 
-TERMS = ("own", "class", "cross")
 # on the ``means`` route (C·P memory) the cross and within terms are not separated
 MEANS_ROUTE_REST = "cross_within"
 
 
-def low_rank_factors(
-    sums: Tensor, counts: Tensor, num_samples: int, route: str = "gradients"
-) -> tuple[Tensor, dict[str, Tensor], Tensor | None, Tensor, list[int]]:
-    """Scaled vectors of the low-rank terms, G_term = L Lᵀ, as the rows of one (r × P) matrix
-    (the own, class and cross rows, r = 2C + C(C−1); on the ``means`` route own and class
-    only) with each term's L as a (P × r_term) view of it, plus δ_{c,c'} (None on the means
-    route), δ_c and the classes used. ``sums`` (see ClassDeltas) is divided in place into the
-    group means: at the peak the group means and the rows, about 2 C²P numbers.
+@dataclass
+class GroupMeans:
+    """The group means as rows, and every term's vectors as combinations of them.
 
-    Only classes present in the data (n_c > 0) enter; all C outputs stay potential classes c'.
+    ``rows`` (k·C' × P, the k classes present): δ_{c,c'} for every c' (C' = C), or (δ_{c,c},
+    δ_c) on the ``means`` route (C' = 2). Each term's scaled vectors are ``L = rowsᵀ M`` for a
+    small float64 coefficient matrix M = ``coefficients[term]``, so G_term = L Lᵀ is never formed
+    and its Gram matrix is ``Mᵀ (rows rowsᵀ) M``: the group means are the only P-sized storage
+    (about C²P numbers). ``means`` holds the coefficients of the class means δ_c.
     """
-    num_classes = sums.shape[0]
+
+    rows: Tensor
+    coefficients: dict[str, Tensor]
+    means: Tensor
+    present: list[int]
+
+    def factor(self, term: str) -> Tensor:
+        """The term's P × r matrix L (only for tests and small models: it is P-sized)."""
+        return self.rows.T @ self.coefficients[term].to(self.rows)
+
+
+def group_means(sums: Tensor, counts: Tensor, num_samples: int, route: str) -> GroupMeans:
+    """The group means of the classes present (n_c > 0) from the class sums (see ClassDeltas),
+    which are divided in place, and the coefficients of Papyan's terms in them (weights
+    w_c = n_c/N). All C outputs stay potential classes c'."""
+    num_classes, columns = sums.shape[0], sums.shape[1]
     present = [c for c in range(num_classes) if counts[c] > 0]
-    n = counts[present].to(sums.dtype).to(sums.device)
-    weights = n / num_samples
-    sums.div_(counts.clamp_min(1).to(sums)[:, None, None])  # the per-class means
+    sums.div_(counts.clamp_min(1).to(sums)[:, None, None])
     group = sums if len(present) == num_classes else sums[present]
-    if route == "means":  # group[c] = (δ_{c,c}, δ_c)
-        own, means, group = group[:, 0], group[:, 1], None
-    else:  # group[c, c'] = δ_{c,c'}
-        own = group[torch.arange(len(present)), present]
-        others = torch.ones(len(present), num_classes, dtype=torch.bool, device=sums.device)
-        others[torch.arange(len(present)), present] = False
-        means = (group.sum(1) - own) / (num_classes - 1)
     k = len(present)
-    cross_rows = 0 if group is None else k * (num_classes - 1)
-    rows = sums.new_empty(2 * k + cross_rows, sums.shape[2])
-    torch.mul(own, weights.sqrt()[:, None], out=rows[:k])
-    torch.mul(means, ((num_classes - 1) * weights).sqrt()[:, None], out=rows[k : 2 * k])
-    if group is not None:  # δ_{c,c'} − δ_c for c' ≠ c, row-major in (c, c'), class by class
+    weights = counts[present].double() / num_samples
+    row = torch.arange(k) * columns  # the first row of each class
+    means = torch.zeros(k * columns, k, dtype=torch.float64)
+    own = torch.zeros(k * columns, k, dtype=torch.float64)
+    if route == "means":  # rows (δ_{c,c}, δ_c)
+        own[row, torch.arange(k)] = 1.0
+        means[row + 1, torch.arange(k)] = 1.0
+    else:  # rows δ_{c,c'}: δ_c averages the C − 1 others
+        labels = torch.tensor(present)
+        own[row + labels, torch.arange(k)] = 1.0
         for i in range(k):
-            block = rows[2 * k + i * (num_classes - 1) : 2 * k + (i + 1) * (num_classes - 1)]
-            torch.sub(group[i, others[i]], means[i], out=block)
-            block.mul_(weights[i].sqrt())
-    factors = {"own": rows[:k].T, "class": rows[k : 2 * k].T}
-    if group is not None:
-        factors["cross"] = rows[2 * k :].T
-    return rows, factors, group, means, present
+            means[row[i] : row[i] + columns, i] = 1.0 / (num_classes - 1)
+        means[row + labels, torch.arange(k)] = 0.0
+    coefficients = {
+        "own": own * weights.sqrt(),
+        "class": means * ((num_classes - 1) * weights).sqrt(),
+    }
+    if route != "means":  # δ_{c,c'} − δ_c for c' ≠ c, columns in (c, c') order
+        eye = torch.eye(k * columns, dtype=torch.float64)
+        cross = [
+            (eye[:, row[i] + o] - means[:, i]) * weights[i].sqrt()
+            for i, c in enumerate(present)
+            for o in range(num_classes)
+            if o != c
+        ]
+        coefficients["cross"] = torch.stack(cross, 1)
+    return GroupMeans(group.reshape(k * columns, -1), coefficients, means, present)
+
+
+def row_gram(rows: Tensor, chunk: int = 2**20) -> Tensor:
+    """``rows rowsᵀ`` in float64, accumulated over chunks of columns (no float64 copy of a
+    float32 ``rows``: its C² × P numbers may fill the memory budget)."""
+    gram = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
+    for part in torch.split(rows, chunk, dim=1):
+        part = part.double()
+        gram += part @ part.T
+    return gram.cpu()
 
 
 def classmeans(
@@ -89,14 +120,13 @@ def classmeans(
     problem = backend.problem
     num_classes = problem.num_classes
     deltas = backend.class_deltas()
-    rows, factors, group, means, present = low_rank_factors(
-        deltas.sums, deltas.counts, problem.num_samples, deltas.route
-    )
-    excluded = [c for c in range(num_classes) if c not in present]
-    if len(present) < 2:
+    counts = [int(c) for c in deltas.counts]
+    group = group_means(deltas.sums, deltas.counts, problem.num_samples, deltas.route)
+    excluded = [c for c in range(num_classes) if c not in group.present]
+    if len(group.present) < 2:
         raise InvalidInputError(
-            f"the data holds examples of {len(present)} class only; the class-mean decomposition "
-            "needs examples of at least two classes."
+            f"the data holds examples of {len(group.present)} class only; the class-mean "
+            "decomposition needs examples of at least two classes."
         )
     if excluded:
         warnings.warn(
@@ -105,9 +135,19 @@ def classmeans(
             stacklevel=2,
         )
 
-    grams = {t: f.T @ f for t, f in factors.items()}
-    traces = {t: float(torch.diagonal(g).double().sum()) for t, g in grams.items()}
+    gram = row_gram(group.rows)
+    grams = {t: m.T @ gram @ m for t, m in group.coefficients.items()}
+    traces = {t: float(torch.trace(g)) for t, g in grams.items()}
     provenance = {"deltas": deltas.provenance}
+    skipped = {}
+    if "cross" not in grams:
+        reason = (
+            "not separated on the class-means route (C·P memory): "
+            f"{deltas.provenance.note or 'chosen with class_sums'}; {MEANS_ROUTE_REST} holds "
+            "their sum"
+        )
+        skipped = {"cross": reason, "within": reason}
+
     ggn, options = backend.operator("ggn"), backend.options
     stderr = 0.0
     if deltas.square_norm_sum is not None:
@@ -115,37 +155,34 @@ def classmeans(
     else:
         estimate, provenance["trace_ggn"] = trace(ggn, options, seed + 1)
         total, stderr = estimate.value, estimate.stderr
-    rest = "within" if group is not None else MEANS_ROUTE_REST
+    rest = MEANS_ROUTE_REST if skipped else "within"
     traces = {"total": total, **traces, rest: total - sum(traces.values())}
 
-    remainder, provenance[rest] = top_eigen(ggn.minus_low_rank(rows.T), top_k, options, seed)
+    every = torch.cat(list(group.coefficients.values()), dim=1)
+    low_rank = ggn.minus_low_rank(group.rows.T, (every @ every.T).to(group.rows))
+    remainder, provenance[rest] = top_eigen(low_rank, top_k, options, seed)
     eigenvalues = {t: gram_eigenvalues(g) for t, g in grams.items()}
     eigenvalues[rest] = [float(v) for v in remainder.values]
 
-    class_basis = orthonormal_basis(means.T)
+    coordinates = _coordinates(group, grams["class"])
+    class_gram = group.means.T @ gram @ group.means  # ⟨δ_c, δ_d⟩
+    means = group.rows.T @ group.means.to(group.rows)  # δ_c as P × k columns
+    del group, deltas  # the C² group means: not needed by the overlaps' eigensolvers
+    class_basis = orthonormal_basis(means)
     overlap = {}
     for matrix in ("ggn", "hessian"):
         vectors = _top_vectors(backend, matrix, num_classes, seed, spectra, provenance)
         overlap[matrix] = subspace_overlap(vectors, class_basis)
 
-    skipped = {}
-    if group is None:
-        reason = (
-            "not separated on the class-means route (C·P memory): "
-            f"{deltas.provenance.note or 'chosen with class_sums'}; "
-            f"{MEANS_ROUTE_REST} holds their sum"
-        )
-        skipped = {"cross": reason, "within": reason}
-    flat_group = group.reshape(-1, problem.num_params) if group is not None else None
     return ClassMeans(
-        counts=[int(c) for c in deltas.counts],
-        class_gram=(means @ means.T).tolist(),
-        group_gram=(flat_group @ flat_group.T).tolist() if flat_group is not None else [],
+        counts=counts,
+        class_gram=class_gram.tolist(),
+        group_gram=[] if skipped else gram.tolist(),
         eigenvalues=eigenvalues,
         trace=traces,
         trace_stderr={"total": stderr, rest: stderr},
         overlap=overlap,
-        coordinates=_coordinates(factors["class"], means, group, present),
+        coordinates=coordinates,
         excluded_classes=excluded,
         provenance=provenance,
         skipped=skipped,
@@ -174,17 +211,20 @@ def _top_vectors(
     return result.vectors
 
 
-def _coordinates(
-    class_factors: Tensor, means: Tensor, group: Tensor | None, present: list[int]
-) -> dict[str, object]:
-    """δ_c and δ_{c,c'} projected on the top two eigenvectors of G_class (Papyan's hierarchy plot)."""
-    gram = class_factors.T @ class_factors
-    _, vectors = torch.linalg.eigh(gram)
-    axes = class_factors @ vectors[:, -2:].flip(1)  # top two eigenvectors of G_class, unnormalised
+def _coordinates(group: GroupMeans, class_gram: Tensor) -> dict[str, object]:
+    """δ_c and δ_{c,c'} projected on the top two eigenvectors of G_class (Papyan's hierarchy
+    plot)."""
+    _, vectors = torch.linalg.eigh(class_gram)
+    # the top two eigenvectors of G_class = L Lᵀ are L u for the Gram's top u, unnormalised
+    axes = group.rows.T @ (group.coefficients["class"] @ vectors[:, -2:].flip(1)).to(group.rows)
     axes = axes / axes.norm(dim=0).clamp_min(torch.finfo(axes.dtype).tiny)
+    on_axes = (group.rows @ axes).double().cpu()  # every row's coordinates
+    k = len(group.present)
     return {
         "axes": "top two eigenvectors of G_class",
-        "classes": present,
-        "class_means": (means @ axes).tolist(),
-        "group_means": (group @ axes).tolist() if group is not None else [],
+        "classes": group.present,
+        "class_means": (group.means.T @ on_axes).tolist(),
+        "group_means": []
+        if "cross" not in group.coefficients
+        else on_axes.reshape(k, -1, 2).tolist(),
     }

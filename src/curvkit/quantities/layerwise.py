@@ -5,8 +5,9 @@ weight W (n × m, bias excluded). Reported: the block's trace and top eigenvalue
 Kronecker approximation ``B ⊗ A`` (``B = E[M]``, ``A = E[a aᵀ]``) whose eigenvalues are the products
 λ_i(B) λ_j(A) and eigenvectors u_i ⊗ v_j, the top-k eigenspace overlap of B ⊗ A with the exact
 Hessian and G blocks, how close each top exact eigenvector reshaped to n × m is to rank one
-(σ₁²/Σσ²), and ``spectrum_distance``: the 1-Wasserstein distance between the block's and the full
-Hessian's spectral densities, each on its eigenvalue axis divided by its own λ_max.
+(σ₁²/Σσ²), and, when ``options.layer_density`` asks for it, ``spectrum_distance``: the
+1-Wasserstein distance between the block's and the full Hessian's spectral densities, each on
+its eigenvalue axis divided by its own λ_max (NaN when not asked).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def layerwise(
         derived=backend.capabilities.get("kronecker_factors") == "derived",
         passes=backend.passes - passes,
     )
-    full = _full_density(backend, seed, spectra)
+    full = _full_density(backend, seed, spectra) if options.layer_density else None
     modules = dict(problem.model.named_modules())
     layers: dict[str, Layer] = {}
     for name in names:
@@ -88,9 +89,17 @@ def layerwise(
             backend.operator("ggn", f"{name}.weight"), k, options, seed
         )
         estimate, trace_prov = trace(hessian_block, options, seed + 1)
-        spectral, density_prov = density(hessian_block, options, seed + 2)
+        provenance = {
+            "kronecker": factor_prov,
+            "top_eigenvalues": exact_prov,
+            "ggn_top_eigenvalues": exact_g_prov,
+            "trace": trace_prov,
+        }
+        lmax, distance = float(exact.values[0]), math.nan
+        if full is not None:
+            spectral, provenance["density"] = density(hessian_block, options, seed + 2)
+            distance = normalised_w1(spectral.grid, spectral.values, lmax, *full)
         kron_values, kron_vectors = kronecker_top(factors[name].B, factors[name].A, k)
-        lmax = float(exact.values[0])
         layers[name] = Layer(
             shape=list(shape),
             trace=estimate.value,
@@ -107,15 +116,9 @@ def layerwise(
                 "ggn": subspace_overlap(exact_g.vectors, kron_vectors.to(exact_g.vectors)),
             },
             rank1=[rank_one_ratio(u, shape) for u in exact.vectors.T],
-            spectrum_distance=normalised_w1(spectral.grid, spectral.values, lmax, *full),
+            spectrum_distance=distance,
             closest_to_full=False,
-            provenance={
-                "kronecker": factor_prov,
-                "top_eigenvalues": exact_prov,
-                "ggn_top_eigenvalues": exact_g_prov,
-                "trace": trace_prov,
-                "density": density_prov,
-            },
+            provenance=provenance,
         )
     distances = {
         n: layer.spectrum_distance
