@@ -102,6 +102,10 @@ def main() -> None:
         "--only-first-size", nargs="*", default=[], metavar="BACKEND_OR_QUANTITY",
         help="run these backends or quantities at the first size only (time)",
     )  # fmt: skip
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="keep the rows of the last run (results/scale_<device>.json) that this one does not redo",
+    )  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--quantity", help=argparse.SUPPRESS)
@@ -135,6 +139,17 @@ def main() -> None:
 def write(args: argparse.Namespace, rows: list[dict]) -> None:
     device = torch.device(args.device)
     name = "cpu" if device.type == "cpu" else "gpu"
+    raw = RESULTS / f"scale_{name}.json"
+    if args.merge and raw.exists():
+        redone = {(r["quantity"], r["backend"], r["N"]) for r in rows}
+        kept = [
+            r
+            for r in json.loads(raw.read_text())
+            if (r["quantity"], r["backend"], r["N"]) not in redone
+        ]
+        rows = sorted(kept + rows, key=lambda r: (r["quantity"], r["backend"], r["N"]))
+    RESULTS.mkdir(exist_ok=True)
+    raw.write_text(json.dumps(rows, indent=1) + "\n")
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
@@ -152,7 +167,7 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "seconds" not in r:
+        if "error" in r:
             lines.append(
                 f"| {r['quantity']} | {r['backend']} | {r['N']} | refused or failed: "
                 f"{r['error']} | | | | | | |"
@@ -164,7 +179,6 @@ def write(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{r['matvecs']} | {r['passes']} | {r.get('route', '')} | {r['peak_mib']:.0f} | "
             f"{r['step_mib']:.0f} | {ratio:.1f} |"
         )
-    RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"scale_{name}.md"
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

@@ -202,6 +202,23 @@ def test_every_figure_is_written(full_report, tmp_path):
     }
 
 
+@pytest.mark.slow
+def test_class_means_route_report_is_summarised_saved_and_drawn(tmp_path):
+    """On the means route (no group means δ_(c,c')): the summary names its terms, the report
+    round-trips with the skipped terms, and the hierarchy shows the class means alone."""
+    model, loader = curvkit.models.trained_digits_mlp(
+        epochs=2, progress=False, samples_per_class=10
+    )
+    options = {"class_sums": "means", "trace_matvecs": 6, "density_probes": 1}
+    report = curvkit.analyze(model, loader, quantities=["classmeans"], top_k=3, progress=False,
+                             options=options)  # fmt: skip
+    assert "cross_within" in str(report) and "within " not in str(report)
+    report.save(tmp_path / "report.yaml")
+    loaded = Report.load(tmp_path / "report.yaml")
+    assert set(loaded.classmeans.skipped) == {"cross", "within"}
+    assert "hierarchy.png" in {f.name for f in plot_report(loaded, tmp_path)}
+
+
 def test_cli_analyze_with_config_writes_report_and_figures(tmp_path, capsys):
     path = write(
         tmp_path / "run.yaml",

@@ -335,15 +335,15 @@ def advised(message: str) -> list[str]:
     ("megabytes", "route"),
     [
         (8, "per-example factors"),
-        (5, "weighted gradient passes"),
+        (3, "weighted gradient passes"),
         (1, "class-mean gradient passes"),
     ],
 )
 def test_memory_budget_chooses_the_class_sums_route(monkeypatch, megabytes, route):
     """The tiny MLP (C = 10, P = 610, float64, batches of 20) against half the budget
-    (CURVKIT_MEMORY_MB): the per-example route needs (2C² + 2C)P + (C(C−1))² + 2·20·C·P numbers
-    (2.95 MiB), the gradient route (2C² + 2C)P + (C(C−1))² + CP (1.13 MiB), the means route
-    5CP (0.23 MiB). Each budget gets the most complete route that fits, on every backend that
+    (CURVKIT_MEMORY_MB): the per-example route needs (C² + C)P + C⁴ + 2·20·C·P numbers
+    (2.50 MiB), the gradient route (C² + C)P + C⁴ + 2·C·P (0.73 MiB), the means route 5CP
+    (0.23 MiB). Each budget gets the most complete route that fits, on every backend that
     has it, with no refusal for size; the provenance names it and why the better one was left."""
     monkeypatch.setenv("CURVKIT_MEMORY_MB", str(megabytes))
     model, data = tiny_model(), digits_batches()

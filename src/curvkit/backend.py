@@ -231,21 +231,22 @@ class Backend:
         """The route of Papyan's class sums (see CLASS_SUMS_ROUTES) and a sentence saying why,
         or (None, the reason for a refusal): the most complete route this backend has that fits
         half the memory budget (curvkit.problem.free_memory), or ``options.class_sums`` when
-        named. Memory at the peak, in numbers: the C × C × P group sums and the low-rank factors
-        of the own, class and cross terms, (2C² + 2C)P, the (C(C−1))² cross Gram matrix, and
-        beside them a batch's 2 × B × C × P per-example factors or one class's C × P
-        gradients; the means route about 5 C P."""
+        named. Memory at the peak, in numbers: the C × C × P group sums, the C class means
+        (C × P) and the (C²)² Gram of the group means, and beside them a batch's 2 × B × C × P
+        per-example factors or the vector–Jacobian products of one chunk of at most
+        ``block_size`` columns (2 × chunk × P with their concatenation); the means route about
+        5 C P."""
         c, p, size = self.problem.num_classes, self.problem.num_params, self.problem.dtype.itemsize
         batch = self.problem.summary.max_batch
-        structure = (2 * c * c + 2 * c) * p + (c * (c - 1)) ** 2
+        structure = (c * c + c) * p + (c * c) ** 2
         need = {
             "per-example": structure + 2 * batch * c * p,
-            "gradients": structure + c * p,
+            "gradients": structure + 2 * min(c, self.options.block_size) * p,
             "means": 5 * c * p,
         }
         what = {
             "per-example": f"per-example factors (a batch of {batch}) beside the C² group sums",
-            "gradients": "the C² group sums and the cross-class factors",
+            "gradients": "the C² group sums",
             "means": "the own-label and class-mean sums",
         }
         routes = list(CLASS_SUMS_ROUTES)

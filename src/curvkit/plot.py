@@ -168,8 +168,9 @@ def hierarchy(report: Report) -> Figure | None:
         palette = None
     for i, c in enumerate(classes):
         colour = palette(i % 10) if palette is not None else None
-        others = np.array([j for j in range(len(classes)) if j != i])
-        axes.scatter(groups[i, others, 0], groups[i, others, 1], s=12, color=colour, alpha=0.6)
+        if groups.size:  # δ_(c,c') for c' ≠ c; none on the class-means route
+            others = np.array([j for j in range(groups.shape[1]) if j != c])
+            axes.scatter(groups[i, others, 0], groups[i, others, 1], s=12, color=colour, alpha=0.6)
         axes.scatter(
             means[i, 0], means[i, 1], s=160, color=colour, edgecolor="black", label=f"class {c}"
         )

@@ -179,7 +179,8 @@ class BackPACKBackend(Backend):
                    for name, child in parent.named_children()}  # fmt: skip
         for pool in pools:
             size = sizes.get(pool)
-            out = nn.modules.utils._pair(pool.output_size)
+            out = pool.output_size
+            out = (out, out) if isinstance(out, int) else tuple(out)
             if size is None or pool not in parents or None in out:
                 continue
             if all(s % o == 0 for s, o in zip(size, out)):

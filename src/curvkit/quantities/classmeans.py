@@ -97,7 +97,7 @@ def group_means(sums: Tensor, counts: Tensor, num_samples: int, route: str) -> G
     return GroupMeans(group.reshape(k * columns, -1), coefficients, means, present)
 
 
-def row_gram(rows: Tensor, chunk: int = 2**20) -> Tensor:
+def row_gram(rows: Tensor, chunk: int = 2**16) -> Tensor:
     """``rows rowsᵀ`` in float64, accumulated over chunks of columns (no float64 copy of a
     float32 ``rows``: its C² × P numbers may fill the memory budget)."""
     gram = torch.zeros(rows.shape[0], rows.shape[0], dtype=torch.float64, device=rows.device)
@@ -167,7 +167,8 @@ def classmeans(
     coordinates = _coordinates(group, grams["class"])
     class_gram = group.means.T @ gram @ group.means  # ⟨δ_c, δ_d⟩
     means = group.rows.T @ group.means.to(group.rows)  # δ_c as P × k columns
-    del group, deltas  # the C² group means: not needed by the overlaps' eigensolvers
+    # the C² group means and G_within's eigenvectors: not needed by the overlaps' solvers
+    del group, deltas, low_rank, remainder
     class_basis = orthonormal_basis(means)
     overlap = {}
     for matrix in ("ggn", "hessian"):
