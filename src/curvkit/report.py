@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import numbers
 import os
 import tempfile
@@ -94,7 +93,7 @@ class Layer:
     kronecker: dict[str, Any]
     overlap: dict[str, float]
     rank1: list[float]
-    spectrum_distance: float
+    spectrum_distance: float | None  # None unless options.layer_density
     closest_to_full: bool
     provenance: dict[str, Provenance] = field(repr=False)
 
@@ -293,9 +292,7 @@ class Report:
                         _g(layer.kronecker["top_eigenvalues"][0]),
                         f"{layer.overlap['hessian']:.3f}",
                         f"{layer.rank1[0]:.3f}",
-                        ""
-                        if math.isnan(layer.spectrum_distance)
-                        else f"{layer.spectrum_distance:.3f}",
+                        "" if layer.spectrum_distance is None else f"{layer.spectrum_distance:.3f}",
                     )
                 )
             lines += ["", "layers (Wu et al., Sankar et al.; * closest to the full spectrum):"]

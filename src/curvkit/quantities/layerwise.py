@@ -7,7 +7,7 @@ Kronecker approximation ``B ⊗ A`` (``B = E[M]``, ``A = E[a aᵀ]``) whose eige
 Hessian and G blocks, how close each top exact eigenvector reshaped to n × m is to rank one
 (σ₁²/Σσ²), and, when ``options.layer_density`` asks for it, ``spectrum_distance``: the
 1-Wasserstein distance between the block's and the full Hessian's spectral densities, each on
-its eigenvalue axis divided by its own λ_max (NaN when not asked).
+its eigenvalue axis divided by its own λ_max (None when not asked).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def layerwise(
             "ggn_top_eigenvalues": exact_g_prov,
             "trace": trace_prov,
         }
-        lmax, distance = float(exact.values[0]), math.nan
+        lmax, distance = float(exact.values[0]), None
         if full is not None:
             spectral, provenance["density"] = density(hessian_block, options, seed + 2)
             distance = normalised_w1(spectral.grid, spectral.values, lmax, *full)
@@ -144,7 +144,7 @@ def layerwise(
     distances = {
         n: layer.spectrum_distance
         for n, layer in layers.items()
-        if not math.isnan(layer.spectrum_distance)
+        if layer.spectrum_distance is not None and not math.isnan(layer.spectrum_distance)
     }
     if distances:
         layers[min(distances, key=distances.get)].closest_to_full = True
