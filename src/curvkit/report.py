@@ -93,9 +93,9 @@ class Layer:
     kronecker: dict[str, Any]
     overlap: dict[str, float]
     rank1: list[float]
-    spectrum_distance: float | None  # None unless options.layer_density
     closest_to_full: bool
     provenance: dict[str, Provenance] = field(repr=False)
+    spectrum_distance: float | None = None  # only with options.layer_density
 
 
 @dataclass
