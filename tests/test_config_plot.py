@@ -212,7 +212,7 @@ def test_class_means_route_report_is_summarised_saved_and_drawn(tmp_path):
     options = {"class_sums": "means", "trace_matvecs": 6, "density_probes": 1}
     report = curvkit.analyze(model, loader, quantities=["classmeans"], top_k=3, progress=False,
                              options=options)  # fmt: skip
-    assert "cross_within" in str(report) and "within " not in str(report)
+    assert "+ cross_within " in str(report) and "+ within " not in str(report)
     report.save(tmp_path / "report.yaml")
     loaded = Report.load(tmp_path / "report.yaml")
     assert set(loaded.classmeans.skipped) == {"cross", "within"}
