@@ -212,10 +212,10 @@ def _top_vectors(
     return result.vectors
 
 
-def _coordinates(group: GroupMeans, class_gram: Tensor) -> dict[str, object]:
+def _coordinates(group: GroupMeans, class_term_gram: Tensor) -> dict[str, object]:
     """δ_c and δ_{c,c'} projected on the top two eigenvectors of G_class (Papyan's hierarchy
     plot)."""
-    _, vectors = torch.linalg.eigh(class_gram)
+    _, vectors = torch.linalg.eigh(class_term_gram)
     # the top two eigenvectors of G_class = L Lᵀ are L u for the Gram's top u, unnormalised
     axes = group.rows.T @ (group.coefficients["class"] @ vectors[:, -2:].flip(1)).to(group.rows)
     axes = axes / axes.norm(dim=0).clamp_min(torch.finfo(axes.dtype).tiny)
