@@ -113,9 +113,10 @@ def classmeans(
     """Papyan's decomposition of G, its spectra from Gram matrices, and the class-mean overlaps.
 
     ``top_k`` eigenvalues of G_within are computed; ``spectra``, when given, supplies
-    already-computed top eigenvectors of G and the Hessian. On the ``means`` route (when the
-    C² group sums do not fit the memory budget) G_cross and G_within are reported together,
-    as ``cross_within`` = G − G_own − G_class, and listed in ``skipped``.
+    already-computed top eigenvectors of G and the Hessian, and G's trace estimate. On the
+    ``means`` route (when the C² group sums do not fit the memory budget) G_cross and G_within
+    are reported together, as ``cross_within`` = G − G_own − G_class, and listed in
+    ``skipped``.
     """
     problem = backend.problem
     num_classes = problem.num_classes
@@ -152,6 +153,9 @@ def classmeans(
     stderr = 0.0
     if deltas.square_norm_sum is not None:
         total = deltas.square_norm_sum / problem.num_samples
+    elif getattr(spectra, "ggn", None) is not None:  # estimated already: no second Hutch++
+        total, stderr = spectra.ggn.trace, spectra.ggn.trace_stderr
+        provenance["trace_ggn"] = spectra.ggn.provenance["trace"]
     else:
         estimate, provenance["trace_ggn"] = trace(ggn, options, seed + 1)
         total, stderr = estimate.value, estimate.stderr
