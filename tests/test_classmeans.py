@@ -2,8 +2,8 @@
 digits MLP (float64).
 
 Identity and Gram-route eigenvalues are exact linear algebra: 1e-10 relative for the identity,
-1e-8 for eigenvalues (eigvalsh of a 2410² matrix carries ~1e-13 ‖A‖ rounding; the small ones sit
-near that floor, so eigenvalues are compared relative to the largest of each term). Overlaps
+1e-8 for eigenvalues (each side carries ~1e-13 ‖A‖ rounding; the small ones sit near that floor,
+so eigenvalues are compared relative to the largest of each term). Overlaps
 depend on top-10 eigenvectors: 1e-6 through Lanczos and ARPACK (residuals ≈ 1e-6 ‖A‖), 1e-3
 through PyHessian's power iteration, whose Rayleigh-quotient rule (power_tol 1e-7) leaves the
 eigenvectors accurate to about sqrt(1e-7) ‖A‖ / gap.
@@ -25,7 +25,7 @@ from curvkit.problem import Problem, model_guard
 from curvkit.quantities.classmeans import classmeans, group_means
 from curvkit.registry import get_backend
 from tests import reference
-from tests.conftest import backend_params, make_backend
+from tests.conftest import backend_params, make_backend, top_eigh
 
 
 def dense_terms(
@@ -34,6 +34,16 @@ def dense_terms(
     """The four terms built literally from the definitions, example by example: each a sum of
     weighted outer products Σ_j w_j u_j u_jᵀ, formed as one product Uᵀ diag(w) U of the stacked
     vectors (with ``traces``, their traces Σ_j w_j ‖u_j‖²)."""
+    vectors, weights = stacked_terms(deltas, labels)
+    if traces:
+        return {k: (weights[k] * vectors[k].square().sum(1)).sum() for k in vectors}
+    return {k: vectors[k].T @ (weights[k][:, None] * vectors[k]) for k in vectors}
+
+
+def stacked_terms(
+    deltas: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each term's vectors u_j (stacked as rows of U) and weights w_j, from the definitions."""
     n, c, p = deltas.shape
     present = sorted(set(labels.tolist()))
     group = {k: deltas[labels == k].mean(0) for k in present}  # (C, P): δ_{k,c'}
@@ -50,18 +60,22 @@ def dense_terms(
     weights = {name: torch.tensor(ws, dtype=deltas.dtype) for name, (_, ws) in stacked.items()}
     vectors["within"] = centred.reshape(-1, p)
     weights["within"] = torch.full((n * c,), 1 / n, dtype=deltas.dtype)
-    if traces:
-        return {k: (weights[k] * vectors[k].square().sum(1)).sum() for k in vectors}
-    return {k: vectors[k].T @ (weights[k][:, None] * vectors[k]) for k in vectors}
+    return vectors, weights
 
 
 @pytest.fixture(scope="module")
 def exact_terms(dense_mlp) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """Papyan's four terms of the digits MLP's G, dense, with their descending eigenvalues: all
-    of them for the low-rank terms (LAPACK), the top 10 of the full-rank G_within (ARPACK on the
-    dense matrix, converged to machine precision)."""
-    terms = dense_terms(dense_mlp["deltas"], dense_mlp["labels"])
-    exact = {k: (t, np.linalg.eigvalsh(t.numpy())[::-1]) for k, t in terms.items() if k != "within"}
+    nonzero ones of the low-rank terms Uᵀ diag(w) U (LAPACK on the small Gram diag(√w) U Uᵀ
+    diag(√w), which has the same nonzero eigenvalues), the top 10 of the full-rank G_within
+    (ARPACK on the dense matrix, converged to machine precision)."""
+    deltas, labels = dense_mlp["deltas"], dense_mlp["labels"]
+    terms = dense_terms(deltas, labels)
+    vectors, weights = stacked_terms(deltas, labels)
+    exact = {}
+    for k in ("own", "class", "cross"):
+        scaled = weights[k].sqrt()[:, None] * vectors[k]
+        exact[k] = (terms[k], np.linalg.eigvalsh((scaled @ scaled.T).numpy())[::-1])
     within = terms["within"]
     top = scipy.sparse.linalg.eigsh(within.numpy(), k=10, which="LA", return_eigenvectors=False)
     return {**exact, "within": (within, np.sort(top)[::-1])}
@@ -220,7 +234,7 @@ def test_means_route_reports_own_and_class_terms_exactly(digits_problem, exact_t
         got = np.array(out.eigenvalues[name])
         np.testing.assert_allclose(got, exact[: len(got)], rtol=0, atol=1e-8 * exact[0])
     rest = exact_terms["cross"][0] + exact_terms["within"][0]
-    top = np.sort(np.linalg.eigvalsh(rest.numpy()))[::-1][:5]
+    top = top_eigh(rest, 5)[0]
     np.testing.assert_allclose(out.eigenvalues["cross_within"], top, rtol=1e-4)
     t = out.trace
     assert t["own"] + t["class"] + t["cross_within"] == pytest.approx(t["total"], rel=1e-12)

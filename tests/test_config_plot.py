@@ -261,6 +261,16 @@ def test_zoo_models_are_sized_by_the_data(name, num_params):
     assert report.model.num_classes == 10 and report.ggn.top_eigenvalues[0] > 0
 
 
+@pytest.mark.slow  # imports scikit-learn (2–3 s)
+def test_digits_are_scikit_learns():
+    """curvkit reads digits.csv.gz itself: the same pixels and labels as scikit-learn's loader."""
+    from sklearn.datasets import load_digits
+
+    data, target = load_digits(return_X_y=True)
+    x, y = curvkit.datasets.digits_tensors()
+    assert torch.equal(x * 16, torch.as_tensor(data)) and torch.equal(y, torch.as_tensor(target))
+
+
 def test_gaussian_mixture_has_the_chosen_classes_and_separation():
     """Every pair of class means is ``separation`` apart and the classes are balanced; a config
     builds it and sizes the mlp by it. The sample means' distance differs from 5 by the noise

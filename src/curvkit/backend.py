@@ -6,7 +6,9 @@ An adapter whose library works on one batch supplies batch sums over the batch's
   ``Σ_i J_iᵀ H_i J_i V`` for a block V of k flat columns, with respect to every selected
   parameter (``param=None``) or to the one named ``param`` (its diagonal block);
 - ``batch_class_deltas(x, y)``: Papyan's per-example factors ``δ_{i,c'}`` as (B, C, P);
-- ``batch_kronecker(x, y)``: per layer, ``Σ_i M_i`` and ``Σ_i A_i`` (see KroneckerFactors).
+- ``batch_kronecker(x, y)``: per layer, ``Σ_i M_i`` and ``Σ_i A_i`` (see KroneckerFactors);
+- optionally ``batch_residual(x, y, V, param)``: ``Σ_i (∇²ℓ_i − J_iᵀ H_i J_i) V`` in one product
+  (by default the difference of the two above).
 
 The base class iterates the batches, divides by N, sums over the ranks under torch.distributed
 and counts data passes. An adapter whose library loops over the data itself (PyHessian, curvlinops'
@@ -341,7 +343,10 @@ class Backend:
             lambda x, y: torch.cat([batch_product(x, y, c, param) for c in chunks], dim=1)
         )
 
-    def _batch_residual(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+    def batch_residual(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        """``Σ_i (∇²ℓ_i − J_iᵀ H_i J_i) V``: by default the two products' difference; an adapter
+        that can apply the residual in one product (the loss's ``residual_surrogate``)
+        overrides it."""
         return self.batch_hvp(x, y, V, param) - self.batch_ggnvp(x, y, V, param)
 
     def _loops_over_data(self) -> bool:
@@ -450,8 +455,10 @@ class Backend:
             op = self.operator("hessian", param).minus(self.operator("ggn", param))
             if not self._loops_over_data():  # both products in one pass
                 op.matmat = lambda V: self._columns(
-                    lambda W: self._block_mean(self._batch_residual, W, param), V
+                    lambda W: self._block_mean(self.batch_residual, W, param), V
                 )
+                if type(self).batch_residual is not Backend.batch_residual:  # in one product
+                    op.cost, op.note = 1, lambda: self.product_note("residual")
         elif matrix in ("hessian", "ggn"):
             product = self.hvp if matrix == "hessian" else self.ggnvp
             primitive = "hvp" if matrix == "hessian" else "ggnvp"

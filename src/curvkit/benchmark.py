@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from curvkit.analysis import analyze
@@ -39,7 +38,7 @@ from curvkit.errors import CurvkitError
 from curvkit.problem import Problem, model_guard
 from curvkit.registry import backends as backend_table
 from curvkit.registry import get_backend
-from curvkit.report import QUANTITIES, Report, write_atomically
+from curvkit.report import QUANTITIES, Report, write_atomically, yaml_text
 
 DENSE_LIMIT = 4000  # parameters; eigvalsh of a 4000 × 4000 matrix takes seconds
 
@@ -103,7 +102,7 @@ class BenchResult:
         """Write ``bench.yaml`` and ``bench.md`` into ``folder``."""
         folder = Path(folder)
         paths = [folder / "bench.yaml", folder / "bench.md"]
-        write_atomically(paths[0], yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        write_atomically(paths[0], yaml_text(_plain(self.to_dict())))
         write_atomically(paths[1], self.to_markdown())
         return paths
 

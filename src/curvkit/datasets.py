@@ -3,6 +3,11 @@ mixture, and local torchvision data sets; nothing is ever downloaded."""
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -12,6 +17,24 @@ DIGITS_CLASSES = 10
 DIGITS_FEATURES = 64
 
 
+def digits_table() -> np.ndarray:
+    """scikit-learn's ``digits.csv.gz`` as a (1797, 65) array: 64 pixels (0–16), then the label.
+
+    Read straight from the installed package, as ``sklearn.datasets.load_digits`` reads it:
+    importing scikit-learn took 2–3 s of every run. Its loader is the fallback should the file
+    move."""
+    spec = importlib.util.find_spec("sklearn")
+    folder = spec.submodule_search_locations if spec is not None else None
+    path = Path(folder[0], "datasets", "data", "digits.csv.gz") if folder else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            return np.loadtxt(handle, delimiter=",")
+    from sklearn.datasets import load_digits
+
+    data, target = load_digits(return_X_y=True)
+    return np.column_stack([data, target])
+
+
 def digits_tensors(
     dtype: torch.dtype = torch.float64, samples_per_class: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,11 +42,9 @@ def digits_tensors(
 
     ``samples_per_class`` keeps the first n examples of every class (as in Papyan's subsets).
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = torch.as_tensor(bunch.data, dtype=dtype) / 16.0
-    y = torch.as_tensor(bunch.target, dtype=torch.long)
+    table = torch.as_tensor(digits_table())
+    x = table[:, :-1].to(dtype) / 16.0
+    y = table[:, -1].long()
     if samples_per_class is not None:
         keep = torch.cat([torch.nonzero(y == c).flatten()[:samples_per_class] for c in range(10)])
         keep = keep.sort().values

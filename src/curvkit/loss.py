@@ -44,6 +44,13 @@ class CrossEntropy:
         d = logits - fixed
         return 0.5 * (d * self.output_hessian_product(fixed, d)).sum()
 
+    def residual_surrogate(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Σ over the batch of ``ḡᵀ f`` with ``ḡ = ∂ℓ/∂f = p − e_y`` held constant: its Hessian
+        in θ is ``Σ_c ḡ_c ∇²_θ f_c = Hess − G``, so the residual takes one product, not two."""
+        fixed = logits.detach()
+        onehot = nn.functional.one_hot(labels, fixed.shape[1]).to(fixed.dtype)
+        return ((fixed.softmax(dim=1) - onehot) * logits).sum()
+
 
 LOSSES = {"cross_entropy": CrossEntropy}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ ROUTES = ("forward-over-reverse", "reverse-over-reverse")
 # measured once per process, so that reruns in one process are bit-identical
 MEASURED_ROUTES: dict[tuple, str] = {}
 Tensors = dict[str, Tensor]
+Objective = Callable[[Tensor, Tensor], Tensor]  # (logits, labels) ↦ a scalar summed over the batch
 
 
 def map_columns(product: Callable[[Tensors], Tensors], columns: Tensors) -> Tensors:
@@ -52,12 +54,26 @@ def batched_grad(
     outputs: Sequence[Tensor], inputs: Sequence[Tensor], columns: Sequence[Tensor]
 ) -> tuple[Tensor, ...]:
     """Vector–Jacobian products of ``outputs`` with k columns given as (k, *shape) tensors:
-    one batched backward (a plain one for k = 1, which skips vmap's overhead)."""
-    if columns[0].shape[0] == 1:
-        grads = torch.autograd.grad(outputs, inputs, [c[0] for c in columns], retain_graph=True)
-        return tuple(g[None] for g in grads)
-    return torch.autograd.grad(
-        outputs, inputs, list(columns), is_grads_batched=True, retain_graph=True
+    one batched backward (a plain one for k = 1, which skips vmap's overhead). An output that
+    does not depend on the inputs adds nothing, an input that no output depends on gets zeros
+    (under the residual surrogate the last layer's gradient is constant in θ)."""
+    k = columns[0].shape[0]
+    curved = [(o, c) for o, c in zip(outputs, columns) if o.requires_grad]
+    grads: Sequence[Tensor | None] = [None] * len(inputs)
+    if curved and k == 1:
+        grads = torch.autograd.grad(
+            [o for o, _ in curved], inputs, [c[0] for _, c in curved],
+            retain_graph=True, allow_unused=True,
+        )  # fmt: skip
+        grads = [None if g is None else g[None] for g in grads]
+    elif curved:
+        grads = torch.autograd.grad(
+            [o for o, _ in curved], inputs, [c for _, c in curved],
+            is_grads_batched=True, retain_graph=True, allow_unused=True,
+        )  # fmt: skip
+    return tuple(
+        torch.zeros(k, *t.shape, dtype=t.dtype, device=t.device) if g is None else g
+        for g, t in zip(grads, inputs)
     )
 
 
@@ -147,12 +163,18 @@ class TorchFuncBackend(Backend):
     def batch_ggnvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         return self._product("ggn", x, y, V, param)
 
+    def batch_residual(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        return self._product("residual", x, y, V, param)
+
     def _product(self, matrix: str, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+        residual = self.problem.loss.residual_surrogate
         routes = {
             ("hessian", ROUTES[0]): self._hvp_forward,
             ("hessian", ROUTES[1]): self._hvp_reverse,
             ("ggn", ROUTES[0]): self._ggnvp_forward,
             ("ggn", ROUTES[1]): self._ggnvp_reverse,
+            ("residual", ROUTES[0]): partial(self._hvp_forward, objective=residual),
+            ("residual", ROUTES[1]): partial(self._hvp_reverse, objective=residual),
         }
         route = self.config["products"]
         if route == "auto":
@@ -181,21 +203,28 @@ class TorchFuncBackend(Backend):
         chosen = {k: r for (m, k), r in sorted(self.chosen_routes.items()) if m == matrix}
         return "products (measured faster): " + ", ".join(f"{r} for {k}" for k, r in chosen.items())
 
-    def _hvp_forward(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+    def _hvp_forward(
+        self, x: Tensor, y: Tensor, V: Tensor, param: str | None, objective: Objective | None = None
+    ) -> Tensor:
+        """Products with the Hessian of ``objective(logits, y)`` (the loss by default)."""
         params = self._params(param)
-        loss = self.problem.loss
-        gradient = grad(lambda p: loss.sum(self._logits(p, x), y))
+        objective = objective or self.problem.loss.sum
+        gradient = grad(lambda p: objective(self._logits(p, x), y))
         with torch.no_grad():  # the transforms differentiate anyway; nothing else is recorded
             hv = map_columns(
                 lambda t: jvp(gradient, (params,), (t,))[1], self.problem.split_columns(V, param)
             )
         return self.problem.join_columns([hv[n] for n in params])
 
-    def _hvp_reverse(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
+    def _hvp_reverse(
+        self, x: Tensor, y: Tensor, V: Tensor, param: str | None, objective: Objective | None = None
+    ) -> Tensor:
+        """As ``_hvp_forward``, by double backward."""
         params = {n: t.requires_grad_() for n, t in self._params(param).items()}
+        objective = objective or self.problem.loss.sum
         with torch.enable_grad():
-            loss = self.problem.loss.sum(self._logits(params, x), y)
-            gradient = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            value = objective(self._logits(params, x), y)
+            gradient = torch.autograd.grad(value, list(params.values()), create_graph=True)
             columns = self.problem.split_columns(V, param)
             hv = batched_grad(gradient, list(params.values()), [columns[n] for n in params])
         return self.problem.join_columns(hv)
