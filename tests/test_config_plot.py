@@ -142,6 +142,7 @@ def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
         build(load_config(None, {"model": "builtins:exit"}), progress=False)
 
 
+@pytest.mark.slow  # the vision extra: importing torchvision takes seconds
 def test_torchvision_data_sets_are_local_only(tmp_path):
     """FakeData stands in for the real sets in tests; a real set missing from root is an error
     that says where to put it, and nothing is downloaded."""
@@ -245,6 +246,7 @@ def test_cli_analyze_with_config_writes_report_and_figures(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # FakeData: the vision extra
 @pytest.mark.parametrize("name, num_params", [("mlp", 1482), ("lenet", 21386)])
 def test_zoo_models_are_sized_by_the_data(name, num_params):
     """mlp (width 16, depth 2, tanh) and LeNet on FakeData's 8×8 images (flat 64 features)."""
@@ -300,6 +302,7 @@ def test_gaussian_mixture_has_the_chosen_classes_and_separation():
     assert sum(p.numel() for p in model.parameters()) == (6 + 1) * 8 + (8 + 1) * 3
 
 
+@pytest.mark.slow  # the vision extra
 def test_resnet18_for_small_images():
     model = curvkit.models.zoo_model("resnet18", (3, 16, 16), 10)
     assert model(torch.zeros(2, 3, 16, 16, dtype=torch.float64)).shape == (2, 10)

@@ -50,9 +50,11 @@ def test_cli_analyze_writes_report(tmp_path, capsys):
             "--output",
             str(tmp_path),
             "--quiet",
+            "--no-plots",
         ]
     )
     assert code == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["report.yaml"]
     data = yaml.safe_load((tmp_path / "report.yaml").read_text())
     assert len(data["ggn"]["top_eigenvalues"]) == 3
     assert data["model"]["num_samples"] == 1797
