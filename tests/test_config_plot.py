@@ -57,6 +57,8 @@ def test_config_file_and_flags(tmp_path):
         ("data: {batch_size: 0}", "'data.batch_size' must be positive"),
         ("data: {classes: 3}", "data.classes apply to the gaussian-mixture data set only"),
         ("data: {name: gaussian-mixture, separation: far}", "'data.separation' must be a float"),
+        ("quantities: [hessian, spectra]", r"unknown quantities \['spectra'\]; choose from"),
+        ('quantities: ["hessian,ggn"]', r"\(separated by spaces, not commas\)"),
         ("[1, 2]", "must be a mapping"),
         ("a: [", "not valid YAML"),
     ],

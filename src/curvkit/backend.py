@@ -67,7 +67,9 @@ class ClassDeltas:
     ``sums[c, c']`` = Σ_{i: y_i = c} δ_{i,c'} (C × C × P), except on the ``means`` route, where
     ``sums[c]`` = (Σ_{y_i=c} δ_{i,c}, Σ_{y_i=c} (1/(C−1)) Σ_{c'≠c} δ_{i,c'}) (C × 2 × P);
     ``counts[c]`` = n_c; ``square_norm_sum`` = Σ_i Σ_{c'} ‖δ_{i,c'}‖² = N · tr G on the
-    per-example route, else None; ``route``: one of CLASS_SUMS_ROUTES.
+    per-example route, else None; ``route``: one of CLASS_SUMS_ROUTES; ``log_sqrt_p[0, c, c']``
+    and ``log_sqrt_p[1, c, c']``: Σ_{i: y_i = c} of log10 √p_{i,c'} and of its square (the
+    weights' spread within each group, which decides how well the group means summarise the δ).
     """
 
     sums: Tensor
@@ -75,6 +77,7 @@ class ClassDeltas:
     square_norm_sum: float | None
     route: str
     provenance: Provenance
+    log_sqrt_p: Tensor
 
 
 @dataclass
@@ -387,9 +390,15 @@ class Backend:
         )
         sums = torch.zeros(c, mixing.shape[2], p, dtype=dtype, device=device)
         counts = torch.zeros(c, dtype=torch.long, device=device)
+        log_sqrt_p = torch.zeros(2, c, c, dtype=torch.float64, device=device)
         square_norms: list[float] = []
         for x, y in self.data_pass("class sums"):
             counts += torch.bincount(y, minlength=c)
+            with torch.no_grad():
+                log10_sqrt_p = self.problem.model(x).double().log_softmax(dim=1) / (
+                    2 * math.log(10)
+                )
+            log_sqrt_p.index_add_(1, y, torch.stack([log10_sqrt_p, log10_sqrt_p**2]))
             if route == "per-example":
                 deltas = self.batch_class_deltas(x, y)
                 sums.index_add_(0, y, deltas)
@@ -411,6 +420,7 @@ class Backend:
             all_reduce_float(math.fsum(square_norms), group) if route == "per-example" else None,
             route,
             provenance,
+            self.problem.all_reduce(log_sqrt_p),
         )
 
     def add_class_gradients(self, x: Tensor, y: Tensor, sums: Tensor, mixing: Tensor) -> None:

@@ -51,6 +51,8 @@ from torch import nn
 
 from curvkit.distributed import Group, shard_loader
 from curvkit.errors import InvalidInputError
+from curvkit.linalg.operator import shown
+from curvkit.report import QUANTITIES
 
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
 DATASETS = ("digits", "gaussian-mixture", "mnist", "fashion-mnist", "cifar10", "fake")
@@ -171,6 +173,12 @@ def _check(config: dict[str, Any]) -> None:
                 f"config key {dotted!r} must be a {' or '.join(t.__name__ for t in types)}, "
                 f"got {value!r}."
             )
+    unknown = [q for q in config["quantities"] or [] if q not in QUANTITIES]
+    if unknown:  # before the model is trained
+        hint = " (separated by spaces, not commas)" if any("," in str(q) for q in unknown) else ""
+        raise InvalidInputError(
+            f"unknown quantities {shown(unknown)}; choose from {', '.join(QUANTITIES)}{hint}."
+        )
     model, data = config["model"], config["data"]
     given = [f"model.{key}" for key in ZOO_SETTINGS if model[key] is not None]
     if model["factory"] is not None and given:

@@ -79,6 +79,10 @@ class ClassMeans:
     excluded_classes: list[int]
     provenance: dict[str, Provenance] = field(repr=False)
     skipped: dict[str, str] = field(default_factory=dict)  # terms not computed, with the reason
+    # Papyan's claims against G (see curvkit.quantities.classmeans); absent in older reports
+    ritz_eigenvalues: list[float] = field(default_factory=list, repr=False)
+    gap: dict[str, float] = field(default_factory=dict)
+    confidence_spread: float | None = None
 
 
 @dataclass
@@ -269,6 +273,13 @@ class Report:
                 "overlap of span{δ_c} with top-C eigenspace: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),
             ]
+            gap = self.classmeans.gap
+            if gap:  # reports before these numbers have none
+                lines.append(
+                    f"G's top-C eigenvalues against G_class's: relative gap {gap['class']:.3f}; "
+                    f"against G on span{{δ_c}} (Rayleigh–Ritz): {gap['ritz']:.3f}; spread of "
+                    f"log10 √p within classes {self.classmeans.confidence_spread:.2f}"
+                )
         if self.layerwise:
             rows = [
                 (
