@@ -411,6 +411,18 @@ print(json.dumps({"file": curvkit.__file__, "total": total, "timings": report.ti
 """
 
 
+def _median_run(results: list[dict]) -> dict:
+    """The first run's record with the median total and per-quantity seconds of all."""
+    first = results[0]
+    return {
+        **first,
+        "total": statistics.median(r["total"] for r in results),
+        "timings": {
+            q: statistics.median(r["timings"][q] for r in results) for q in first["timings"]
+        },
+    }
+
+
 def _embedded_run(path: str | None) -> dict:
     """The run in a subprocess importing curvkit from ``path`` (else the installed one); it
     starts in the temporary folder, as the current folder comes first on sys.path."""
@@ -426,23 +438,30 @@ def _embedded_run(path: str | None) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+EMBEDDED_REPEATS = 3  # runs of each, alternating, medians reported: the machine is shared
+
+
 def embedded_run(device: str, before: str | None = None) -> str:
     """Issue 21: ``curvkit.analyze`` with every default on the embedded problem, per quantity:
-    the named commit (in a temporary worktree) and the working tree, in one run."""
-    runs = {}
-    if before:
-        with tempfile.TemporaryDirectory() as folder:
-            tree = Path(folder) / "before"
+    the named commit (in a temporary worktree) and the working tree, alternating, in one run."""
+    with tempfile.TemporaryDirectory() as folder:
+        paths: dict[str, str | None] = {}
+        tree = Path(folder) / "before"
+        if before:
             subprocess.run(["git", "worktree", "add", "-q", str(tree), before], check=True)
-            try:
-                if (tree / "src").is_dir():
-                    runs[f"before ({before[:7]})"] = _embedded_run(str(tree / "src"))
-                else:  # the flat layout before the move to src/: adapters/ beside curvkit/
-                    (tree / "curvkit" / "adapters").symlink_to(tree / "adapters")
-                    runs[f"before ({before[:7]})"] = _embedded_run(str(tree))
-            finally:
+            if not (tree / "src").is_dir():  # the flat layout before the move to src/
+                (tree / "curvkit" / "adapters").symlink_to(tree / "adapters")
+            paths[f"before ({before[:7]})"] = str(tree / "src" if (tree / "src").is_dir() else tree)
+        paths["after"] = None
+        try:
+            results: dict[str, list[dict]] = {run: [] for run in paths}
+            for _ in range(EMBEDDED_REPEATS):
+                for run, path in paths.items():
+                    results[run].append(_embedded_run(path))
+        finally:
+            if before:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], check=True)
-    runs["after"] = _embedded_run(None)
+    runs = {run: _median_run(rs) for run, rs in results.items()}
     rows = [["run", "quantity", "seconds", "matvecs", "data passes"]]
     for run, result in runs.items():
         for quantity, seconds in result["timings"].items():
@@ -456,7 +475,7 @@ def embedded_run(device: str, before: str | None = None) -> str:
                 ]
             )
         rows.append([run, "**total**", f"{result['total']:.1f}", "", ""])
-    text = table(rows)
+    text = table(rows) + f"\nSeconds: medians of {EMBEDDED_REPEATS} runs of each, alternating.\n"
     numbers = "; ".join(
         f"{run}: λ1..3 = {', '.join(f'{v:.10g}' for v in r['top'])}, tr = {r['trace']:.5g}"
         for run, r in runs.items()
