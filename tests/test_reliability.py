@@ -177,6 +177,21 @@ def test_bad_arguments_get_one_short_sentence(arguments, match):
         curvkit.analyze(tiny_model(), digits_batches(), **arguments, progress=False)
 
 
+def test_training_by_sgd_with_weight_decay():
+    """The reproductions' SGD: weight decay shrinks the weights (the same seed and batches with
+    and without it), and an unknown optimizer is one sentence."""
+    norms = []
+    for decay in (0.0, 0.1):
+        model = curvkit.models.train(
+            tiny_model(), digits_batches(), 5, 0.05, progress=False, optimizer="sgd",
+            weight_decay=decay,
+        )  # fmt: skip
+        norms.append(float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm()))
+    assert norms[1] < 0.9 * norms[0]
+    with pytest.raises(InvalidInputError, match="optimizer must be 'adam' or 'sgd', got 'lbfgs'"):
+        curvkit.models.train(tiny_model(), digits_batches(), 1, optimizer="lbfgs", progress=False)
+
+
 def test_half_precision_is_refused_with_the_fix():
     with pytest.raises(InvalidInputError, match="float16.*copy.deepcopy\\(model\\).float\\(\\)"):
         curvkit.analyze(tiny_model().half(), digits_batches(), progress=False)
