@@ -62,6 +62,8 @@ def test_report_contract_and_round_trip(report, tmp_path):
         assert block["top_eigenvalues"] == sorted(block["top_eigenvalues"], reverse=True)
         assert isinstance(block["trace"], float) and isinstance(block["top_eigenvalues"][0], float)
         assert block["provenance"]["top_eigenvalues"]["routine"] == "curvkit.lanczos"
+        n, top = block["n_outliers"], block["top_eigenvalues"]  # the count's margin λn/λn+1
+        assert block["outlier_gap"] == (top[n - 1] / top[n] if n else None)
     assert data["model"]["num_params"] == 2410 and data["model"]["num_samples"] == 300
     for suffix in (".yaml", ".json"):
         path = report.save(tmp_path / f"r{suffix}")

@@ -37,6 +37,7 @@ def measure(args, num_classes: int, width: int, separation: float, sizes: dict) 
         "P": report.model.num_params,
         "accuracy": accuracy(model, data),
         "outliers": n,
+        "margin": s.outlier_gap or float("nan"),  # λ_n / λ_{n+1}: how clearly the count stands
         "values": s.top_eigenvalues,
         "outlier_mean": statistics.fmean(s.top_eigenvalues[:n]) if n else float("nan"),
         "bulk_edge": s.top_eigenvalues[n],
@@ -79,6 +80,8 @@ def main() -> None:
         "P",
         "train acc",
         "outliers",
+        "λ_n/λ_n+1",
+        "λ_C/λ_C+1",
         "λ₁",
         "λ_C",
         "λ_C+1",
@@ -91,7 +94,8 @@ def main() -> None:
     def rows(results: list[dict]) -> list[list[object]]:
         return [
             [r["C"], r["width"], r["separation"], r["P"], f"{100 * r['accuracy']:.1f} %",
-             r["outliers"], r["values"][0], r["values"][r["C"] - 1], r["values"][r["C"]],
+             r["outliers"], r["margin"], r["values"][r["C"] - 1] / r["values"][r["C"]],
+             r["values"][0], r["values"][r["C"] - 1], r["values"][r["C"]],
              r["outlier_mean"], r["bulk_edge"], r["bulk_trace"], r["trace"]]
             for r in results
         ]  # fmt: skip
@@ -115,8 +119,13 @@ def main() -> None:
     ]
     verdict = [
         "Bulk plus outliers: "
-        + ", ".join(f"C = {c}: {n} outlier{'s' * (n != 1)}" for c, n in counts.items())
-        + ". "
+        + ", ".join(
+            f"C = {r['C']}: {r['outliers']} outlier{'s' * (r['outliers'] != 1)} (margin "
+            f"λ_n/λ_n+1 = {r['margin']:.3g}; λ_C/λ_C+1 = "
+            f"{r['values'][r['C'] - 1] / r['values'][r['C']]:.3g})"
+            for r in by_classes
+        )
+        + ". A margin near 1 means the count could shift by one with the training run. "
         + (
             "The count tracks C (C or C − 1: plausibly one fewer because the softmax is blind to a "
             "common shift of the logits)."

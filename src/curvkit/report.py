@@ -62,6 +62,8 @@ class Spectrum:
     converged: bool
     provenance: dict[str, Provenance] = field(repr=False)
     eigenvectors: Tensor | None = field(default=None, repr=False, compare=False)
+    # λ_n / λ_{n+1} at the outliers' edge (n = n_outliers): the count's margin; None for n = 0
+    outlier_gap: float | None = None
 
 
 @dataclass
@@ -243,7 +245,7 @@ class Report:
             f"model: {m.num_params} parameters, {m.num_classes} classes, {m.num_samples} examples "
             f"({m.dtype}, {m.device}, {m.mode} mode)",
         ]
-        rows = [("matrix", "λ1", "λ2", "λk", "trace ± stderr", "outliers", "seconds")]
+        rows = [("matrix", "λ1", "λ2", "λk", "trace ± stderr", "outliers (λn/λn+1)", "seconds")]
         for name in ("hessian", "ggn", "residual"):
             s: Spectrum | None = getattr(self, name)
             if s is None:
@@ -256,7 +258,7 @@ class Report:
                     _g(top[1]) if len(top) > 1 else "",
                     _g(top[-1]),
                     f"{_g(s.trace)} ± {_g(s.trace_stderr)}",
-                    str(s.n_outliers),
+                    f"{s.n_outliers}" + (f" ({s.outlier_gap:.3g})" if s.outlier_gap else ""),
                     f"{self.timings.get(name, 0.0):.1f}",
                 )
             )

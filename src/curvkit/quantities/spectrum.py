@@ -55,6 +55,7 @@ def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
     estimate, trace_prov = trace(op, options, seed + 1)
     spectral, density_prov = density(op, options, seed + 2)
     values = [float(v) for v in eigen.values]
+    outliers = count_outliers(values)  # below len(values): the bulk reaches into them
     return Spectrum(
         top_eigenvalues=values,
         trace=float(estimate.value),
@@ -65,8 +66,9 @@ def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
             "values_stderr": spectral.values_stderr.tolist(),
             "sigma": spectral.sigma,
         },
-        n_outliers=count_outliers(values),
+        n_outliers=outliers,
         converged=eigen.converged,
         provenance={"top_eigenvalues": eigen_prov, "trace": trace_prov, "density": density_prov},
         eigenvectors=eigen.vectors,
+        outlier_gap=values[outliers - 1] / values[outliers] if outliers else None,
     )
