@@ -22,8 +22,8 @@ the eigenvalues of Qᵀ G Q for an orthonormal basis Q of the class means (the s
 C products). ``confidence_spread`` says why the first may fail: the mean over groups (c, c') of
 the standard deviation of log10 √p_{i,c'} over the examples of class c. When it is large the
 weights √p_{i,c'} of the δ_{i,c'} span orders of magnitude, a few examples dominate each group
-mean, and the class means no longer carry G's outliers (issue #20 measured 0.15 where the claim
-held and 0.6–1.5 on the digits, where it did not).
+mean, and the class means no longer carry G's outliers (benchmarks/reproduce/papyan.py: 0.06
+where the claim held, 0.26–0.74 where it failed).
 """
 
 from __future__ import annotations
