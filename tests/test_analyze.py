@@ -41,6 +41,20 @@ def test_traces_within_error_bars_and_a_few_percent(report, dense_mlp):
         assert abs(s.trace - exact) < 0.03 * abs(exact), name
 
 
+def test_ggn_trace_is_exact_from_the_class_means_pass(report, dense_mlp, digits_problem):
+    """With classmeans on the per-example route, G's trace is Σ‖δ_{i,c'}‖²/N (1e-10 of the dense
+    trace, stderr 0) and no Hutch++ products are spent on it; asked for alone, it is estimated."""
+    exact = float(torch.trace(dense_mlp["ggn"]))
+    assert report.ggn.trace == report.classmeans.trace["total"] == pytest.approx(exact, rel=1e-10)
+    assert report.ggn.trace_stderr == 0.0
+    assert report.ggn.provenance["trace"].routine == "per-example factors"
+    assert report.matvecs["ggn"] == report.ggn.provenance["top_eigenvalues"].matvecs + (
+        report.ggn.provenance["density"].matvecs
+    )
+    alone = curvkit.analyze(*digits_problem, quantities=["ggn"], top_k=3, progress=False)
+    assert alone.ggn.trace_stderr > 0 and alone.ggn.provenance["trace"].routine == "curvkit.hutch++"
+
+
 def test_density_is_normalised(report):
     d = report.hessian.density
     assert np.trapezoid(d["values"], d["grid"]) == pytest.approx(1.0, abs=1e-3)

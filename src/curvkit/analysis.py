@@ -18,7 +18,7 @@ from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, all_gather_objects, current_group, rank, stop_all_on_failure
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.linalg import Options
-from curvkit.linalg.operator import integer, shown
+from curvkit.linalg.operator import integer, shown, trace
 from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard
 from curvkit.progress import computing, log
 from curvkit.quantities.classmeans import classmeans
@@ -187,13 +187,20 @@ def analyze(
             f"{', '.join(todo)}",
             progress,
         )
+        exact_trace = False  # G's trace from the class-means pass's per-example factors
+        if {"ggn", "classmeans"} <= set(todo):
+            engine.configure(per_quantity["classmeans"])
+            route, _ = engine.class_sums_route()
+            exact_trace = all(all_gather_objects(route == "per-example", problem.group))
         with stop_all_on_failure(problem.group):  # no rank waits for a failed one
             for name in todo:
                 start, passes = time.perf_counter(), engine.passes
                 engine.configure(per_quantity[name])
                 try:
                     with computing(name):
-                        result = _compute(engine, name, k, seed, report)
+                        result = _compute(
+                            engine, name, k, seed, report, not (name == "ggn" and exact_trace)
+                        )
                 except UnsupportedError as error:  # found only while computing
                     advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend)}."
                     if not skip_unsupported or problem.group is not None:  # maybe this rank only
@@ -210,16 +217,38 @@ def analyze(
                     f"({report.data_passes[name]} passes over the data)",
                     progress,
                 )
+            if exact_trace and report.ggn is not None:
+                engine.configure(per_quantity["ggn"])
+                _ggn_trace(engine, report, seed)
     return report
 
 
-def _compute(engine: Backend, name: str, k: int, seed: int, report: Report) -> Any:
+def _compute(
+    engine: Backend, name: str, k: int, seed: int, report: Report, estimate_trace: bool = True
+) -> Any:
     """One quantity's result (the spectra already in ``report`` are reused)."""
     if name in MATRICES:
-        return spectrum(engine, name, k, seed)
+        return spectrum(engine, name, k, seed, estimate_trace)
     if name == "classmeans":
         return classmeans(engine, k, seed, spectra=report)
     return layerwise(engine, k, seed, spectra=report)
+
+
+def _ggn_trace(engine: Backend, report: Report, seed: int) -> None:
+    """Fill in tr G, left out of the G spectrum because the class-means pass sums it exactly,
+    Σ_i Σ_c' ‖δ_{i,c'}‖² / N, from its per-example factors (no Hutch++ products); estimated
+    now when that pass did not run on the per-example route after all."""
+    g, means = report.ggn, report.classmeans
+    if means is not None and means.trace_stderr["total"] == 0.0:
+        g.trace, g.trace_stderr = means.trace["total"], 0.0
+        g.provenance["trace"] = dataclasses.replace(
+            means.provenance["deltas"], note="exact, Σ‖δ_{i,c'}‖²/N from the class-means pass"
+        )
+        return
+    estimate, g.provenance["trace"] = trace(engine.operator("ggn"), engine.options, seed + 1)
+    g.trace, g.trace_stderr = float(estimate.value), float(estimate.stderr)
+    report.matvecs["ggn"] += g.provenance["trace"].matvecs
+    report.timings["ggn"] += g.provenance["trace"].seconds
 
 
 def advice(problem: Problem, quantity: str, failed: str) -> str:

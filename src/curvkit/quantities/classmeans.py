@@ -164,7 +164,8 @@ def classmeans(
     stderr = 0.0
     if deltas.square_norm_sum is not None:
         total = deltas.square_norm_sum / problem.num_samples
-    elif getattr(spectra, "ggn", None) is not None:  # estimated already: no second Hutch++
+    elif getattr(spectra, "ggn", None) is not None and math.isfinite(spectra.ggn.trace):
+        # estimated already: no second Hutch++
         total, stderr = spectra.ggn.trace, spectra.ggn.trace_stderr
         provenance["trace_ggn"] = spectra.ggn.provenance["trace"]
     else:

@@ -41,8 +41,12 @@ def count_outliers(eigenvalues: list[float], min_score: float = OUTLIER_SCORE) -
     return best_index if best_score >= min_score else 0
 
 
-def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
-    """Top eigenvalues, trace, density and outliers of ``matrix`` (hessian, ggn or residual)."""
+def spectrum(
+    backend: Backend, matrix: str, top_k: int, seed: int, estimate_trace: bool = True
+) -> Spectrum:
+    """Top eigenvalues, trace, density and outliers of ``matrix`` (hessian, ggn or residual).
+    Without ``estimate_trace`` the trace is left NaN for the caller to fill in (analyze takes
+    G's exact trace from the class-means pass)."""
     op, options = backend.operator(matrix), backend.options
     eigen, eigen_prov = top_eigen(op, top_k, options, seed)
     if not eigen.converged:
@@ -52,14 +56,18 @@ def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
             "backend's own iteration limit).",
             stacklevel=2,
         )
-    estimate, trace_prov = trace(op, options, seed + 1)
-    spectral, density_prov = density(op, options, seed + 2)
+    provenance = {"top_eigenvalues": eigen_prov}
+    value, stderr = math.nan, math.nan
+    if estimate_trace:
+        estimate, provenance["trace"] = trace(op, options, seed + 1)
+        value, stderr = float(estimate.value), float(estimate.stderr)
+    spectral, provenance["density"] = density(op, options, seed + 2)
     values = [float(v) for v in eigen.values]
     outliers = count_outliers(values)  # below len(values): the bulk reaches into them
     return Spectrum(
         top_eigenvalues=values,
-        trace=float(estimate.value),
-        trace_stderr=float(estimate.stderr),
+        trace=value,
+        trace_stderr=stderr,
         density={
             "grid": spectral.grid.tolist(),
             "values": spectral.values.tolist(),
@@ -68,7 +76,7 @@ def spectrum(backend: Backend, matrix: str, top_k: int, seed: int) -> Spectrum:
         },
         n_outliers=outliers,
         converged=eigen.converged,
-        provenance={"top_eigenvalues": eigen_prov, "trace": trace_prov, "density": density_prov},
+        provenance=provenance,
         eigenvectors=eigen.vectors,
         outlier_gap=values[outliers - 1] / values[outliers] if outliers else None,
     )
