@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from common import accuracy, arguments, load, output_stem, relative_gap, run, table, trained, write
+from common import accuracy, arguments, load, output_stem, run, table, trained, write
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
@@ -27,6 +27,7 @@ import curvkit
 from curvkit.datasets import gaussian_mixture_tensors
 from curvkit.models import zoo_model
 from curvkit.plot import hierarchy
+from curvkit.quantities.classmeans import relative_gap
 
 CLASSES = 10
 CLOSE = 0.25  # a relative gap below this counts as "the claim holds"

@@ -18,12 +18,13 @@ from __future__ import annotations
 import statistics
 
 import torch
-from common import arguments, load, relative_gap, run, table, trained, write
+from common import arguments, load, run, table, trained, write
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 import curvkit
-from curvkit.models import mlp, zoo_model
+from curvkit.models import zoo_model
+from curvkit.quantities.classmeans import relative_gap
 
 NUM_CLASSES = 10
 TOP = NUM_CLASSES - 1  # the rank of E[M]
@@ -31,20 +32,14 @@ MODELS = {  # label: (architecture, activation, optimizer, lr, weight decay)
     "ReLU MLP, Adam": ("mlp", torch.nn.ReLU, "adam", 1e-2, 0.0),
     "ReLU MLP, SGD wd 5e-4": ("mlp", torch.nn.ReLU, "sgd", 0.05, 5e-4),
     "tanh MLP, Adam": ("mlp", torch.nn.Tanh, "adam", 1e-2, 0.0),
-    "LeNet (ReLU), Adam": ("lenet", None, "adam", 1e-2, 0.0),
+    "LeNet (ReLU), Adam": ("lenet", torch.nn.ReLU, "adam", 1e-2, 0.0),
 }
 
 
 def measure(args, label: str, samples: int | None, epochs: int) -> dict:
     x, y = load(args, samples)
     name, activation, optimizer, lr, decay = MODELS[label]
-    if name == "mlp":
-        torch.manual_seed(args.seed)
-        features = x[0].numel()
-        layers = mlp(features, [64, 64], NUM_CLASSES, activation)
-        model = torch.nn.Sequential(torch.nn.Flatten(), *layers).double()
-    else:
-        model = zoo_model(name, tuple(x.shape[1:]), NUM_CLASSES, seed=args.seed)
+    model = zoo_model(name, tuple(x.shape[1:]), NUM_CLASSES, seed=args.seed, activation=activation)
     model, data = trained(model, x, y, epochs, args.seed, lr, optimizer, decay)
     report = curvkit.analyze(model, data, quantities=["layerwise"], top_k=TOP, progress=False)
     return {"model": label, "P": report.model.num_params, "layers": report.layerwise}

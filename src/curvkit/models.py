@@ -169,13 +169,16 @@ def zoo_model(
     depth: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    activation: type[nn.Module] = nn.Tanh,
 ) -> nn.Module:
     """A zoo model for inputs of ``input_shape`` (one example): ``mlp`` (``depth`` hidden
-    layers of ``width``, tanh), ``lenet`` or ``resnet18``."""
+    layers of ``width``, ``activation`` after each), ``lenet`` or ``resnet18``."""
     torch.manual_seed(seed)
     if name == "mlp":
         features = math.prod(input_shape)
-        model = nn.Sequential(nn.Flatten(), *mlp(features, [width] * depth, num_classes, nn.Tanh))
+        model = nn.Sequential(
+            nn.Flatten(), *mlp(features, [width] * depth, num_classes, activation)
+        )
     elif name == "lenet":
         model = lenet(input_shape, num_classes)
     elif name == "resnet18":
