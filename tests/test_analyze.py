@@ -55,6 +55,18 @@ def test_ggn_trace_is_exact_from_the_class_means_pass(report, dense_mlp, digits_
     assert alone.ggn.trace_stderr > 0 and alone.ggn.provenance["trace"].routine == "curvkit.hutch++"
 
 
+def test_layer_profiles_are_against_the_reports_hessian(report):
+    """Without layer densities, each block's top-k profile is compared with the report's own
+    full-Hessian eigenvalues (k = 12: both lists; a block smaller than k would shorten it)."""
+    full = np.array(report.hessian.top_eigenvalues)
+    for name, layer in report.layerwise.items():
+        block = np.array(layer.top_eigenvalues)
+        k = min(len(block), len(full))
+        expected = np.mean(np.abs(block[1:k] / block[0] - full[1:k] / full[0]))
+        assert layer.profile_distance == pytest.approx(expected, rel=1e-12), name
+        assert layer.spectrum_distance is None
+
+
 def test_density_is_normalised(report):
     d = report.hessian.density
     assert np.trapezoid(d["values"], d["grid"]) == pytest.approx(1.0, abs=1e-3)

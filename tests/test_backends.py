@@ -21,7 +21,7 @@ from curvkit.datasets import digits_loader
 from curvkit.linalg.operator import trace
 from curvkit.linalg.subspace import subspace_overlap
 from curvkit.problem import model_guard
-from curvkit.quantities.layerwise import kronecker_top, layerwise
+from curvkit.quantities.layerwise import kronecker_top, layerwise, psd_eigh
 from tests import reference
 from tests.conftest import BACKENDS, backend_params, make_backend, requires, top_eigh
 
@@ -82,7 +82,9 @@ def test_layerwise_matches_dense(name, case):
     """Each layer's block: top eigenvalues (1e-4), trace (within 4 standard errors, or to
     rounding when exact), Kronecker eigenvalues from the dense factors (1e-8), and the overlap
     of B ⊗ A's top eigenvectors with the dense block's (the top-4 eigenvalues are separated by
-    ≥ 1 % here, so Lanczos' eigenvectors are accurate to ~1e-6; 1e-4 absolute)."""
+    ≥ 1 % here, so Lanczos' eigenvectors are accurate to ~1e-6; 1e-4 absolute), and the top-4
+    profile against the full Hessian's (ratios of eigenvalues each within 1e-4: 5e-4 absolute)
+    and λ₁(A)/tr A from the dense A (1e-8)."""
     model, loader, dense = case
     options = curvkit.Options(
         trace_matvecs=30, density_probes=1, density_steps=10, layer_density=True
@@ -90,16 +92,21 @@ def test_layerwise_matches_dense(name, case):
     with model_guard(model):
         layers = layerwise(make_backend(name, model, loader, options), top_k=4)
     assert layers.keys() == dense["kronecker"].keys()
+    full, _ = top_eigh(dense["hessian"], 4)
     for layer, where in dense["weights"].items():
         block = dense["hessian"][where, where]
         values, vectors = top_eigh(block, 4)
         got = layers[layer]
         np.testing.assert_allclose(got.top_eigenvalues, values, rtol=1e-4)
+        profile = np.mean(np.abs(values[1:] / values[0] - full[1:] / full[0]))
+        assert got.profile_distance == pytest.approx(profile, abs=5e-4), layer
         exact_trace = float(torch.trace(block))
         assert abs(got.trace - exact_trace) <= 4 * got.trace_stderr + RTOL * abs(exact_trace)
         b, a = dense["kronecker"][layer]
-        kron_values, kron_vectors = kronecker_top(b, a, 4)
+        kron_values, kron_vectors = kronecker_top(psd_eigh(b), psd_eigh(a), 4)
         np.testing.assert_allclose(got.kronecker["top_eigenvalues"], kron_values, rtol=RTOL)
+        share = np.linalg.eigvalsh(a.numpy())[-1] / float(torch.trace(a))
+        assert got.kronecker["A_top_share"] == pytest.approx(share, rel=RTOL), layer
         expected = subspace_overlap(torch.from_numpy(vectors), kron_vectors)
         assert got.overlap["hessian"] == pytest.approx(expected, abs=1e-4), layer
     assert sum(layer.closest_to_full for layer in layers.values()) == 1

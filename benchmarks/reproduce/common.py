@@ -4,7 +4,9 @@ Each script writes ``<name>.md`` (the paper's claim, the setup, the measured tab
 reproduces) and ``<name>.png`` to benchmarks/results/ (``--output`` elsewhere). The default data
 are the embedded digits or the synthetic Gaussian mixture, so that every script runs on a CPU in
 minutes; ``--data mnist|fashion-mnist|cifar10 --root DIR`` uses a local torchvision data set
-instead (never downloaded); ``--quick`` shrinks everything to a smoke test.
+instead (never downloaded); ``--quick`` shrinks everything to a smoke test and ``--full``, where
+a script has it, runs the larger version (more seeds or settings) that does not fit the default
+ten minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def run(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def arguments(doc: str, default_data: str) -> argparse.Namespace:
-    """The shared flags: --data, --root, --quick, --output, --seed."""
+def arguments(doc: str, default_data: str, full: str | None = None) -> argparse.Namespace:
+    """The shared flags: --data, --root, --quick, --output, --seed, and --full (described by
+    ``full``) for a script that has a larger version."""
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -56,9 +59,15 @@ def arguments(doc: str, default_data: str) -> argparse.Namespace:
     )
     parser.add_argument("--root", help="the local folder of a torchvision data set")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
+    if full is not None:
+        parser.add_argument("--full", action="store_true", help=full)
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for .md and .png")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if full is None:
+        args.full = False
+    if args.quick and args.full:
+        parser.error("--quick and --full exclude each other")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     args.started = time.perf_counter()
     return args
@@ -121,10 +130,12 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
 
 
 def output_stem(args: argparse.Namespace, name: str) -> str:
-    """``<name>[_<data>][_quick]``: the default data keep the plain name; makes the folder."""
+    """``<name>[_<data>][_quick|_full]``: the default data and size keep the plain name; makes
+    the folder."""
     args.output.mkdir(parents=True, exist_ok=True)
     default = args.data in ("digits", "gaussian-mixture")
-    return name + ("" if default else f"_{args.data}") + ("_quick" if args.quick else "")
+    size = "_quick" if args.quick else "_full" if args.full else ""
+    return name + ("" if default else f"_{args.data}") + size
 
 
 def write(
@@ -148,6 +159,7 @@ def write(
         "",
         f"**Setup.** {setup} Data: {args.data}, seed {args.seed}"
         + (", --quick (smoke-test sizes: not evidence)" if args.quick else "")
+        + (", --full" if args.full else "")
         + f". {minutes:.1f} minutes (wall clock) on {torch.get_num_threads()} threads "
         f"({platform.machine()}), curvkit {curvkit.__version__}, torch {torch.__version__}.",
         "",

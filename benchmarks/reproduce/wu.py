@@ -10,24 +10,32 @@ trained on the digits; curvkit (torch.func backend, curvkit.layerwise) measures,
 Conv2d weight: the exact block's top C − 1 eigenvalues (Lanczos on block products) against those
 of B ⊗ A, the overlap of their top C − 1 eigenspaces (E[M] has rank C − 1 under the softmax, so
 the C-th eigenvector of B ⊗ A is arbitrary), and σ₁²/Σσ² of each exact top eigenvector
-reshaped to the weight's shape.
+reshaped to the weight's shape; λ₁(A)/tr A, the share of the layer inputs' second moment in its
+top direction (the paper's explanation of the rank-one eigenvectors); and, for the MLPs,
+the overlap of each layer's top C − 1 Hessian eigenspace between two models trained from
+different seeds (the paper: top eigenspaces of different models overlap highly), beside the
+overlap k/P_l of random subspaces.
 """
 
 from __future__ import annotations
 
 import statistics
 
+import scipy.stats
 import torch
 from common import arguments, load, run, table, trained, write
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 import curvkit
+from curvkit.linalg import subspace_overlap
+from curvkit.linalg.operator import top_eigen
 from curvkit.models import zoo_model
 from curvkit.quantities.classmeans import relative_gap
 
 NUM_CLASSES = 10
 TOP = NUM_CLASSES - 1  # the rank of E[M]
+SIDE = 3  # directions compared on the side of a weight that two models share
 MODELS = {  # label: (architecture, activation, optimizer, lr, weight decay)
     "ReLU MLP, Adam": ("mlp", torch.nn.ReLU, "adam", 1e-2, 0.0),
     "ReLU MLP, SGD wd 5e-4": ("mlp", torch.nn.ReLU, "sgd", 0.05, 5e-4),
@@ -36,13 +44,57 @@ MODELS = {  # label: (architecture, activation, optimizer, lr, weight decay)
 }
 
 
-def measure(args, label: str, samples: int | None, epochs: int) -> dict:
+def model_of(args, label: str, samples: int | None, epochs: int, seed: int):
+    """The model ``label`` trained from ``seed``, and a loader of its data."""
     x, y = load(args, samples)
     name, activation, optimizer, lr, decay = MODELS[label]
-    model = zoo_model(name, tuple(x.shape[1:]), NUM_CLASSES, seed=args.seed, activation=activation)
-    model, data = trained(model, x, y, epochs, args.seed, lr, optimizer, decay)
+    model = zoo_model(name, tuple(x.shape[1:]), NUM_CLASSES, seed=seed, activation=activation)
+    return trained(model, x, y, epochs, seed, lr, optimizer, decay)
+
+
+def measure(args, label: str, samples: int | None, epochs: int) -> dict:
+    model, data = model_of(args, label, samples, epochs, args.seed)
     report = curvkit.analyze(model, data, quantities=["layerwise"], top_k=TOP, progress=False)
     return {"model": label, "P": report.model.num_params, "layers": report.layerwise}
+
+
+def top_vectors(model: torch.nn.Module, data, layer: str) -> torch.Tensor:
+    """The top C − 1 eigenvectors of ``layer``'s weight block of the Hessian (curvkit's Lanczos
+    on the torch.func backend's block products)."""
+    with curvkit.model_guard(model):
+        backend = curvkit.get_backend("torchfunc")(curvkit.Problem(model, data))
+        block = backend.operator("hessian", f"{layer}.weight")
+        return top_eigen(block, TOP, backend.options, seed=0)[0].vectors
+
+
+def side(vectors: torch.Tensor, shape: torch.Size, inputs: bool) -> torch.Tensor:
+    """An orthonormal basis of the top ``SIDE`` directions that the eigenvectors (columns),
+    reshaped to the weight's n × m, share on the input side (rows of the m-dim right singular
+    space) or the output side (n-dim)."""
+    matrices = vectors.T.reshape(-1, *shape)  # (k, n, m)
+    stacked = (
+        matrices.reshape(-1, shape[1]) if inputs else matrices.transpose(0, 1).reshape(shape[0], -1)
+    )
+    u, _, vh = torch.linalg.svd(stacked, full_matrices=False)
+    return vh[:SIDE].T if inputs else u[:, :SIDE]
+
+
+def across_seeds(args, label: str, samples: int | None, epochs: int) -> dict[str, tuple]:
+    """Per layer: the overlap of the top C − 1 eigenspaces of two models trained from seeds
+    ``args.seed`` and ``args.seed + 1``, and for the first (last) layer the overlap of the
+    eigenvectors' input (output) side, whose coordinates the two models share."""
+    pair = [model_of(args, label, samples, epochs, args.seed + i) for i in range(2)]
+    modules = {n: m for n, m in pair[0][0].named_modules() if isinstance(m, torch.nn.Linear)}
+    first, last = list(modules)[0], list(modules)[-1]
+    overlaps = {}
+    for name, module in modules.items():
+        a, b = (top_vectors(m, d, name) for m, d in pair)
+        shared = None
+        if name in (first, last):
+            shape, inputs = module.weight.shape, name == first
+            shared = subspace_overlap(side(a, shape, inputs), side(b, shape, inputs))
+        overlaps[name] = (subspace_overlap(a, b), shared)
+    return overlaps
 
 
 def main() -> None:
@@ -50,6 +102,9 @@ def main() -> None:
     samples, epochs = (5, 2) if args.quick else (None, 30)
     labels = list(MODELS)[::3] if args.quick else list(MODELS)
     results = [measure(args, label, samples, epochs) for label in labels]
+    pairs = {
+        label: across_seeds(args, label, samples, epochs) for label in labels if "MLP" in label
+    }
     rows, rank_ones = [], []
     for r in results:
         for layer_name, layer in r["layers"].items():
@@ -59,13 +114,24 @@ def main() -> None:
             rows.append(
                 [r["model"], layer_name, "×".join(map(str, layer.shape)), exact[0], kron[0], gap,
                  layer.overlap["hessian"], layer.overlap["ggn"], layer.rank1[0],
-                 statistics.fmean(layer.rank1)]
+                 statistics.fmean(layer.rank1), layer.kronecker["A_top_share"]]
             )  # fmt: skip
     body = table(
         ("model", "layer", "weight n×m", "λ₁ exact", "λ₁ B⊗A", "top gap", "overlap Hess",
-         "overlap G", "rank-1 of u₁", "mean rank-1 of top"),
+         "overlap G", "rank-1 of u₁", "mean rank-1 of top", "λ₁(A)/tr A"),
         rows,
     )  # fmt: skip
+    share_vs_rank1 = scipy.stats.spearmanr([r[10] for r in rows], [r[9] for r in rows])[0]
+    share_vs_overlap = scipy.stats.spearmanr([r[10] for r in rows], [r[6] for r in rows])[0]
+    sizes = {(r["model"], n): layer.shape[0] * layer.shape[1]
+             for r in results for n, layer in r["layers"].items()}  # fmt: skip
+    seed_rows = [
+        [label, n, f"{overlap:.3f}", f"{TOP / sizes[label, n]:.4f}",
+         "—" if shared is None else f"{shared:.3f}"]
+        for label, overlaps in pairs.items()
+        for n, (overlap, shared) in overlaps.items()
+    ]  # fmt: skip
+    randoms = [TOP / sizes[row[0], row[1]] for row in seed_rows]
     body = [
         f"Top gap = ‖λ_exact − λ_B⊗A‖ / ‖λ_exact‖ over the top C − 1 = {TOP} eigenvalues; overlap "
         f"= ‖UᵀV‖²_F / {TOP} between the top C − 1 eigenvectors of B ⊗ A and of the exact Hessian (or G) "
@@ -73,7 +139,22 @@ def main() -> None:
         "vector gives about 1/min(n, m)).",
         "",
         *body,
+        "",
+        f"λ₁(A)/tr A against the mean rank-1 ratio of the top eigenvectors over all layers: "
+        f"Spearman {share_vs_rank1:.2f}; against the Kronecker overlap: {share_vs_overlap:.2f}.",
+        "",
+        f"Across seeds ({args.seed} and {args.seed + 1}, same data and training): overlap of the "
+        f"top C − 1 eigenspaces of each layer's Hessian block, and that of two random "
+        f"{TOP}-dimensional subspaces (k/P_l). Hidden units can come out permuted between seeds, "
+        "and every layer has hidden units on one side, so the last column compares only the "
+        f"side the two models share: the top {SIDE} directions of the eigenvectors reshaped to "
+        "n × m, on the input side (pixels) for the first layer and the output side (classes) "
+        f"for the last (random: {SIDE}/m or {SIDE}/n).",
+        "",
+        *table(("model", "layer", "overlap across seeds", "random", "shared side"), seed_rows),
     ]
+    seed_overlaps = [float(r[2]) for r in seed_rows]
+    shared_overlaps = [float(r[4]) for r in seed_rows if r[4] != "—"]
 
     def summary(label: str) -> str:
         rows_of = [row for row in rows if row[0] == label]
@@ -97,9 +178,21 @@ def main() -> None:
         f"Rank one over all layers: the top eigenvector's σ₁²/Σσ² has median "
         f"{statistics.median(rank_ones):.2f} ({min(rank_ones):.2f}–{max(rank_ones):.2f}) "
         + ("— nearly rank one, as claimed." if statistics.median(rank_ones) > 0.8 else "— not nearly rank one here."),
-        "Not measured: λ₁(A)/tr A per layer (the report does not carry A's spectrum) and the "
-        "overlap of top eigenspaces between models trained from different seeds (the layer "
-        "report keeps no eigenvectors).",
+        f"λ₁(A)/tr A ranges {min(r[10] for r in rows):.2f}–{max(r[10] for r in rows):.2f}; its "
+        f"rank correlation with the mean rank-1 ratio is {share_vs_rank1:.2f}"
+        + (" (a dominant input direction goes with rank-one eigenvectors, as the paper explains)."
+           if share_vs_rank1 > 0.5 else " (weak: the input direction does not explain it here)."),
+        *(
+            [f"Top eigenspaces across seeds (the MLPs): overlaps {min(seed_overlaps):.2f}–"
+             f"{max(seed_overlaps):.2f} against random {min(randoms):.4f}–{max(randoms):.3f}"
+             + (": high, as claimed" if min(seed_overlaps) > 0.5 else
+                ": above random but not high, as the permuted hidden units allow")
+             + f"; on the side the models share (first layer's inputs, last layer's outputs) "
+             f"{min(shared_overlaps):.2f}–{max(shared_overlaps):.2f}"
+             + (": the shared structure is the same across seeds." if min(shared_overlaps) > 0.7
+                else ".")]
+            if seed_overlaps else []
+        ),
     ]  # fmt: skip
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = figure.subplots(1, 2)

@@ -74,7 +74,7 @@ QUICK_SETTINGS = (
     f"top-k {QUICK_TOP_K}, {QUICK_OPTIONS['trace_matvecs']} trace products, SLQ "
     f"{QUICK_OPTIONS['density_probes']} × {QUICK_OPTIONS['density_steps']}"
 )
-SUBSPACE = {"overlap", "rank1", "spectrum_distance"}
+SUBSPACE = {"overlap", "rank1", "spectrum_distance", "profile_distance"}
 COUNTS = {"counts", "num_params", "num_classes", "num_samples", "excluded_classes", "shape"}
 
 

@@ -102,6 +102,7 @@ class Layer:
     closest_to_full: bool
     provenance: dict[str, Provenance] = field(repr=False)
     spectrum_distance: float | None = None  # only with options.layer_density
+    profile_distance: float | None = None  # when the full Hessian's top eigenvalues are known
 
 
 @dataclass
@@ -293,6 +294,7 @@ class Report:
                     "overlap H",
                     "rank-1",
                     "W1 to full",
+                    "profile to full",
                 )
             ]
             for name, layer in self.layerwise.items():
@@ -306,9 +308,14 @@ class Report:
                         f"{layer.overlap['hessian']:.3f}",
                         f"{layer.rank1[0]:.3f}",
                         "" if layer.spectrum_distance is None else f"{layer.spectrum_distance:.3f}",
+                        "" if layer.profile_distance is None else f"{layer.profile_distance:.3f}",
                     )
                 )
-            lines += ["", "layers (Wu et al., Sankar et al.; * closest to the full spectrum):"]
+            lines += [
+                "",
+                "layers (Wu et al., Sankar et al.; * closest to the full spectrum in W1; profile: "
+                "mean |λ_i/λ_1 − full's|, i ≤ k):",
+            ]
             lines += _table(rows)
         return "\n".join(lines)
 

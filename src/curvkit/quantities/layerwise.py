@@ -5,9 +5,14 @@ weight W (n × m, bias excluded). Reported: the block's trace and top eigenvalue
 Kronecker approximation ``B ⊗ A`` (``B = E[M]``, ``A = E[a aᵀ]``) whose eigenvalues are the products
 λ_i(B) λ_j(A) and eigenvectors u_i ⊗ v_j, the top-k eigenspace overlap of B ⊗ A with the exact
 Hessian and G blocks, how close each top exact eigenvector reshaped to n × m is to rank one
-(σ₁²/Σσ²), and, when ``options.layer_density`` asks for it, ``spectrum_distance``: the
+(σ₁²/Σσ²), with λ₁(A)/tr A beside them (Wu et al.: a dominant direction of the layer inputs,
+their mean, is what makes the eigenvectors nearly rank one), and, when ``options.layer_density`` asks for it, ``spectrum_distance``: the
 1-Wasserstein distance between the block's and the full Hessian's spectral densities, each on
-its eigenvalue axis divided by its own λ_max (None when not asked).
+its eigenvalue axis divided by its own λ_max (None when not asked). That distance is dominated by
+the zero spike: it tracks |tr_l/(P_l λ_l) − tr/(P λ)|, block size against effective rank
+(benchmarks/results/reproduce_sankar.md). ``profile_distance`` compares the shape of the top of
+the spectra instead: mean over i = 2..k of |λ_i/λ_1 (block) − λ_i/λ_1 (full Hessian)|, whenever
+the full Hessian's top-k eigenvalues are at hand (in the report, or computed for the density).
 """
 
 from __future__ import annotations
@@ -56,22 +61,32 @@ def psd_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([values.new_zeros(len(dead)), values]), vectors
 
 
-def kronecker_top(b: Tensor, a: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k eigenpairs of ``B ⊗ A`` from the factors' eigenpairs (``psd_eigh``), without
-    forming the product; in the factors' dtype."""
-    lb, ub = psd_eigh(b)
-    la, ua = psd_eigh(a)
+def kronecker_top(
+    b: tuple[Tensor, Tensor], a: tuple[Tensor, Tensor], k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of ``B ⊗ A`` from the factors' eigenpairs (``psd_eigh`` of each),
+    without forming the product: λ_i(B) λ_j(A) and u_i ⊗ v_j, in float64."""
+    (lb, ub), (la, ua) = b, a
     products = torch.outer(lb, la).flatten()
     order = torch.argsort(products, descending=True)[:k]
     i, j = order // la.numel(), order % la.numel()
     vectors = (ub[:, i][:, None, :] * ua[:, j][None, :, :]).reshape(-1, k)  # u_i ⊗ v_j
-    return products[order].to(b.dtype), vectors.to(b.dtype)
+    return products[order], vectors
 
 
 def rank_one_ratio(vector: Tensor, shape: tuple[int, int]) -> float:
     """σ₁² / Σ σ² of a vector reshaped to an n × m matrix (1 = exactly rank one)."""
     s = torch.linalg.svdvals(vector.reshape(shape))
     return float(s[0] ** 2 / (s**2).sum())
+
+
+def profile_distance(block: Sequence[float], full: Sequence[float]) -> float | None:
+    """Mean over i = 2..k of |λ_i/λ_1 − μ_i/μ_1| for the block's top eigenvalues λ and the full
+    Hessian's μ (k the shorter list); None when k < 2 or a λ_1 is not positive."""
+    k = min(len(block), len(full))
+    if k < 2 or block[0] <= 0 or full[0] <= 0:
+        return None
+    return sum(abs(block[i] / block[0] - full[i] / full[0]) for i in range(1, k)) / (k - 1)
 
 
 def layerwise(
@@ -98,7 +113,8 @@ def layerwise(
         derived=backend.capabilities.get("kronecker_factors") == "derived",
         passes=backend.passes - passes,
     )
-    full = _full_density(backend, seed, spectra) if options.layer_density else None
+    full = _full_density(backend, top_k, seed, spectra) if options.layer_density else None
+    full_top = full[3] if full is not None else _known_top(spectra)
     modules = dict(problem.model.named_modules())
     layers: dict[str, Layer] = {}
     for name in names:
@@ -119,18 +135,23 @@ def layerwise(
         lmax, distance = float(exact.values[0]), None
         if full is not None:
             spectral, provenance["density"] = density(hessian_block, options, seed + 2)
-            distance = normalised_w1(spectral.grid, spectral.values, lmax, *full)
-        kron_values, kron_vectors = kronecker_top(factors[name].B, factors[name].A, k)
+            distance = normalised_w1(spectral.grid, spectral.values, lmax, *full[:3])
+        top = [float(v) for v in exact.values]
+        a_values, a_vectors = psd_eigh(factors[name].A)
+        kron_values, kron_vectors = kronecker_top(
+            psd_eigh(factors[name].B), (a_values, a_vectors), k
+        )
         layers[name] = Layer(
             shape=list(shape),
             trace=estimate.value,
             trace_stderr=estimate.stderr,
             max_eigenvalue=lmax,
-            top_eigenvalues=[float(v) for v in exact.values],
+            top_eigenvalues=top,
             kronecker={
                 "B_shape": list(factors[name].B.shape),
                 "A_shape": list(factors[name].A.shape),
                 "top_eigenvalues": [float(v) for v in kron_values],
+                "A_top_share": float(a_values.max() / a_values.sum()),
             },
             overlap={
                 "hessian": subspace_overlap(exact.vectors, kron_vectors.to(exact.vectors)),
@@ -138,6 +159,7 @@ def layerwise(
             },
             rank1=[rank_one_ratio(u, shape) for u in exact.vectors.T],
             spectrum_distance=distance,
+            profile_distance=None if full_top is None else profile_distance(top, full_top),
             closest_to_full=False,
             provenance=provenance,
         )
@@ -151,19 +173,27 @@ def layerwise(
     return layers
 
 
+def _known_top(spectra: Report | None) -> list[float] | None:
+    """The full Hessian's top eigenvalues from the report, if it has them."""
+    known = getattr(spectra, "hessian", None) if spectra is not None else None
+    return None if known is None else known.top_eigenvalues
+
+
 def _full_density(
-    backend: Backend, seed: int, spectra: Report | None
-) -> tuple[Tensor, Tensor, float]:
-    """Grid, values and λ_max of the full Hessian's density, reused from the report if there."""
+    backend: Backend, top_k: int, seed: int, spectra: Report | None
+) -> tuple[Tensor, Tensor, float, list[float]]:
+    """Grid, values and λ_max of the full Hessian's density and its top-k eigenvalues, reused
+    from the report if there."""
     known = getattr(spectra, "hessian", None) if spectra is not None else None
     if known is not None:
         grid = torch.tensor(known.density["grid"], dtype=torch.float64)
         values = torch.tensor(known.density["values"], dtype=torch.float64)
-        return grid, values, known.top_eigenvalues[0]
+        return grid, values, known.top_eigenvalues[0], known.top_eigenvalues
     op = backend.operator("hessian")
     spectral, _ = density(op, backend.options, seed + 2)
-    eigen, _ = top_eigen(op, 1, backend.options, seed)
-    return spectral.grid, spectral.values, float(eigen.values[0])
+    eigen, _ = top_eigen(op, top_k, backend.options, seed)
+    top = [float(v) for v in eigen.values]
+    return spectral.grid, spectral.values, top[0], top
 
 
 def middle_layers(model: nn.Module) -> list[str]:
