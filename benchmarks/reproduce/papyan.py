@@ -7,7 +7,9 @@ subspace claim), and what predicts which.
 A tanh MLP is trained on the first n examples of every class; curvkit (torch.func) measures G's
 top C² eigenvalues (Lanczos) and Papyan's decomposition G = G_own + G_class + G_cross +
 G_within (curvkit.classmeans), with its two claim gaps, the spread of log10 √p within classes,
-and the neural collapse of the penultimate features. Each setting changes one thing of the base
+the share of G_within's trace inside span{δ_{c,c'}} (C² products with G: where G_within lives in
+the group means' span it mixes with the class and cross terms), and the neural collapse of the
+penultimate features. Each setting changes one thing of the base
 (digits, 100 per class, MLP 64-64, SGD with momentum 0.9, lr 0.05, weight decay 5e-4, 200
 epochs): the optimizer (Adam, the first release's setting), the weight decay, the training
 length, width and depth, the examples per class, and, on a Gaussian mixture, the class
@@ -25,9 +27,10 @@ from matplotlib.figure import Figure
 
 import curvkit
 from curvkit.datasets import gaussian_mixture_tensors
+from curvkit.linalg import orthonormal_basis
 from curvkit.models import zoo_model
 from curvkit.plot import hierarchy
-from curvkit.quantities.classmeans import relative_gap
+from curvkit.quantities.classmeans import group_means, relative_gap, within_operator
 
 CLASSES = 10
 CLOSE = 0.25  # a relative gap below this counts as "the claim holds"
@@ -91,6 +94,18 @@ def neural_collapse(model: torch.nn.Sequential, x: torch.Tensor, y: torch.Tensor
     return float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / CLASSES)
 
 
+def within_in_groups(model: torch.nn.Module, data, within_trace: float) -> float:
+    """tr(Qᵀ G_within Q) / tr G_within for an orthonormal basis Q of the C² group means δ_{c,c'}:
+    the part of G_within inside their span (C² products with G)."""
+    with curvkit.model_guard(model):
+        backend = curvkit.get_backend("torchfunc")(curvkit.Problem(model, data))
+        deltas = backend.class_deltas()
+        group = group_means(deltas.sums, deltas.counts, backend.problem.num_samples, deltas.route)
+        basis = orthonormal_basis(group.rows.T)
+        inside = within_operator(backend.operator("ggn"), group).matmat(basis)
+    return float((basis * inside).sum()) / within_trace
+
+
 def measure(args, setting: Setting) -> dict:
     if setting.data == "mixture":
         x, y = gaussian_mixture_tensors(CLASSES, setting.separation, setting.samples, 64, args.seed)
@@ -115,6 +130,7 @@ def measure(args, setting: Setting) -> dict:
         "spread": means.confidence_spread,
         "shares": {t: means.trace[t] / means.trace["total"] for t in means.trace},
         "collapse": neural_collapse(model, x.flatten(1), y),
+        "within_in_groups": within_in_groups(model, data, means.trace["within"]),
         "terms": means.eigenvalues,
         "report": report,
     }
@@ -144,11 +160,13 @@ def main() -> None:
             s.result["hessian_overlap"],
             s.result["spread"],
             s.result["collapse"],
+            s.result["within_in_groups"],
             *(s.result["shares"][t] for t in ("own", "class", "cross", "within")),
         ]
         for s in regimes
     ]
     spreads = [s.result["spread"] for s in regimes]
+    inside = [s.result["within_in_groups"] for s in regimes]
     gaps = [s.result["class_gap"] for s in regimes]
     holds = [s.label for s in regimes if s.result["class_gap"] < CLOSE]
     fails = [s.label for s in regimes if s.result["class_gap"] >= CLOSE]
@@ -170,7 +188,8 @@ def main() -> None:
         "values of G on span{δ_c} (Ritz). Overlap = ‖UᵀV‖²_F / C between the top-C eigenvectors "
         "of G (or the Hessian) and the class means. Spread: the mean over groups (c, c') of the "
         "standard deviation of log10 √p_{i,c'} over the examples of class c. NC1 = tr(Σ_W Σ_B⁺)/C "
-        "of the penultimate features. Shares: each term's part of tr G.",
+        "of the penultimate features. Within in span: the share of tr G_within inside "
+        "span{δ_{c,c'}} (C² directions of P). Shares: each term's part of tr G.",
         "",
         *table(
             (
@@ -184,6 +203,7 @@ def main() -> None:
                 "Hess overlap",
                 "spread",
                 "NC1",
+                "within in span",
                 "own",
                 "class",
                 "cross",
@@ -192,9 +212,8 @@ def main() -> None:
             rows,
         ),  # fmt: skip
         "",
-        "Not measured: the share of G_within inside span{δ_{c,c'}} (C² more products per "
-        "setting); the small-batch/large-batch and CIFAR-scale versions (no GPU or image data "
-        "here).",
+        "Not measured: the small-batch/large-batch and CIFAR-scale versions (no GPU or image "
+        "data here).",
         "",
         f"![hierarchy]({output_stem(args, 'reproduce_papyan')}_hierarchy.png) "
         f"(Papyan's hierarchy plot for {control.label})",
@@ -218,6 +237,22 @@ def main() -> None:
         f"{max(s.result['ritz_gap'] for s in regimes):.3f}, below {CLOSE} in "
         f"{sum(s.result['ritz_gap'] < CLOSE for s in regimes)} of {len(regimes)} settings, "
         f"where the class gap is below it in {len(holds)}.",
+        "The share of tr G_within inside span{δ_{c,c'}} (C² of P directions): "
+        + ", ".join(
+            f"{kind} {min(v):.2f}–{max(v):.2f}"
+            for kind, v in (
+                ("digits", [s.result["within_in_groups"] for s in digits]),
+                ("mixtures", [s.result["within_in_groups"] for s in regimes if s.data != "digits"]),
+            )
+            if v
+        )
+        + f"; Spearman ρ with the class gap {rank_correlation(inside, gaps):.2f}"
+        + (
+            f", {'stronger' if rank_correlation(inside, gaps) > rho else 'weaker'} than the "
+            f"spread's {rho:.2f}."
+            if len(regimes) > 2
+            else "."
+        ),
         f"Positive control ({control.label}): class gap {control.result['class_gap']:.2f}, "
         f"overlap {control.result['overlap']:.3f}, spread {control.result['spread']:.2f}.",
     ]

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError
-from curvkit.linalg import gram_eigenvalues, orthonormal_basis, subspace_overlap
+from curvkit.linalg import Operator, gram_eigenvalues, orthonormal_basis, subspace_overlap
 from curvkit.linalg.operator import top_eigen, trace
 from curvkit.report import ClassMeans, Provenance
 
@@ -108,6 +108,12 @@ def group_means(sums: Tensor, counts: Tensor, num_samples: int, route: str) -> G
     return GroupMeans(group.reshape(k * columns, -1), coefficients, means, present)
 
 
+def within_operator(ggn: Operator, group: GroupMeans) -> Operator:
+    """G_within (or, on the ``means`` route, G_cross + G_within) as ``v ↦ G v − Σ_term L Lᵀ v``."""
+    every = torch.cat(list(group.coefficients.values()), dim=1)
+    return ggn.minus_low_rank(group.rows.T, (every @ every.T).to(group.rows))
+
+
 def row_gram(rows: Tensor, chunk: int = 2**16) -> Tensor:
     """``rows rowsᵀ`` in float64, accumulated over chunks of columns (no float64 copy of a
     float32 ``rows``: its C² × P numbers may fill the memory budget)."""
@@ -174,8 +180,7 @@ def classmeans(
     rest = MEANS_ROUTE_REST if skipped else "within"
     traces = {"total": total, **traces, rest: total - sum(traces.values())}
 
-    every = torch.cat(list(group.coefficients.values()), dim=1)
-    low_rank = ggn.minus_low_rank(group.rows.T, (every @ every.T).to(group.rows))
+    low_rank = within_operator(ggn, group)
     remainder, provenance[rest] = top_eigen(low_rank, top_k, options, seed)
     eigenvalues = {t: gram_eigenvalues(g) for t, g in grams.items()}
     eigenvalues[rest] = [float(v) for v in remainder.values]
