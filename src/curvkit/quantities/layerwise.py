@@ -6,9 +6,10 @@ Kronecker approximation ``B ⊗ A`` (``B = E[M]``, ``A = E[a aᵀ]``) whose eige
 λ_i(B) λ_j(A) and eigenvectors u_i ⊗ v_j, the top-k eigenspace overlap of B ⊗ A with the exact
 Hessian and G blocks, how close each top exact eigenvector reshaped to n × m is to rank one
 (σ₁²/Σσ²), with λ₁(A)/tr A beside them (Wu et al.: a dominant direction of the layer inputs,
-their mean, is what makes the eigenvectors nearly rank one), and, when ``options.layer_density`` asks for it, ``spectrum_distance``: the
-1-Wasserstein distance between the block's and the full Hessian's spectral densities, each on
-its eigenvalue axis divided by its own λ_max (None when not asked). That distance is dominated by
+their mean, is what makes the eigenvectors nearly rank one), and, when ``options.layer_density``
+asks for it, ``spectrum_distance``: the 1-Wasserstein distance between the block's and the full
+Hessian's spectral densities, each on its eigenvalue axis divided by its own λ_max (None when
+not asked). That distance is dominated by
 the zero spike: it tracks |tr_l/(P_l λ_l) − tr/(P λ)|, block size against effective rank
 (benchmarks/results/reproduce_sankar.md). ``profile_distance`` compares the shape of the top of
 the spectra instead: mean over i = 2..k of |λ_i/λ_1 (block) − λ_i/λ_1 (full Hessian)|, whenever
