@@ -3,6 +3,7 @@ the model given back untouched, and clear errors for bad requests."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 import curvkit
+from curvkit.comparison import compare_reports
 from curvkit.errors import BackendNotFoundError, InvalidInputError
+from curvkit.plot import spectral_density
 from curvkit.quantities.spectrum import count_outliers
 from curvkit.report import Report
 from tests.conftest import requires
@@ -65,6 +68,31 @@ def test_layer_profiles_are_against_the_reports_hessian(report):
         expected = np.mean(np.abs(block[1:k] / block[0] - full[1:k] / full[0]))
         assert layer.profile_distance == pytest.approx(expected, rel=1e-12), name
         assert layer.spectrum_distance is None
+
+
+def test_trace_and_density_switched_off(digits_problem, dense_mlp_eigen):
+    """trace_matvecs 0 and density_probes 0: the top eigenvalues alone (still those of the dense
+    matrices), no estimator products, NaN traces and empty densities that the summary, the
+    figures and a comparison accept; G's trace stays exact from the class-means pass, free."""
+    report = curvkit.analyze(
+        *digits_problem,
+        quantities=["hessian", "ggn", "classmeans", "layerwise"],
+        top_k=3,
+        options={"trace_matvecs": 0, "density_probes": 0},
+        progress=False,
+    )
+    for name in ("hessian", "ggn"):
+        s = getattr(report, name)
+        np.testing.assert_allclose(s.top_eigenvalues, dense_mlp_eigen[name][0][:3], rtol=1e-4)
+        assert s.density["grid"] == [] and "density" not in s.provenance
+        assert report.matvecs[name] == s.provenance["top_eigenvalues"].matvecs
+    assert math.isnan(report.hessian.trace) and "trace" not in report.hessian.provenance
+    assert report.ggn.trace == report.classmeans.trace["total"] > 0
+    assert all(math.isnan(layer.trace) for layer in report.layerwise.values())
+    assert "off" in str(report)
+    assert spectral_density(report) is None
+    data = report.to_dict()
+    assert all(check.passed for check in compare_reports(data, data, "same"))
 
 
 def test_density_is_normalised(report):

@@ -60,6 +60,30 @@ def test_cli_analyze_writes_report(tmp_path, capsys):
     assert data["model"]["num_samples"] == 1797
 
 
+def test_cli_analyze_quick_uses_the_quick_settings_unless_set(tmp_path):
+    """--quick: compare's settings (top-k 5, 30 trace products, SLQ 2 × 20), recorded in the
+    report's run config; a --top-k given beside it wins."""
+    args = [
+        "analyze",
+        "--quick",
+        "--epochs",
+        "1",
+        "--quantities",
+        "hessian",
+        "--quiet",
+        "--no-plots",
+    ]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    data = yaml.safe_load((tmp_path / "a" / "report.yaml").read_text())
+    assert len(data["hessian"]["top_eigenvalues"]) == 5
+    assert data["hessian"]["provenance"]["trace"]["matvecs"] == 30
+    assert data["hessian"]["provenance"]["density"]["matvecs"] == 2 * 20
+    assert data["config"]["run"]["options"]["trace_matvecs"] == 30
+    assert main([*args, "--top-k", "3", "--output", str(tmp_path / "b")]) == 0
+    data = yaml.safe_load((tmp_path / "b" / "report.yaml").read_text())
+    assert len(data["hessian"]["top_eigenvalues"]) == 3
+
+
 def test_cli_usage_errors_exit_2(tmp_path, capsys):
     assert (
         main(

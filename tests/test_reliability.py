@@ -141,9 +141,13 @@ def test_bad_requests_per_backend(name):
 
 
 BAD_ARGUMENTS = {
-    "options": ({"trace_matvecs": 0}, "option 'trace_matvecs' must be an integer ≥ 3, got 0"),
+    "options": ({"trace_matvecs": 1}, r"'trace_matvecs' \(0: off\) must be an integer ≥ 3, got 1"),
     "string": ({"trace_matvecs": "99"}, "got '99' \\(a string: write it without quotes\\)"),
-    "probes": ({"density_probes": 0}, "option 'density_probes' must be an integer ≥ 1"),
+    "probes": ({"density_probes": -1}, r"'density_probes' \(0: off\) must be an integer ≥ 1"),
+    "layer density": (
+        {"layer_density": True, "density_probes": 0},
+        "option 'layer_density' needs densities",
+    ),
     "method": ({"trace_method": "foo"}, "'trace_method' must be one of hutch\\+\\+, hutchinson"),
     "block": ({"ggn": {"block_size": -2}}, "option 'block_size' must be an integer ≥ 1"),
     "tolerance": ({"lanczos_tol": -1}, "option 'lanczos_tol' must be a number > 0"),

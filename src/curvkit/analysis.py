@@ -245,6 +245,8 @@ def _ggn_trace(engine: Backend, report: Report, seed: int) -> None:
             means.provenance["deltas"], note="exact, Σ‖δ_{i,c'}‖²/N from the class-means pass"
         )
         return
+    if not engine.options.trace_matvecs:  # switched off
+        return
     estimate, g.provenance["trace"] = trace(engine.operator("ggn"), engine.options, seed + 1)
     g.trace, g.trace_stderr = float(estimate.value), float(estimate.stderr)
     report.matvecs["ggn"] += g.provenance["trace"].matvecs

@@ -23,6 +23,7 @@ from curvkit.errors import (
 ANALYZE_EXAMPLES = """examples:
   curvkit analyze                                 # train the digits MLP, analyse it, write curvkit-out/report.yaml
   curvkit analyze --backend torchfunc --quantities hessian ggn --top-k 5 --output out/
+  curvkit analyze --quick                         # fewer eigenvalues and probes: seconds, not a minute
   curvkit analyze --backend auto                  # the choice saved by `curvkit bench --save-choice`
   curvkit analyze --config run.yaml --top-k 30    # a run config; flags override its keys
   curvkit analyze --config run.yaml --print-config
@@ -62,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--choice-file", type=Path, help="choice file for --backend auto")
     analyze.add_argument(
         "--no-plots", action="store_true", help="write no PNG figures (needs matplotlib anyway)"
+    )
+    analyze.add_argument(
+        "--quick",
+        action="store_true",
+        help="compare's quick settings: top-k 5, 30 trace products, SLQ 2 × 20 (unless set); "
+        "eigenvalues as accurate as ever, traces and densities with larger error bars",
     )
 
     bench = commands.add_parser(
@@ -194,6 +201,7 @@ def _analyze(args: argparse.Namespace, config: dict) -> int:
     """``curvkit analyze``; under torchrun (WORLD_SIZE > 1) every rank analyses its shard of the
     data and rank 0 prints and writes."""
     import curvkit
+    from curvkit.comparison import QUICK_OPTIONS, QUICK_TOP_K
     from curvkit.config import build
     from curvkit.distributed import rank, start_from_environment
     from curvkit.report import check_writable
@@ -204,6 +212,9 @@ def _analyze(args: argparse.Namespace, config: dict) -> int:
             check_writable(Path(config["output"]))  # before the work, not after
         progress = not args.quiet and main_rank
         model, data = build(config, progress=progress, group=group)
+        if args.quick:  # the report's run config records the settings used
+            config["top_k"] = QUICK_TOP_K if config["top_k"] is None else config["top_k"]
+            config["options"] = {**QUICK_OPTIONS, **config["options"]}
         report = curvkit.analyze(
             model,
             data,

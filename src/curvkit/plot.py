@@ -62,10 +62,11 @@ def _title(report: Report, what: str) -> str:
 def spectral_density(report: Report) -> Figure | None:
     """SLQ densities on a log scale with the outliers marked: Hessian and G on the left, the
     residual H = Hess − G (a much smaller scale) on the right."""
-    panels = [
-        [m for m in ("hessian", "ggn") if getattr(report, m) is not None],
-        [m for m in ("residual",) if getattr(report, m) is not None],
-    ]
+
+    def drawn(matrix: str) -> bool:  # computed, with its density (density_probes > 0)
+        return getattr(report, matrix) is not None and bool(getattr(report, matrix).density["grid"])
+
+    panels = [[m for m in ("hessian", "ggn") if drawn(m)], [m for m in ("residual",) if drawn(m)]]
     panels = [p for p in panels if p]
     if not panels:
         return None

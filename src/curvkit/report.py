@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 import tempfile
@@ -258,7 +259,7 @@ class Report:
                     _g(top[0]),
                     _g(top[1]) if len(top) > 1 else "",
                     _g(top[-1]),
-                    f"{_g(s.trace)} ± {_g(s.trace_stderr)}",
+                    "off" if math.isnan(s.trace) else f"{_g(s.trace)} ± {_g(s.trace_stderr)}",
                     f"{s.n_outliers}" + (f" ({s.outlier_gap:.3g})" if s.outlier_gap else ""),
                     f"{self.timings.get(name, 0.0):.1f}",
                 )

@@ -36,8 +36,9 @@ class Options:
     lanczos_block: int | None = None  # None: min(4, ⌈k/4⌉) (benchmarks/results/backends_cpu.md)
     block_size: int = 16  # the most vectors one batch's product takes at once (memory)
     trace_method: str = "hutch++"
-    trace_matvecs: int = 99
-    # 3 × 30: W1 within 10 % of 5 × 50's (benchmarks/results/defaults_cpu.md)
+    trace_matvecs: int = 99  # 0: no trace estimates (NaN in the report)
+    # 3 × 30: W1 within 10 % of 5 × 50's (benchmarks/results/defaults_cpu.md); 0 probes: no
+    # densities (empty in the report)
     density_probes: int = 3
     density_steps: int = 30
     density_grid: int = 400
@@ -59,7 +60,14 @@ class Options:
         for name, least in INTEGER_OPTIONS.items():
             value = getattr(self, name)
             if value is not None or name not in ("lanczos_max_iter", "lanczos_block"):
-                setattr(self, name, integer(f"option {name!r}", value, least))
+                if name in SWITCHES and type(value) is int and value == 0:
+                    continue  # switched off
+                what = f"option {name!r}" + (" (0: off)" if name in SWITCHES else "")
+                setattr(self, name, integer(what, value, least))
+        if self.layer_density and not self.density_probes:
+            raise InvalidInputError(
+                "option 'layer_density' needs densities; set density_probes to 1 or more."
+            )
         if self.trace_method not in METHODS:
             raise InvalidInputError(
                 f"option 'trace_method' must be one of {', '.join(METHODS)}, "
@@ -84,7 +92,9 @@ class Options:
 # per class (the own-label and class-mean sums only: C·P memory, cross and within not separated)
 CLASS_SUMS_ROUTES = ("per-example", "gradients", "means")
 
-# the least value of each integer option: Hutch++ needs a sketch and two probes (3 products)
+# the least value of each integer option: Hutch++ needs a sketch and two probes (3 products);
+# 0 switches off the estimates of the SWITCHES
+SWITCHES = ("trace_matvecs", "density_probes")
 INTEGER_OPTIONS = {
     "lanczos_max_iter": 1,
     "lanczos_block": 1,

@@ -174,9 +174,11 @@ def classmeans(
         # estimated already: no second Hutch++
         total, stderr = spectra.ggn.trace, spectra.ggn.trace_stderr
         provenance["trace_ggn"] = spectra.ggn.provenance["trace"]
-    else:
+    elif options.trace_matvecs:
         estimate, provenance["trace_ggn"] = trace(ggn, options, seed + 1)
         total, stderr = estimate.value, estimate.stderr
+    else:  # trace estimates switched off: no within (or cross + within) trace
+        total, stderr = math.nan, math.nan
     rest = MEANS_ROUTE_REST if skipped else "within"
     traces = {"total": total, **traces, rest: total - sum(traces.values())}
 

@@ -32,6 +32,7 @@ from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
 from curvkit.linalg.operator import density, top_eigen, trace
+from curvkit.linalg.trace import TraceEstimate
 from curvkit.report import Layer, Provenance
 
 if TYPE_CHECKING:
@@ -126,13 +127,14 @@ def layerwise(
         exact_g, exact_g_prov = top_eigen(
             backend.operator("ggn", f"{name}.weight"), k, options, seed
         )
-        estimate, trace_prov = trace(hessian_block, options, seed + 1)
         provenance = {
             "kronecker": factor_prov,
             "top_eigenvalues": exact_prov,
             "ggn_top_eigenvalues": exact_g_prov,
-            "trace": trace_prov,
         }
+        estimate = TraceEstimate(math.nan, math.nan, 0, "off")
+        if options.trace_matvecs:
+            estimate, provenance["trace"] = trace(hessian_block, options, seed + 1)
         lmax, distance = float(exact.values[0]), None
         if full is not None:
             spectral, provenance["density"] = density(hessian_block, options, seed + 2)
@@ -186,7 +188,7 @@ def _full_density(
     """Grid, values and λ_max of the full Hessian's density and its top-k eigenvalues, reused
     from the report if there."""
     known = getattr(spectra, "hessian", None) if spectra is not None else None
-    if known is not None:
+    if known is not None and known.density["grid"]:  # not switched off for the hessian
         grid = torch.tensor(known.density["grid"], dtype=torch.float64)
         values = torch.tensor(known.density["values"], dtype=torch.float64)
         return grid, values, known.top_eigenvalues[0], known.top_eigenvalues

@@ -58,22 +58,25 @@ def spectrum(
         )
     provenance = {"top_eigenvalues": eigen_prov}
     value, stderr = math.nan, math.nan
-    if estimate_trace:
+    if estimate_trace and options.trace_matvecs:
         estimate, provenance["trace"] = trace(op, options, seed + 1)
         value, stderr = float(estimate.value), float(estimate.stderr)
-    spectral, provenance["density"] = density(op, options, seed + 2)
+    shape = {"grid": [], "values": [], "values_stderr": [], "sigma": None}  # switched off
+    if options.density_probes:
+        spectral, provenance["density"] = density(op, options, seed + 2)
+        shape = {
+            "grid": spectral.grid.tolist(),
+            "values": spectral.values.tolist(),
+            "values_stderr": spectral.values_stderr.tolist(),
+            "sigma": spectral.sigma,
+        }
     values = [float(v) for v in eigen.values]
     outliers = count_outliers(values)  # below len(values): the bulk reaches into them
     return Spectrum(
         top_eigenvalues=values,
         trace=value,
         trace_stderr=stderr,
-        density={
-            "grid": spectral.grid.tolist(),
-            "values": spectral.values.tolist(),
-            "values_stderr": spectral.values_stderr.tolist(),
-            "sigma": spectral.sigma,
-        },
+        density=shape,
         n_outliers=outliers,
         converged=eigen.converged,
         provenance=provenance,
