@@ -83,13 +83,13 @@ def measure(args, label: str, samples: int | None) -> dict:
     return {"model": label, "P": report.model.num_params, "layers": report.layerwise}
 
 
-def top_vectors(model: torch.nn.Module, data, layer: str) -> torch.Tensor:
-    """The top C − 1 eigenvectors of ``layer``'s weight block of the Hessian (curvkit's Lanczos
-    on the torch.func backend's block products)."""
+def top_vectors(model: torch.nn.Module, data, layers: list[str]) -> dict[str, torch.Tensor]:
+    """Per layer, the top C − 1 eigenvectors of its weight block of the Hessian (curvkit's
+    Lanczos on the torch.func backend's block products; one backend, one scan of the data)."""
     with curvkit.model_guard(model):
         backend = curvkit.get_backend("torchfunc")(curvkit.Problem(model, data))
-        block = backend.operator("hessian", f"{layer}.weight")
-        return top_eigen(block, TOP, backend.options, seed=0)[0].vectors
+        blocks = {n: backend.operator("hessian", f"{n}.weight") for n in layers}
+        return {n: top_eigen(op, TOP, backend.options, 0)[0].vectors for n, op in blocks.items()}
 
 
 def side(vectors: torch.Tensor, shape: torch.Size, inputs: bool) -> torch.Tensor:
@@ -111,9 +111,10 @@ def across_seeds(args, label: str, samples: int | None) -> dict[str, tuple]:
     pair = [model_of(args, label, samples, args.seed + i) for i in range(2)]
     modules = {n: m for n, m in pair[0][0].named_modules() if isinstance(m, torch.nn.Linear)}
     first, last = list(modules)[0], list(modules)[-1]
+    vectors = [top_vectors(m, d, list(modules)) for m, d in pair]
     overlaps = {}
     for name, module in modules.items():
-        a, b = (top_vectors(m, d, name) for m, d in pair)
+        a, b = (v[name] for v in vectors)
         shared = None
         if name in (first, last):
             shape, inputs = module.weight.shape, name == first

@@ -9,9 +9,8 @@ Hessian and G blocks, how close each top exact eigenvector reshaped to n × m is
 their mean, is what makes the eigenvectors nearly rank one), and, when ``options.layer_density``
 asks for it, ``spectrum_distance``: the 1-Wasserstein distance between the block's and the full
 Hessian's spectral densities, each on its eigenvalue axis divided by its own λ_max (None when
-not asked). That distance is dominated by
-the zero spike: it tracks |tr_l/(P_l λ_l) − tr/(P λ)|, block size against effective rank
-(benchmarks/results/reproduce_sankar.md). ``profile_distance`` compares the shape of the top of
+not asked). That distance is dominated by the zero spike: it tracks |tr_l/(P_l λ_l) − tr/(P λ)|,
+block size against effective rank (benchmarks/results/reproduce_sankar.md). ``profile_distance`` compares the shape of the top of
 the spectra instead: mean over i = 2..k of |λ_i/λ_1 (block) − λ_i/λ_1 (full Hessian)|, whenever
 the full Hessian's top-k eigenvalues are at hand (in the report, or computed for the density).
 """
@@ -33,7 +32,7 @@ from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
 from curvkit.linalg.operator import density, top_eigen, trace
 from curvkit.linalg.trace import TraceEstimate
-from curvkit.report import Layer, Provenance
+from curvkit.report import Layer, Provenance, Spectrum
 
 if TYPE_CHECKING:
     from curvkit.report import Report
@@ -115,8 +114,11 @@ def layerwise(
         derived=backend.capabilities.get("kronecker_factors") == "derived",
         passes=backend.passes - passes,
     )
-    full = _full_density(backend, top_k, seed, spectra) if options.layer_density else None
-    full_top = full[3] if full is not None else _known_top(spectra)
+    known = getattr(spectra, "hessian", None) if spectra is not None else None
+    full_top = known.top_eigenvalues if known is not None else None
+    full = None
+    if options.layer_density:
+        full, full_top = _full_density(backend, top_k, seed, known)
     modules = dict(problem.model.named_modules())
     layers: dict[str, Layer] = {}
     for name in names:
@@ -138,7 +140,7 @@ def layerwise(
         lmax, distance = float(exact.values[0]), None
         if full is not None:
             spectral, provenance["density"] = density(hessian_block, options, seed + 2)
-            distance = normalised_w1(spectral.grid, spectral.values, lmax, *full[:3])
+            distance = normalised_w1(spectral.grid, spectral.values, lmax, *full)
         top = [float(v) for v in exact.values]
         a_values, a_vectors = psd_eigh(factors[name].A)
         kron_values, kron_vectors = kronecker_top(
@@ -176,27 +178,23 @@ def layerwise(
     return layers
 
 
-def _known_top(spectra: Report | None) -> list[float] | None:
-    """The full Hessian's top eigenvalues from the report, if it has them."""
-    known = getattr(spectra, "hessian", None) if spectra is not None else None
-    return None if known is None else known.top_eigenvalues
-
-
 def _full_density(
-    backend: Backend, top_k: int, seed: int, spectra: Report | None
-) -> tuple[Tensor, Tensor, float, list[float]]:
-    """Grid, values and λ_max of the full Hessian's density and its top-k eigenvalues, reused
-    from the report if there."""
-    known = getattr(spectra, "hessian", None) if spectra is not None else None
+    backend: Backend, top_k: int, seed: int, known: Spectrum | None
+) -> tuple[tuple[Tensor, Tensor, float], list[float]]:
+    """(grid, values, λ_max) of the full Hessian's density, and its top-k eigenvalues: those of
+    the report's Hessian spectrum ``known`` where it has them, else computed."""
     if known is not None and known.density["grid"]:  # not switched off for the hessian
         grid = torch.tensor(known.density["grid"], dtype=torch.float64)
         values = torch.tensor(known.density["values"], dtype=torch.float64)
-        return grid, values, known.top_eigenvalues[0], known.top_eigenvalues
+        return (grid, values, known.top_eigenvalues[0]), known.top_eigenvalues
     op = backend.operator("hessian")
     spectral, _ = density(op, backend.options, seed + 2)
-    eigen, _ = top_eigen(op, top_k, backend.options, seed)
-    top = [float(v) for v in eigen.values]
-    return spectral.grid, spectral.values, top[0], top
+    if known is not None:
+        top = known.top_eigenvalues
+    else:
+        eigen, _ = top_eigen(op, top_k, backend.options, seed)
+        top = [float(v) for v in eigen.values]
+    return (spectral.grid, spectral.values, top[0]), top
 
 
 def middle_layers(model: nn.Module) -> list[str]:
