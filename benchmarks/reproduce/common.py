@@ -4,9 +4,10 @@ Each script writes ``<name>.md`` (the paper's claim, the setup, the measured tab
 reproduces) and ``<name>.png`` to benchmarks/results/ (``--output`` elsewhere). The default data
 are the embedded digits or the synthetic Gaussian mixture, so that every script runs on a CPU in
 minutes; ``--data mnist|fashion-mnist|cifar10 --root DIR`` uses a local torchvision data set
-instead (never downloaded); ``--quick`` shrinks everything to a smoke test and ``--full``, where
-a script has it, runs the larger version (more seeds or settings) that does not fit the default
-ten minutes on two CPU cores.
+instead (never downloaded); ``--quick`` shrinks everything to a smoke test and ``--full`` runs
+the paper-scale version (more settings, seeds and examples) that does not fit the default ten
+minutes on two CPU cores. ``--device cuda`` trains and analyses on the GPU: the (float64) data
+tensors are moved there once and every model follows its data.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def run(main: Callable[[], None]) -> None:
         sys.exit(2)
 
 
-def arguments(doc: str, default_data: str, full: str | None = None) -> argparse.Namespace:
-    """The shared flags: --data, --root, --quick, --output, --seed, and --full (described by
-    ``full``) for a script that has a larger version."""
+def arguments(doc: str, default_data: str, full: str) -> argparse.Namespace:
+    """The shared flags: --data, --root, --quick, --full (described by ``full``), --device,
+    --output and --seed."""
     parser = argparse.ArgumentParser(
         description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -59,15 +60,17 @@ def arguments(doc: str, default_data: str, full: str | None = None) -> argparse.
     )
     parser.add_argument("--root", help="the local folder of a torchvision data set")
     parser.add_argument("--quick", action="store_true", help="tiny settings: a smoke test")
-    if full is not None:
-        parser.add_argument("--full", action="store_true", help=full)
+    parser.add_argument("--full", action="store_true", help=f"the paper-scale version: {full}")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:index]")
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for .md and .png")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if full is None:
-        args.full = False
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
+    if args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU that torch can see; none is (use --device cpu)")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     args.started = time.perf_counter()
     return args
@@ -80,20 +83,22 @@ def load(
     separation: float = 3.0,
     features: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) in float64 from ``args.data``: the digits' first ``samples_per_class`` of each
-    class, the Gaussian mixture with ``num_classes`` classes, or the first ``num_classes``
-    classes of a local torchvision set."""
+    """(x, y) in float64 on ``args.device`` from ``args.data``: the digits' first
+    ``samples_per_class`` of each class (all that a class has if it has fewer), the Gaussian
+    mixture with ``num_classes`` classes, or the first ``num_classes`` classes of a local
+    torchvision set."""
     if args.data == "digits":
-        return digits_tensors(torch.float64, samples_per_class)
-    if args.data == "gaussian-mixture":
-        return gaussian_mixture_tensors(
+        x, y = digits_tensors(torch.float64, samples_per_class)
+    elif args.data == "gaussian-mixture":
+        x, y = gaussian_mixture_tensors(
             num_classes, separation, samples_per_class, features, args.seed
         )
-    # Papyan's subsets: the first n of each class, of all classes, then the first C classes
-    xs, ys = zip(*torchvision_loader(args.data, args.root, 1024, samples_per_class))
-    x, y = torch.cat(xs).double(), torch.cat(ys)
-    keep = y < num_classes
-    return x[keep], y[keep]
+    else:  # Papyan's subsets: the first n of each class, of all classes, then the first C classes
+        xs, ys = zip(*torchvision_loader(args.data, args.root, 1024, samples_per_class))
+        x, y = torch.cat(xs).double(), torch.cat(ys)
+        keep = y < num_classes
+        x, y = x[keep], y[keep]
+    return x.to(args.device), y.to(args.device)
 
 
 def trained(
@@ -106,8 +111,9 @@ def trained(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
 ) -> tuple[torch.nn.Module, DataLoader]:
-    """``model`` trained (batches of 64, shuffled; Adam or SGD with momentum) and a loader for
-    its analysis."""
+    """``model``, moved to the data's device, trained (batches of 64, shuffled; Adam or SGD with
+    momentum) and a loader for its analysis."""
+    model.to(x.device)
     loader = tensor_loader(x, y, 64, shuffle=True, seed=seed)
     train(model, loader, epochs, lr, seed, False, optimizer, weight_decay)
     return model, tensor_loader(x, y, 1000)
@@ -160,6 +166,11 @@ def write(
         f"**Setup.** {setup} Data: {args.data}, seed {args.seed}"
         + (", --quick (smoke-test sizes: not evidence)" if args.quick else "")
         + (", --full" if args.full else "")
+        + (
+            f", on {args.device} ({torch.cuda.get_device_name(args.device)})"
+            if args.device != "cpu"
+            else ""
+        )
         + f". {minutes:.1f} minutes (wall clock) on {torch.get_num_threads()} threads "
         f"({platform.machine()}), curvkit {curvkit.__version__}, torch {torch.__version__}.",
         "",

@@ -1,7 +1,7 @@
 """Sagun et al. (2017): the Hessian's spectrum is a bulk near zero plus outliers; the outliers
 follow the data (about one per class), the number of parameters only scales the bulk.
 
-    python benchmarks/reproduce/sagun.py [--quick] [--data mnist --root DIR]
+    python benchmarks/reproduce/sagun.py [--quick | --full] [--data mnist --root DIR] [--device cuda]
 
 A tanh MLP (two hidden layers) is trained (Adam, lr 1e-3) on a Gaussian mixture (64 features,
 200 examples per class, pairwise mean distance 3) with C = 2, 5, 10 classes, at several widths;
@@ -13,6 +13,10 @@ Small and large batches (the paper: their solutions lie in one basin): from one 
 the C = 10 mixture is fitted with batches of 16 (Adam lr 1e-3) and with batches of 512 (Adam
 lr 1e-2), each for 5× the epochs above; the training loss along the straight line between the
 two solutions (21 points), its barrier above the higher end, and λ_max at each end.
+
+``--full``: 1000 examples per class, 50 epochs, widths up to 1024, separations up to 12 and, on
+the mixture, C = 20; meant for a GPU (``--device cuda``), with ``--data mnist`` for the paper's
+data.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def batch_sizes(args, width: int, sizes: dict) -> dict[str, dict]:
     trained on with small batches (the paper's protocol); the lines between them."""
     x, y = load(args, sizes["samples"], 10, 3.0)
     start = zoo_model("mlp", tuple(x.shape[1:]), 10, width=width, depth=2, seed=args.seed)
+    start.to(x.device)
     ends = {}
     for batch, (lr, multiple) in BATCHES.items():
         ends[batch] = copy.deepcopy(start)
@@ -102,18 +107,29 @@ def batch_sizes(args, width: int, sizes: dict) -> dict[str, dict]:
 
 
 def main() -> None:
-    args = arguments(__doc__, "gaussian-mixture")
-    sizes = (
-        {"classes": (2, 3), "widths": (8, 16), "separations": (1.5,), "samples": 20, "epochs": 2}
-        if args.quick
-        else {
+    args = arguments(
+        __doc__, "gaussian-mixture", full="1000 per class, 50 epochs, widths to 1024, C to 20"
+    )
+    mixture = args.data == "gaussian-mixture"
+    if args.quick:
+        sizes = {"classes": (2, 3), "widths": (8, 16), "separations": (1.5,), "samples": 20,
+                 "epochs": 2}  # fmt: skip
+    elif args.full:
+        sizes = {
+            "classes": (2, 5, 10, 20) if mixture else (2, 5, 10),
+            "widths": (32, 128, 512, 1024),
+            "separations": (1.5, 3.0, 6.0, 12.0),
+            "samples": 1000,
+            "epochs": 50,
+        }
+    else:
+        sizes = {
             "classes": (2, 5, 10),
             "widths": (32, 128, 512),
             "separations": (1.5, 3.0, 6.0),
             "samples": 200,
             "epochs": 20,
         }
-    )
     small, large = sizes["widths"][0], sizes["classes"][-1]
     by_classes = [measure(args, c, small, 3.0, sizes) for c in sizes["classes"]]
     by_width = [by_classes[-1]] + [measure(args, large, w, 3.0, sizes) for w in sizes["widths"][1:]]
@@ -123,11 +139,11 @@ def main() -> None:
         + [
             measure(args, middle, small, s, sizes)
             for s in sizes["separations"]
-            if s != 3.0 and args.data == "gaussian-mixture"
+            if s != 3.0 and mixture
         ],
         key=lambda r: r["separation"],
     )
-    lines = batch_sizes(args, small, sizes) if args.data == "gaussian-mixture" else {}
+    lines = batch_sizes(args, small, sizes)
     header = (
         "C",
         "width",
@@ -171,22 +187,16 @@ def main() -> None:
         f"**Outliers against separation** (C = {middle}, width {small}):",
         "",
         *table(header, rows(by_separation)),
-        *(
+        "",
+        f"**Small and large batches** (C = 10, width {small}): training loss along "
+        "θ(t) = (1 − t) θ_a + t θ_b, and λ_max at the ends.",
+        "",
+        *table(
+            ("a → b", *(f"t = {t / 20:.2f}" for t in range(0, 21, 4)), "λ_max a, b"),
             [
-                "",
-                f"**Small and large batches** (C = 10, width {small}): training loss along "
-                "θ(t) = (1 − t) θ_a + t θ_b, and λ_max at the ends.",
-                "",
-                *table(
-                    ("a → b", *(f"t = {t / 20:.2f}" for t in range(0, 21, 4)), "λ_max a, b"),
-                    [
-                        (name, *r["losses"][::4], " / ".join(f"{v:.3g}" for v in r["sharpness"]))
-                        for name, r in lines.items()
-                    ],
-                ),  # fmt: skip
-            ]
-            if lines
-            else []
+                (name, *r["losses"][::4], " / ".join(f"{v:.3g}" for v in r["sharpness"]))
+                for name, r in lines.items()
+            ],
         ),
     ]
     verdict = [
@@ -222,20 +232,16 @@ def main() -> None:
         + ": the data move the outliers (at the largest separation the network fits every "
         "example and the whole spectrum shrinks, so the gap rule may count differently).",
         *(
-            [
-                f"Small and large batches, {name}: end losses {r['losses'][0]:.3g} and "
-                f"{r['losses'][-1]:.3g}, λ_max {r['sharpness'][0]:.3g} and "
-                f"{r['sharpness'][1]:.3g}; the straight line rises {r['barrier']:.3g} above "
-                "the higher end"
-                + (
-                    ": no barrier, one basin, as claimed."
-                    if r["barrier"] <= 0.05 * max(r["losses"][0], r["losses"][-1])
-                    else ": a barrier on the straight line."
-                )
-                for name, r in lines.items()
-            ]
-            if lines
-            else ["Small and large batches: not measured on torchvision data (mixture only)."]
+            f"Small and large batches, {name}: end losses {r['losses'][0]:.3g} and "
+            f"{r['losses'][-1]:.3g}, λ_max {r['sharpness'][0]:.3g} and "
+            f"{r['sharpness'][1]:.3g}; the straight line rises {r['barrier']:.3g} above "
+            "the higher end"
+            + (
+                ": no barrier, one basin, as claimed."
+                if r["barrier"] <= 0.05 * max(r["losses"][0], r["losses"][-1])
+                else ": a barrier on the straight line."
+            )
+            for name, r in lines.items()
         ),
     ]
     figure = Figure(figsize=(11, 4.2), layout="constrained")
@@ -264,8 +270,14 @@ def main() -> None:
         "the data (about one per class: more classes or less separable data change them); "
         "increasing the number of parameters scales the bulk, not the outliers.",
         f"Tanh MLP with two hidden layers of the given width, Adam lr 1e-3, {sizes['epochs']} "
-        f"epochs, batches of 64; Gaussian mixture with {sizes['samples']} examples per class in "
-        "64 dimensions, means pairwise `separation` apart; Hessian of the mean cross-entropy on "
+        f"epochs, batches of 64; "
+        + (
+            f"Gaussian mixture with {sizes['samples']} examples per class in 64 dimensions, "
+            "means pairwise `separation` apart"
+            if mixture
+            else f"the first {sizes['samples']} examples of each of the first C classes"
+        )
+        + "; Hessian of the mean cross-entropy on "
         "the training set, top 2C + 10 eigenvalues (Lanczos), trace (Hutch++), SLQ density; "
         "bulk trace = trace − Σ outliers, bulk edge = the first eigenvalue after the outliers.",
         body,

@@ -1,7 +1,7 @@
 """Sankar et al. (2021): layerwise Hessians over training; the middle layers' spectrum is the
 closest to the full Hessian's; penalising the middle layers' Hessian trace regularises.
 
-    python benchmarks/reproduce/sankar.py [--quick | --full] [--data mnist --root DIR]
+    python benchmarks/reproduce/sankar.py [--quick | --full] [--data mnist --root DIR] [--device cuda]
 
 In the paper's regime: inputs standardised per feature, ReLU MLPs whose middle layers hold most
 of the parameters (64 → 96 → … → 96 → 10, L weight layers), trained with Adam (lr 1e-3).
@@ -18,7 +18,8 @@ of the parameters (64 → 96 → … → 96 → 10, L weight layers), trained wi
    benchmarks/bench_trace_penalty.py) in two settings: the 64-64-64-10 MLP on raw inputs with
    1000 training digits, and the middle-heavy 96-96-96 MLP on standardised inputs with 300.
    Each seed trains both γ from the same initialisation; the test is a paired t-test on the
-   test-accuracy differences (10 seeds; ``--full``: 64).
+   test-accuracy differences (10 seeds; ``--full``: 64). These small digits MLPs train on the
+   CPU whatever ``--device`` says.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def network(x: torch.Tensor, depth: int, seed: int) -> torch.nn.Module:
     """The middle-heavy ReLU MLP with ``depth`` weight layers for inputs like ``x``."""
     return zoo_model(
         "mlp", tuple(x.shape[1:]), 10, WIDTH, depth - 1, seed, activation=torch.nn.ReLU
-    )
+    ).to(x.device)
 
 
 def shapes(args, x, y, depth: int, seed: int, epochs: int) -> list[dict]:

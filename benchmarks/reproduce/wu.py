@@ -2,7 +2,7 @@
 in its top eigenvalues and top eigenspace, and its top eigenvectors reshape to nearly rank-one
 matrices.
 
-    python benchmarks/reproduce/wu.py [--quick] [--data mnist --root DIR]
+    python benchmarks/reproduce/wu.py [--quick | --full] [--data mnist --root DIR] [--device cuda]
 
 MLPs (64-64-64-10) with ReLU, as in the paper (trained with Adam lr 1e-2 for 30 epochs, and
 with SGD, momentum 0.9, lr 0.05, weight decay 5e-4), the Adam one also after 5 epochs, 256 wide
@@ -12,10 +12,12 @@ Conv2d weight: the exact block's top C − 1 eigenvalues (Lanczos on block produ
 of B ⊗ A, the overlap of their top C − 1 eigenspaces (E[M] has rank C − 1 under the softmax, so
 the C-th eigenvector of B ⊗ A is arbitrary), and σ₁²/Σσ² of each exact top eigenvector
 reshaped to the weight's shape; λ₁(A)/tr A, the share of the layer inputs' second moment in its
-top direction (the paper's explanation of the rank-one eigenvectors); and, for the MLPs,
+top direction (the paper's explanation of the rank-one eigenvectors); and, for three MLPs,
 the overlap of each layer's top C − 1 Hessian eigenspace between two models trained from
 different seeds (the paper: top eigenspaces of different models overlap highly), beside the
-overlap k/P_l of random subspaces.
+overlap k/P_l of random subspaces. ``--full`` adds the longer, wider and deeper versions
+(100 epochs, width 512, 6 hidden layers), LeNet with SGD and weight decay, and LeNet's Linear
+layers across seeds; it is meant for ``--data mnist|fashion-mnist|cifar10`` on a GPU.
 """
 
 from __future__ import annotations
@@ -52,18 +54,26 @@ class Model:
     width: int = 64
     depth: int = 2
     epochs: int = 30
+    full: bool = False  # only in --full
 
 
 MODELS = {
     "ReLU MLP, Adam": Model("mlp"),
     "ReLU MLP, Adam, 5 epochs": Model("mlp", epochs=5),
+    "ReLU MLP, Adam, 100 epochs": Model("mlp", epochs=100, full=True),
     "ReLU MLP, Adam, width 256": Model("mlp", width=256),
+    "ReLU MLP, Adam, width 512": Model("mlp", width=512, full=True),
     "ReLU MLP, Adam, depth 4": Model("mlp", depth=4),
+    "ReLU MLP, Adam, depth 6": Model("mlp", depth=6, full=True),
     "ReLU MLP, SGD wd 5e-4": Model("mlp", optimizer="sgd", lr=0.05, weight_decay=5e-4),
     "tanh MLP, Adam": Model("mlp", torch.nn.Tanh),
     "LeNet (ReLU), Adam": Model("lenet"),
+    "LeNet (ReLU), SGD wd 5e-4": Model(
+        "lenet", optimizer="sgd", lr=0.05, weight_decay=5e-4, full=True
+    ),
 }
 ACROSS_SEEDS = ("ReLU MLP, Adam", "ReLU MLP, SGD wd 5e-4", "tanh MLP, Adam")
+ACROSS_SEEDS_FULL = (*ACROSS_SEEDS, "LeNet (ReLU), Adam")
 
 
 def model_of(args, label: str, samples: int | None, seed: int):
@@ -109,8 +119,10 @@ def across_seeds(args, label: str, samples: int | None) -> dict[str, tuple]:
     ``args.seed`` and ``args.seed + 1``, and for the first (last) layer the overlap of the
     eigenvectors' input (output) side, whose coordinates the two models share."""
     pair = [model_of(args, label, samples, args.seed + i) for i in range(2)]
-    modules = {n: m for n, m in pair[0][0].named_modules() if isinstance(m, torch.nn.Linear)}
-    first, last = list(modules)[0], list(modules)[-1]
+    named = list(pair[0][0].named_modules())
+    modules = {n: m for n, m in named if isinstance(m, torch.nn.Linear)}
+    weights = [n for n, m in named if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    first, last = weights[0], weights[-1]  # a CNN's first Linear sees permutable channels
     vectors = [top_vectors(m, d, list(modules)) for m, d in pair]
     overlaps = {}
     for name, module in modules.items():
@@ -124,11 +136,13 @@ def across_seeds(args, label: str, samples: int | None) -> dict[str, tuple]:
 
 
 def main() -> None:
-    args = arguments(__doc__, "digits")
+    args = arguments(__doc__, "digits", full="100 epochs, width 512, depth 6, LeNet with SGD")
     samples = 5 if args.quick else None
-    labels = list(MODELS)[::3] if args.quick else list(MODELS)
+    labels = [label for label, m in MODELS.items() if args.full or not m.full]
+    labels = labels[::3] if args.quick else labels
     results = [measure(args, label, samples) for label in labels]
-    pairs = {label: across_seeds(args, label, samples) for label in labels if label in ACROSS_SEEDS}
+    compared = ACROSS_SEEDS_FULL if args.full else ACROSS_SEEDS
+    pairs = {label: across_seeds(args, label, samples) for label in labels if label in compared}
     rows, rank_ones = [], []
     for r in results:
         for layer_name, layer in r["layers"].items():
@@ -207,7 +221,7 @@ def main() -> None:
         + (" (a dominant input direction goes with rank-one eigenvectors, as the paper explains)."
            if share_vs_rank1 > 0.5 else " (weak: the input direction does not explain it here)."),
         *(
-            [f"Top eigenspaces across seeds (the MLPs): overlaps {min(seed_overlaps):.2f}–"
+            [f"Top eigenspaces across seeds: overlaps {min(seed_overlaps):.2f}–"
              f"{max(seed_overlaps):.2f} against random {min(randoms):.4f}–{max(randoms):.3f}"
              + (": high, as claimed" if min(seed_overlaps) > 0.5 else
                 ": above random but not high, as the permuted hidden units allow")
@@ -252,7 +266,7 @@ def main() -> None:
         "MLPs 64-64-64-10 (ReLU with Adam lr 1e-2 and with SGD lr 0.05, momentum 0.9, weight "
         "decay 5e-4; tanh with Adam; the ReLU Adam one also after 5 epochs, 256 wide and with 4 "
         "hidden layers) and LeNet (conv 5×5 ×6, ×16, Linear 120-84-10, ReLU, Adam) trained 30 "
-        "epochs (unless named) on all digits; blocks of each weight (bias excluded) of "
+        "epochs (unless named) on every training example (--quick: 5 per class); blocks of each weight (bias excluded) of "
         "the mean cross-entropy's Hessian; B ⊗ A from torch.func's per-example factors.",
         body,
         verdict,
