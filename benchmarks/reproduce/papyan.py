@@ -304,7 +304,7 @@ def main() -> None:
     ]
     figure = Figure(figsize=(11, 4.2), layout="constrained")
     left, right = figure.subplots(1, 2)
-    markers = dict(zip(dict.fromkeys(s.axis for s in regimes), "osv^DP*"))
+    markers = dict(zip(dict.fromkeys(s.axis for s in regimes), "osv^DP*Xh<>p"))
     for i, s in enumerate(regimes):
         r, style = s.result, {"marker": markers[s.axis], "color": TAB20(i % 20), "ls": "none"}
         left.plot(r["spread"], r["class_gap"], label=s.label, **style)
