@@ -162,15 +162,22 @@ def dense_cnn(cnn_problem):
 
 @pytest.fixture(scope="session", params=["mlp", "cnn"])
 def case(request):
-    """(model, loader, dense references) of each test case, with the Kronecker references."""
+    """(model, loader, dense references) of each test case, with the Kronecker factors, the
+    weights' places in the flat parameters, the top-4 eigenvalues of the Hessian and the top-4
+    eigenpairs of each weight's block (computed once, not per backend)."""
     problem, dense = {"mlp": ("digits_problem", "dense_mlp"), "cnn": ("cnn_problem", "dense_cnn")}[
         request.param
     ]
     model, loader = request.getfixturevalue(problem)
     dense = dict(request.getfixturevalue(dense))
     x, _ = reference.all_data(loader)
-    dense["kronecker"] = reference.kronecker_factors(model, x)
+    dense["kronecker"] = reference.kronecker_factors(model, x, dense["ggn"])
     dense["weights"] = reference.weight_slices(model)
+    dense["hessian_top"] = top_eigh(dense["hessian"], 4)[0]
+    dense["block_top"] = {
+        layer: top_eigh(dense["hessian"][where, where], 4)
+        for layer, where in dense["weights"].items()
+    }
     return model, loader, dense
 
 

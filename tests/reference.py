@@ -56,7 +56,10 @@ def per_example_jacobians(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 def papyan_deltas(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """δ_{i,c'} = sqrt(p_{i,c'}) J_iᵀ(e_{c'} − p_i), shape (N, C, P)."""
-    logits, jac = per_example_jacobians(model, x)
+    return _deltas(*per_example_jacobians(model, x))
+
+
+def _deltas(logits: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(logits, 1)
     eye = torch.eye(p.shape[1], dtype=p.dtype)
     direction = eye[None] - p[:, None, :]  # (N, c', C): e_{c'} − p
@@ -65,21 +68,23 @@ def papyan_deltas(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def dense_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """G = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i."""
-    logits, jac = per_example_jacobians(model, x)
+    return _ggn(*per_example_jacobians(model, x))
+
+
+def _ggn(logits: torch.Tensor, jac: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(logits, 1)
     h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    return torch.einsum("ncp,ncd,ndq->pq", jac, h, jac) / x.shape[0]
+    return torch.einsum("ncp,ncd,ndq->pq", jac, h, jac) / logits.shape[0]
 
 
 def kronecker_factors(
-    model: nn.Module, x: torch.Tensor
+    model: nn.Module, x: torch.Tensor, ggn: torch.Tensor
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """B and A of every Linear / Conv2d layer straight from the definitions: B is the bias's block
-    of the dense G, A the mean over examples and output positions of the (unfolded) inputs'
-    outer products, read off forward hooks."""
+    of the dense G (``ggn``), A the mean over examples and output positions of the (unfolded)
+    inputs' outer products, read off forward hooks."""
     names, shapes, _ = flat_params(model)
     offsets = dict(zip(names, torch.tensor([0] + [s.numel() for s in shapes]).cumsum(0).tolist()))
-    ggn = dense_ggn(model, x)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     inputs = {}
     handles = [
@@ -119,10 +124,11 @@ def weight_slices(model: nn.Module) -> dict[str, slice]:
 def dense_references(model: nn.Module, loader) -> dict[str, torch.Tensor]:
     """The Hessian, G, the per-example factors δ_{i,c'} and the labels of a whole data set."""
     x, y = all_data(loader)
+    jacobians = per_example_jacobians(model, x)
     return {
         "hessian": dense_hessian(model, x, y),
-        "ggn": dense_ggn(model, x),
-        "deltas": papyan_deltas(model, x),
+        "ggn": _ggn(*jacobians),
+        "deltas": _deltas(*jacobians),
         "labels": y,
     }
 
