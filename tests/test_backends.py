@@ -344,7 +344,8 @@ class ResidualMLP(torch.nn.Module):
 def test_backpack_converter_on_a_residual_network(digits_problem):
     """BackPACK's converter handles the skip connection for SqrtGGNExact and DiagGGNExact (both
     exact: 1e-8); its DiagHessian lacks the inserted SumModule, so the Hessian trace falls back to
-    Hutch++ on BackPACK's products (said in provenance); KFLR cannot branch and says so."""
+    Hutch++ on BackPACK's products (said in provenance); KFLR, completed with the accumulation
+    rule for the branch, gives torch.func's exact Kronecker factors (1e-8)."""
     _, loader = digits_problem
     torch.manual_seed(0)
     model = ResidualMLP().double()
@@ -358,8 +359,12 @@ def test_backpack_converter_on_a_residual_network(digits_problem):
         assert ggn_trace.value == pytest.approx(exact, rel=RTOL)
         _, provenance = trace(backend.operator("hessian"), backend.options, 0)
         assert provenance.derived and "SumModule" in provenance.note
-        with pytest.raises(curvkit.UnsupportedError, match="KFLR cannot handle the ResidualMLP"):
-            backend.kronecker_factors()
+        factors = backend.kronecker_factors()
+        for layer, exact_factors in (
+            make_backend("torchfunc", model, loader).kronecker_factors().items()
+        ):
+            assert reference.rel_err(factors[layer].B, exact_factors.B) < RTOL, layer
+            assert reference.rel_err(factors[layer].A, exact_factors.A) < RTOL, layer
     assert isinstance(model.act1, torch.nn.Tanh)  # the converter worked on a copy
 
 
@@ -401,19 +406,31 @@ def test_backpack_on_a_resnet_pattern(digits_problem):
     own copy the adapter computes the ReLU out of place and pools with the equivalent fixed
     AvgPool2d (4×4 inputs to 2×2 here), so SqrtGGNExact's class sums equal torch.func's. float32
     (BackPACK's AvgPool2d rule computes in float32): sums of 300 examples' products in float32
-    measured 3e-7 relative; 1e-5 catches a wrong pooling (its error is O(1)). KFLR has no
-    BatchNorm rule, which the refusal says; the user's model keeps its modules."""
-    _, loader = digits_problem
+    measured 3e-7 relative; 1e-5 catches a wrong pooling (its error is O(1)). KFLR, which has
+    no BatchNorm rule of its own, passes through the eval-mode BatchNorm by BackPACK's BatchNorm
+    Jacobian: its factors equal torch.func's exact ones (same float32 bound; the BatchNorm
+    statistics are set far from the identity, so that a missing or wrong scale is an O(1)
+    error). The user's model keeps its modules."""
     torch.manual_seed(0)
     model = TinyResNet().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
     data = digits_loader(batch_size=128, samples_per_class=30, dtype=torch.float32)
     options = curvkit.Options(class_sums="per-example")
     with model_guard(model):
         backend = make_backend("backpack", model, data, options)
-        assert backend.refusal("classmeans") is None
-        expected = make_backend("torchfunc", model, data, options).class_deltas().sums
+        exact = make_backend("torchfunc", model, data, options)
+        assert backend.refusal("classmeans") is None and backend.refusal("layerwise") is None
+        expected = exact.class_deltas().sums
         assert reference.rel_err(backend.class_deltas().sums, expected) < 1e-5
-        assert "KFLR does not support the 2 BatchNorm2d modules" in backend.refusal("layerwise")
+        factors, expected = backend.kronecker_factors(), exact.kronecker_factors()
+        assert factors.keys() == expected.keys() == {"conv1", "conv2", "fc"}
+        for layer, exact_factors in expected.items():
+            assert reference.rel_err(factors[layer].B, exact_factors.B) < 1e-5, layer
+            assert reference.rel_err(factors[layer].A, exact_factors.A) < 1e-5, layer
     assert model.relu.inplace and isinstance(model.pool, torch.nn.AdaptiveAvgPool2d)
 
 

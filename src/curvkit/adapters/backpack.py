@@ -260,12 +260,8 @@ class BackPACKBackend(Backend):
         """KFLR (or KFAC) on a batch: with a summed loss BackPACK gives ``[Σ_i M_i, (1/B) Σ_i
         a_i a_iᵀ]``; for Conv2d its A sums the patches' outer products over the T output
         positions, and curvkit's A is their mean (divided by T)."""
-        from backpack.extensions import KFAC, KFLR
-
-        if self.config["kronecker"] == "kfac":
-            extension, attribute = KFAC(mc_samples=self.config["mc_samples"]), "kfac"
-        else:
-            extension, attribute = KFLR(), "kflr"
+        extension = kronecker_extension(self.config["kronecker"], self.config["mc_samples"])
+        attribute = extension.savefield
         layers = kronecker_layers(self.problem)
         if self._positions is None:
             self._positions = output_positions(self.working_copy()[0], layers, x)
@@ -332,6 +328,29 @@ class BackPACKBackend(Backend):
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:
         with mc_seeded(self.problem.device, 0):  # KFAC samples classes
             return super().kronecker_factors()
+
+
+def kronecker_extension(kind: str, mc_samples: int) -> Any:
+    """BackPACK's KFLR (``kind="kflr"``) or KFAC, completed for residual networks in eval mode.
+
+    Neither has a BatchNorm rule; in eval mode BatchNorm is a per-channel affine map, and the
+    backpropagated square root passes through it by BackPACK's own BatchNorm Jacobian (the rule
+    its DiagGGNExact uses), registered as a module extension. KFLR also lacks the accumulation
+    rule for a tensor used twice (a residual branch): the square roots from both uses add, as
+    KFAC's and SqrtGGN's do.
+    """
+    from backpack.core.derivatives.batchnorm_nd import BatchNormNdDerivatives
+    from backpack.extensions import KFAC, KFLR
+    from backpack.extensions.secondorder.hbp.hbpbase import HBPBaseModule
+
+    class ResidualKFLR(KFLR):
+        def accumulate_backpropagated_quantities(self, existing: Tensor, other: Tensor) -> Tensor:
+            return existing + other
+
+    extension = KFAC(mc_samples=mc_samples) if kind == "kfac" else ResidualKFLR()
+    for batch_norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        extension.set_module_extension(batch_norm, HBPBaseModule(BatchNormNdDerivatives()))
+    return extension
 
 
 @contextlib.contextmanager
