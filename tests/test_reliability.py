@@ -386,20 +386,36 @@ def test_memory_budget_chooses_the_class_sums_route(monkeypatch, megabytes, rout
 
 
 @pytest.mark.slow
-def test_memory_budget_refuses_up_front_when_no_route_fits(monkeypatch):
-    """At 0.2 MiB even the means route's 5CP numbers (0.23 MiB) exceed half the budget, and
-    so do the Kronecker factors (2 · 8 bytes · Σ(n² + m²) + 16 bytes · the largest pair's
-    n² + m²: 0.13 MiB): the refusals come before any computation, name the largest layer, and
-    advise no backend."""
-    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.2")
+def test_memory_budget_refuses_class_means_and_skips_large_kronecker_factors(monkeypatch):
+    """At 0.2 MiB even the means route's 5CP numbers (0.23 MiB) exceed half the budget: class
+    means are refused before any computation, advising no backend. Layerwise is not refused for
+    size: layer 0's factors (B 8 × 8, A 64 × 64) with layer 2's need 2 · 8 bytes · Σ(n² + m²) +
+    16 bytes · (8² + 64²) = 0.13 MiB and are left out, layer 2's alone (5 kB) fit. Layer 0 keeps
+    its exact block numbers (those of a run at 0.3 MiB, where both fit) and says why its
+    Kronecker part is missing; layer 2 is as at 0.3 MiB; on every backend with the factors."""
     model, data = tiny_model(), digits_batches()
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.2")
     with pytest.raises(UnsupportedError, match="class means for C = 10.*no installed backend"):
         curvkit.analyze(model, data, quantities=["hessian", "classmeans"], progress=False)
-    with pytest.raises(UnsupportedError, match=r"2 layers need.*0 \(A 64 × 64\).*no installed"):
-        curvkit.analyze(model, data, quantities=["hessian", "layerwise"], progress=False)
-    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.3")
-    report = curvkit.analyze(model, data, quantities=["layerwise"], top_k=2, progress=False)
-    assert set(report.layerwise) == {"0", "2"}
+    for name, row in curvkit.backends().items():
+        if not row["installed"] or "kronecker_factors" not in row["capabilities"]:
+            continue
+        runs = {}
+        for megabytes in ("0.2", "0.3"):
+            monkeypatch.setenv("CURVKIT_MEMORY_MB", megabytes)
+            runs[megabytes] = curvkit.analyze(model, data, name, ["layerwise"], top_k=2,
+                                              options=QUICK, progress=False).layerwise  # fmt: skip
+        tight, ample = runs["0.2"], runs["0.3"]
+        assert "skipped" not in ample["0"].kronecker and "skipped" not in tight["2"].kronecker
+        assert "A (64 × 64)" in tight["0"].kronecker["skipped"], name
+        assert tight["0"].kronecker["top_eigenvalues"] == [] and math.isnan(
+            tight["0"].overlap["ggn"]
+        )
+        assert tight["0"].top_eigenvalues == pytest.approx(ample["0"].top_eigenvalues, rel=1e-12)
+        kept, full = tight["2"].kronecker, ample["2"].kronecker
+        assert kept["top_eigenvalues"] == pytest.approx(full["top_eigenvalues"], rel=1e-12)
+        assert kept["A_top_share"] == pytest.approx(full["A_top_share"], rel=1e-12)
+        assert tight["2"].overlap == pytest.approx(ample["2"].overlap, rel=1e-12)
 
 
 class SharedWeight(nn.Module):

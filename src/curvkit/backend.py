@@ -35,9 +35,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from curvkit.distributed import all_reduce_float
+from curvkit.distributed import all_gather_objects, all_reduce_float
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
-from curvkit.layers import kronecker_layers, kronecker_shape
+from curvkit.layers import kronecker_plan
 from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options, shown
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
@@ -121,6 +121,7 @@ class Backend:
         self.problem = problem
         self.passes = 0
         self._working_copy: tuple[torch.nn.Module, list[Tensor]] | None = None
+        self._kronecker_plan: tuple[list[str], dict[str, str]] | None = None
         self.configure(options or Options())
 
     def configure(self, options: Options) -> None:
@@ -207,30 +208,17 @@ class Backend:
         if quantity == "classmeans":
             route, why = self.class_sums_route()
             return None if route else why
-        return self.kronecker_refusal() if quantity == "layerwise" else None
+        return None
 
-    def kronecker_refusal(self) -> str | None:
-        """The Kronecker factors against half the memory budget: every layer's B (n × n) and
-        A (m × m), summed over the data beside one batch's part, and the largest layer's pair
-        decomposed in float64 (matrices and eigenvectors)."""
-        free = free_memory(self.problem.device)
-        if free is None:
-            return None
-        modules = dict(self.problem.model.named_modules())
-        shapes = {n: kronecker_shape(modules[n]) for n in kronecker_layers(self.problem)}
-        squares = {name: n * n + m * m for name, (n, m) in shapes.items()}
-        if not squares:
-            return None
-        need = 2 * self.problem.dtype.itemsize * sum(squares.values()) + 16 * max(squares.values())
-        if need <= free / 2:
-            return None
-        largest = sorted(squares, key=squares.get, reverse=True)[:3]
-        return (
-            f"the Kronecker factors of the {len(squares)} layers need about "
-            f"{need / 2**30:.1f} GiB, beyond half the memory budget, {free / 2**30:.1f} GiB; "
-            "leave the largest out of params=[...]: "
-            + ", ".join(f"{n} (A {shapes[n][1]} × {shapes[n][1]})" for n in largest)
-        )
+    def kronecker_plan(self) -> tuple[list[str], dict[str, str]]:
+        """The layers whose Kronecker factors are computed, and each left-out layer with the
+        reason (curvkit.layers.kronecker_plan, against half the memory budget: the smallest
+        budget of all ranks, so that every rank keeps the same layers). Decided once."""
+        if self._kronecker_plan is None:
+            budgets = all_gather_objects(free_memory(self.problem.device), self.problem.group)
+            known = [b for b in budgets if b is not None]
+            self._kronecker_plan = kronecker_plan(self.problem, min(known) / 2 if known else None)
+        return self._kronecker_plan
 
     def class_sums_route(self) -> tuple[str | None, str]:
         """The route of Papyan's class sums (see CLASS_SUMS_ROUTES) and a sentence saying why,

@@ -24,6 +24,37 @@ def kronecker_layers(problem: Problem) -> list[str]:
     ]
 
 
+def kronecker_plan(problem: Problem, budget: float | None) -> tuple[list[str], dict[str, str]]:
+    """The Kronecker layers whose factors fit ``budget`` bytes, and each left-out layer with the
+    reason. Memory: every kept layer's B (n × n) and A (m × m), summed over the data beside one
+    batch's part, and the largest kept pair decomposed in float64 (matrices and eigenvectors:
+    16 bytes per entry). Layers are kept smallest first, so a few huge factors (a Linear on
+    flattened images) do not cost the others theirs; no budget (None) keeps every layer."""
+    modules = dict(problem.model.named_modules())
+    shapes = {name: kronecker_shape(modules[name]) for name in kronecker_layers(problem)}
+    squares = {name: n * n + m * m for name, (n, m) in shapes.items()}
+    size = problem.dtype.itemsize
+    kept: list[str] = []
+    skipped: dict[str, str] = {}
+    for name in sorted(squares, key=squares.get):
+        need = 2 * size * sum(squares[k] for k in [*kept, name]) + 16 * squares[name]
+        if budget is None or need <= budget:
+            kept.append(name)
+            continue
+        n, m = shapes[name]
+        others = f"{len(kept)} smaller layer{'s' * (len(kept) != 1)}"
+        skipped[name] = (
+            f"its Kronecker factors B ({n} × {n}) and A ({m} × {m}) with those of the {others} "
+            f"need {_bytes(need)}, beyond half the memory budget, {_bytes(budget)}; the exact "
+            "block is analysed without them"
+        )
+    return [name for name in shapes if name in kept], skipped
+
+
+def _bytes(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
+
+
 def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
     """(n, m) of a layer's weight as a matrix: out features × (in features · kernel size)."""
     weight = module.weight

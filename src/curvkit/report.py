@@ -305,8 +305,12 @@ class Report:
                         "×".join(map(str, layer.shape)),
                         _g(layer.trace),
                         _g(layer.max_eigenvalue),
-                        _g(layer.kronecker["top_eigenvalues"][0]),
-                        f"{layer.overlap['hessian']:.3f}",
+                        _g(layer.kronecker["top_eigenvalues"][0])
+                        if layer.kronecker["top_eigenvalues"]
+                        else "skipped",
+                        "—"
+                        if math.isnan(layer.overlap["hessian"])
+                        else f"{layer.overlap['hessian']:.3f}",
                         f"{layer.rank1[0]:.3f}",
                         "" if layer.spectrum_distance is None else f"{layer.spectrum_distance:.3f}",
                         "" if layer.profile_distance is None else f"{layer.profile_distance:.3f}",
@@ -318,6 +322,11 @@ class Report:
                 "mean |λ_i/λ_1 − full's|, i ≤ k):",
             ]
             lines += _table(rows)
+            lines += [
+                f"Kronecker factors of layer {name} skipped: {layer.kronecker['skipped']}."
+                for name, layer in self.layerwise.items()
+                if "skipped" in layer.kronecker
+            ]
         return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from curvkit.backend import Backend, KroneckerFactors
 from curvkit.distributed import all_gather_objects
 from curvkit.errors import InvalidInputError, UnsupportedError
-from curvkit.layers import kronecker_layers, output_positions
+from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import trace
 from curvkit.linalg.trace import batch_stderr
@@ -262,7 +262,7 @@ class BackPACKBackend(Backend):
         positions, and curvkit's A is their mean (divided by T)."""
         extension = kronecker_extension(self.config["kronecker"], self.config["mc_samples"])
         attribute = extension.savefield
-        layers = kronecker_layers(self.problem)
+        layers, _ = self.kronecker_plan()
         if self._positions is None:
             self._positions = output_positions(self.working_copy()[0], layers, x)
         with self._backward(x, y, extension) as params:

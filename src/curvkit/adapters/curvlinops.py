@@ -31,7 +31,6 @@ from torch import Tensor
 
 from curvkit.backend import Backend, CountingBatches, KroneckerFactors
 from curvkit.errors import UnsupportedError
-from curvkit.layers import kronecker_layers
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
 from curvkit.linalg.operator import top_eigen, trace
@@ -249,7 +248,7 @@ class CurvlinopsBackend(Backend):
 
         self.require("kronecker_factors")
         _, copies = self.working_copy()
-        layers = kronecker_layers(self.problem)
+        layers, _ = self.kronecker_plan()
         # the layers' weights alone: curvlinops refuses parameters of other layers (LayerNorm, …)
         params = [copies[self.problem.names.index(f"{n}.weight")] for n in layers]
         shard = self.problem.num_shard_samples

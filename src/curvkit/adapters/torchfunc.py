@@ -31,7 +31,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError, UnsupportedError
-from curvkit.layers import kronecker_layers, unfolded_input
+from curvkit.layers import unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
 ROUTES = ("forward-over-reverse", "reverse-over-reverse")
@@ -284,7 +284,7 @@ class TorchFuncBackend(Backend):
         ``Σ_i (1/T) Σ_s ã_{i,s} ã_{i,s}ᵀ`` over the T unfolded patches.
         """
         model, _ = self.working_copy()
-        layers = kronecker_layers(self.problem)
+        layers, _ = self.kronecker_plan()
         modules = dict(model.named_modules())
         recorded: dict[str, tuple[Tensor, torch.Size]] = {}  # layer input, per-example z shape
         shifts: Tensors = {}

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,10 @@ def layerwise(
     """Every Linear / Conv2d layer's Hessian block against its Kronecker approximation.
 
     The blocks are operators of the backend (its native block products and routines where it
-    has them), so the quantity's options apply to them as to the full matrices.
+    has them), so the quantity's options apply to them as to the full matrices. A layer whose
+    Kronecker factors do not fit the memory budget (``Backend.kronecker_plan``) keeps its exact
+    block numbers; its ``kronecker`` says why it was ``skipped`` (no Kronecker eigenvalues,
+    NaN overlaps and λ₁(A)/tr A).
     """
     problem, options = backend.problem, backend.options
     names = kronecker_layers(problem)
@@ -105,8 +108,9 @@ def layerwise(
             "the model has no Linear or Conv2d layer whose weight is selected; layerwise analysis "
             "needs at least one."
         )
+    kept, skipped = backend.kronecker_plan()
     start, passes = time.perf_counter(), backend.passes
-    factors = backend.kronecker_factors()
+    factors = backend.kronecker_factors() if kept else {}
     factor_prov = Provenance(
         backend.name,
         f"{backend.name}.kronecker_factors",
@@ -142,26 +146,31 @@ def layerwise(
             spectral, provenance["density"] = density(hessian_block, options, seed + 2)
             distance = normalised_w1(spectral.grid, spectral.values, lmax, *full)
         top = [float(v) for v in exact.values]
-        a_values, a_vectors = psd_eigh(factors[name].A)
-        kron_values, kron_vectors = kronecker_top(
-            psd_eigh(factors[name].B), (a_values, a_vectors), k
-        )
+        kronecker: dict[str, Any] = {"B_shape": [shape[0]] * 2, "A_shape": [shape[1]] * 2}
+        if name in skipped:
+            kronecker.update(top_eigenvalues=[], A_top_share=math.nan, skipped=skipped[name])
+            overlap = {"hessian": math.nan, "ggn": math.nan}
+        else:
+            a_values, a_vectors = psd_eigh(factors[name].A)
+            kron_values, kron_vectors = kronecker_top(
+                psd_eigh(factors[name].B), (a_values, a_vectors), k
+            )
+            kronecker.update(
+                top_eigenvalues=[float(v) for v in kron_values],
+                A_top_share=float(a_values.max() / a_values.sum()),
+            )
+            overlap = {
+                "hessian": subspace_overlap(exact.vectors, kron_vectors.to(exact.vectors)),
+                "ggn": subspace_overlap(exact_g.vectors, kron_vectors.to(exact_g.vectors)),
+            }
         layers[name] = Layer(
             shape=list(shape),
             trace=estimate.value,
             trace_stderr=estimate.stderr,
             max_eigenvalue=lmax,
             top_eigenvalues=top,
-            kronecker={
-                "B_shape": list(factors[name].B.shape),
-                "A_shape": list(factors[name].A.shape),
-                "top_eigenvalues": [float(v) for v in kron_values],
-                "A_top_share": float(a_values.max() / a_values.sum()),
-            },
-            overlap={
-                "hessian": subspace_overlap(exact.vectors, kron_vectors.to(exact.vectors)),
-                "ggn": subspace_overlap(exact_g.vectors, kron_vectors.to(exact_g.vectors)),
-            },
+            kronecker=kronecker,
+            overlap=overlap,
             rank1=[rank_one_ratio(u, shape) for u in exact.vectors.T],
             spectrum_distance=distance,
             profile_distance=None if full_top is None else profile_distance(top, full_top),
