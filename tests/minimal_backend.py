@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from curvkit.backend import Backend
-from curvkit.layers import kronecker_layers, unfolded_input
+from curvkit.layers import unfolded_input
 
 
 class MinimalBackend(Backend):
@@ -54,7 +54,7 @@ class MinimalBackend(Backend):
 
     def batch_kronecker(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         model, _ = self.working_copy()
-        modules, layers, seen = dict(model.named_modules()), kronecker_layers(self.problem), {}
+        modules, (layers, _), seen = dict(model.named_modules()), self.kronecker_plan(), {}
         handles = [modules[n].register_forward_hook(
             lambda _m, args, out, n=n: seen.__setitem__(n, (args[0], out))) for n in layers]  # fmt: skip
         try:
