@@ -23,6 +23,7 @@ from torch import Tensor
 
 from curvkit.errors import InvalidInputError
 from curvkit.linalg.krylov import Density, EigenResult, lanczos, slq_density
+from curvkit.linalg.subspace import long_matmul
 from curvkit.linalg.trace import METHODS, TraceEstimate, estimate_trace
 from curvkit.report import Provenance
 
@@ -175,7 +176,9 @@ class Operator:
         """``self − F K Fᵀ`` for a (size, r) matrix F and an r × r matrix K, without extra
         backend products."""
         return dataclasses.replace(
-            self, matmat=lambda V: self.matmat(V) - factors @ (inner @ (factors.T @ V)), native={}
+            self,
+            matmat=lambda V: self.matmat(V) - factors @ (inner @ long_matmul(factors.T, V)),
+            native={},
         )
 
     def clock(self) -> tuple[float, int]:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from curvkit.linalg.krylov import Matmat, random_rademacher
+from curvkit.linalg.subspace import long_matmul
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -96,7 +97,7 @@ def hutch_plus_plus(
     q, _ = torch.linalg.qr(matmat(sketch))
     low_rank = math.fsum(quadratic_forms(matmat, q))
     probes = random_rademacher((dim, n_probe), generator, dtype, device)
-    mean, stderr = mean_and_stderr(quadratic_forms(matmat, probes - q @ (q.T @ probes)))
+    mean, stderr = mean_and_stderr(quadratic_forms(matmat, probes - q @ long_matmul(q.T, probes)))
     return TraceEstimate(low_rank + mean, stderr, 2 * n_sketch + n_probe, "hutch++")
 
 

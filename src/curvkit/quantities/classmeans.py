@@ -40,6 +40,7 @@ from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError
 from curvkit.linalg import Operator, gram_eigenvalues, orthonormal_basis, subspace_overlap
 from curvkit.linalg.operator import top_eigen, trace
+from curvkit.linalg.subspace import long_matmul
 from curvkit.report import ClassMeans, Provenance
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ def classmeans(
         top[matrix], vectors = _top_eigen(backend, matrix, num_classes, seed, spectra, provenance)
         overlap[matrix] = subspace_overlap(vectors, class_basis)
     started = ggn.clock()
-    restricted = (class_basis.T @ ggn.matmat(class_basis)).double()
+    restricted = long_matmul(class_basis.T, ggn.matmat(class_basis)).double()
     ritz = torch.linalg.eigvalsh((restricted + restricted.T) / 2).flip(0).tolist()
     provenance["ritz"] = ggn.provenance("curvkit.rayleigh_ritz", class_basis.shape[1], started)
     gap = {
@@ -270,7 +271,7 @@ def _coordinates(group: GroupMeans, class_term_gram: Tensor) -> dict[str, object
     # the top two eigenvectors of G_class = L Lᵀ are L u for the Gram's top u, unnormalised
     axes = group.rows.T @ (group.coefficients["class"] @ vectors[:, -2:].flip(1)).to(group.rows)
     axes = axes / axes.norm(dim=0).clamp_min(torch.finfo(axes.dtype).tiny)
-    on_axes = (group.rows @ axes).double().cpu()  # every row's coordinates
+    on_axes = long_matmul(group.rows, axes).double().cpu()  # every row's coordinates
     k = len(group.present)
     return {
         "axes": "top two eigenvectors of G_class",
