@@ -53,6 +53,9 @@ def random_rademacher(
     return (2 * signs - 1).to(device=device, dtype=dtype)
 
 
+COPY_LIMIT = 2**26  # bytes: a smaller basis grows by copying, a larger one in new chunks
+
+
 def _dot(u: Tensor, v: Tensor) -> float:
     """uᵀv of two P-vectors, accurate in float32 (``long_matmul``): torch's float32 ``norm`` of
     a normalised 4·10⁶-vector measured 3e-3 off on CPU, which left the basis 3e-3 from
@@ -64,9 +67,10 @@ class _Krylov:
     """Block Lanczos recurrence with full (twice-applied Gram–Schmidt) reorthogonalisation.
 
     Keeps the orthonormal basis Q and the projected matrix T = QᵀAQ, which is block
-    tridiagonal. Q's rows live in chunks of geometrically growing size, each as large as the
-    basis before it: never pre-allocated in full, and never copied when it grows (a doubled copy
-    would hold 1.5× the basis at that moment). ``newest()`` is the block whose
+    tridiagonal. Q is never pre-allocated in full: it grows by doubling, copied into one chunk
+    while that stays under COPY_LIMIT bytes (fewer, larger products), and beyond it in new
+    chunks, each as large as the basis before it, so that a large basis is never copied (the
+    copy would hold 1.5× the basis at that moment). ``newest()`` is the block whose
     product is due; ``extend(A · newest())`` orthogonalises the product against Q and appends
     what is left as the next block, dropping a column whose remainder is at rounding level.
     When nothing is left (the Krylov space became invariant) it continues with a fresh random
@@ -116,10 +120,18 @@ class _Krylov:
 
     def _append(self, columns: Tensor) -> None:
         width = columns.shape[1]
-        if not self.chunks or self.used[-1] + width > len(self.chunks[-1]):  # a new chunk
+        if not self.chunks or self.used[-1] + width > len(self.chunks[-1]):  # room for more
             rows = max(min(self.size, self.capacity + 2 * self.width - self.size), width)
-            self.chunks.append(columns.new_empty(rows, self.dim))
-            self.used.append(0)
+            if (
+                len(self.chunks) == 1
+                and (self.size + rows) * self.dim * columns.element_size() <= COPY_LIMIT
+            ):
+                grown = columns.new_empty(self.size + rows, self.dim)
+                grown[: self.size] = self.chunks[0][: self.size]
+                self.chunks[0] = grown
+            else:
+                self.chunks.append(columns.new_empty(rows, self.dim))
+                self.used.append(0)
         if self.size + width > len(self.projected):
             grown = max(
                 min(2 * len(self.projected), self.capacity + 2 * self.width), self.size + width
