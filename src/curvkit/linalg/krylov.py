@@ -108,15 +108,17 @@ class _Krylov:
         return [chunk[:used] for chunk, used in zip(self.chunks, self.used)]
 
     def combine(self, coefficients: Tensor) -> Tensor:
-        """Q[:, :n] · coefficients for n × k coefficients (n ≤ size), as (dim, k) vectors."""
+        """Q[:, :n] · coefficients for n × k coefficients (n ≤ size), as a (dim, k) view of a
+        k × dim product: row-major products, accumulated in place over the chunks (on 1.1·10⁷
+        float32 dimensions, Qᵀ's column-major product took 1.8× as long)."""
         out, start = None, 0
         for q in self.rows():
             q = q[: max(0, len(coefficients) - start)]
             if len(q):
-                part = q.T @ coefficients[start : start + len(q)].to(q)
-                out = part if out is None else out + part
+                c = coefficients[start : start + len(q)].to(q).T
+                out = c @ q if out is None else out.addmm_(c, q)
             start += len(q)
-        return out
+        return out.T
 
     def _append(self, columns: Tensor) -> None:
         width = columns.shape[1]
@@ -269,7 +271,7 @@ def lanczos(
             converged = converged or m == dim
             if converged or m >= max_iter:
                 break
-    vectors = krylov.combine(s)
+    vectors = krylov.combine(s).contiguous()
     return EigenResult(theta.to(dtype=dtype), vectors, bound.to(dtype), krylov.matvecs, converged)
 
 
