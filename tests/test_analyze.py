@@ -264,6 +264,8 @@ def test_loading_a_file_that_is_not_a_report_is_a_clear_error(tmp_path, text):
         Report.load(path)
     with pytest.raises(InvalidInputError, match="does not exist"):
         Report.load(tmp_path / "missing.yaml")
+    with pytest.raises(InvalidInputError, match="cannot read the report .* \\(Is a directory\\)"):
+        Report.load(tmp_path)
 
 
 def test_saved_report_has_ordinary_file_permissions(report, tmp_path):

@@ -113,6 +113,14 @@ def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
 
         def make_loader():
             return digits_loader(batch_size=50, samples_per_class=5)
+
+        def broken():
+            raise ValueError("no weights here")
+
+        def a_number():
+            return 5
+
+        NOT_A_FUNCTION = 3.14
         """,
     )
     monkeypatch.chdir(tmp_path)  # found in the working folder, without PYTHONPATH=.
@@ -142,6 +150,14 @@ def test_factory_model_and_data_with_checkpoint(tmp_path, monkeypatch):
         load_config(None, {"model": {"factory": "userproject:make_model", "epochs": 3}})
     with pytest.raises(curvkit.InvalidInputError, match="'builtins:exit' exited"):
         build(load_config(None, {"model": "builtins:exit"}), progress=False)
+    for model, match in (
+        ("userproject:broken", "'userproject:broken' raised ValueError: no weights here; fix"),
+        ("userproject:NOT_A_FUNCTION", "'userproject:NOT_A_FUNCTION' is a float, not a function"),
+    ):
+        with pytest.raises(curvkit.InvalidInputError, match=match):
+            build(load_config(None, {"model": model}), progress=False)
+    with pytest.raises(curvkit.InvalidInputError, match="returned a int, not a re-iterable"):
+        build(load_config(None, {"data": "userproject:a_number"}), progress=False)
 
 
 @pytest.mark.slow  # the vision extra: importing torchvision takes seconds

@@ -12,7 +12,12 @@ from torch import nn
 
 import curvkit
 from curvkit.cli import main
-from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
+from curvkit.errors import (
+    CurvkitError,
+    InvalidInputError,
+    MissingDependencyError,
+    UnsupportedError,
+)
 from curvkit.problem import Problem, model_guard
 from curvkit.registry import get_backend
 from tests.conftest import backend_params
@@ -169,16 +174,31 @@ def test_bad_options_get_one_sentence_before_any_pass(case):
         ({"top_k": True}, "top_k must be an integer ≥ 1, got True"),
         ({"top_k": 2.5}, "top_k must be an integer ≥ 1, got 2.5"),
         ({"top_k": "5"}, "top_k must be an integer ≥ 1, got '5'"),
-        ({"seed": -1}, "seed must be an integer ≥ 0, got -1"),
-        ({"seed": None}, "seed must be an integer ≥ 0, got None"),
+        ({"seed": -1}, r"seed must be an integer in \[0, 9223372036854775807\], got -1"),
+        ({"seed": None}, r"seed must be an integer in \[0, 9223372036854775807\], got None"),
+        ({"seed": 2**70}, r"seed must be an integer in \[0, 9223372036854775807\], got 1180"),
         ({"cache_mb": "10"}, "cache_mb must be a number of MiB ≥ 0, got '10'"),
+        ({"skip_unsupported": "no"}, "skip_unsupported must be true or false, got 'no'"),
+        ({"options": {"layer_density": "false"}}, "'layer_density' must be true or false"),
+        (
+            {"options": {"backend": {"pyhesian": {}}}},
+            r"settings for unknown backend\(s\) 'pyhesian'",
+        ),
+        ({"options": {"k" * 10**6: 1}}, r"unknown option\(s\) 'kkkk.{0,40}'; the options are"),
+        ({"options": {1: 2}}, r"unknown option\(s\) 1; the options are"),
+        ({"backend": "x" * 10**6}, r"unknown backend 'xxxx.{0,40}'; the registered"),
+        ({"process_group": "world"}, "process_group must be a torch.distributed ProcessGroup"),
+        ({"choice_file": 5, "backend": "auto"}, "choice_file must be a path, got 5"),
+        ({"params": "0.weight"}, r"params must be a list of parameter names, got the string"),
         ({"top_k": [[1] * 10**4] * 10**4}, r"got \[\[1, 1, 1, 1, 1, 1, \.\.\.\], .{0,200}\.$"),
     ],
 )
 def test_bad_arguments_get_one_short_sentence(arguments, match):
-    """Also a huge value (a YAML alias bomb) is shown cut to a line, not printed whole."""
-    with pytest.raises(InvalidInputError, match=match):
+    """Also a huge value (a YAML alias bomb, a megabyte of name) is shown cut to a line, not
+    printed whole; a string where a flag belongs is refused ("no" would read as true)."""
+    with pytest.raises(CurvkitError, match=match) as caught:
         curvkit.analyze(tiny_model(), digits_batches(), **arguments, progress=False)
+    assert len(str(caught.value)) < 400
 
 
 def test_training_by_sgd_with_weight_decay():
@@ -208,6 +228,53 @@ def test_output_path_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
     blocked.write_text("")
     assert main(["analyze", "--quiet", "--output", str(blocked)]) == 2
     assert "cannot write into the output folder" in capsys.readouterr().err
+    (tmp_path / "out" / "report.yaml").mkdir(parents=True)  # a folder where the report goes
+    assert main(["analyze", "--quiet", "--output", str(tmp_path / "out")]) == 2
+    assert (
+        "out/report.yaml is a folder, where the report.yaml file will go" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("megabytes", ["0", "-1", "inf", "lots"])
+def test_memory_budget_must_be_a_positive_number(monkeypatch, megabytes):
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", megabytes)
+    with pytest.raises(InvalidInputError, match="CURVKIT_MEMORY_MB must be a positive number"):
+        curvkit.analyze(tiny_model(), digits_batches(), quantities=["classmeans"], progress=False)
+
+
+def test_unlimited_cache_and_fewer_parameters_than_classes():
+    """cache_mb=inf caches everything that fits a quarter of the memory; with P = 8 < C = 10
+    the "top-C" eigenspace is all of R^P, so span{δ_c} (which has P dimensions here) overlaps
+    it fully."""
+    report = curvkit.analyze(tiny_model(), digits_batches(), quantities=["classmeans"],
+                             params=["0.bias"], cache_mb=math.inf, progress=False)  # fmt: skip
+    assert report.classmeans.overlap == pytest.approx({"ggn": 1.0, "hessian": 1.0}, abs=1e-8)
+
+
+def test_a_shared_parameter_is_named_by_any_of_its_names_once():
+    """``third.weight`` is ``second.weight`` (tied): either name selects it; both is a repeat."""
+    model, data = SharedWeight(), digits_batches()
+    kwargs = dict(quantities=["ggn"], top_k=2, progress=False, options=QUICK)
+    one = curvkit.analyze(model, data, params=["third.weight", "head.bias"], **kwargs)
+    two = curvkit.analyze(model, data, params=["second.weight", "head.bias"], **kwargs)
+    assert one.config["params"] == ["second.weight", "head.bias"]
+    assert one.ggn.top_eigenvalues == two.ggn.top_eigenvalues
+    with pytest.raises(InvalidInputError, match="second.weight = third.weight more than once"):
+        curvkit.analyze(model, data, params=["second.weight", "third.weight"], **kwargs)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_users_random_state_is_left_as_it_was(name):
+    """Every pass over a DataLoader (unshuffled too) draws its seed from torch's global
+    generator: after analyze the generator is where it was, whatever the backend and passes."""
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=20)
+    model = tiny_model()
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    curvkit.analyze(model, loader, backend=name, quantities=["ggn", "classmeans"],
+                    top_k=2, progress=False, options=QUICK, cache_mb=0)  # fmt: skip
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_missing_library_names_the_extra(plugin_backend):
@@ -445,6 +512,25 @@ class CountsCalls(nn.Module):
         return self.net(x)
 
 
+class Checkpointed(nn.Module):
+    """torch.utils.checkpoint's saved-tensor hooks, which torch.func's transforms refuse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.net, x, use_reentrant=False)
+
+
+class CountsInPlace(CountsCalls):
+    """A forward that updates a buffer in place, which torch.func's transforms refuse."""
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.net(x)
+
+
 def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     """Models with a feature some library cannot handle, each with a plain model computing the
     same function that torch.func's dense G can be built on."""
@@ -467,6 +553,8 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "full backward hook": (logged, tiny_model()),
         "weight_norm": (normed, normed),
         "buffer rebound in forward": (counting, counting),
+        "checkpointed forward": (Checkpointed(), tiny_model()),
+        "buffer updated in place": (CountsInPlace(), tiny_model()),
     }
 
 
@@ -505,7 +593,9 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
         total, stderr = report.classmeans.trace["total"], report.classmeans.trace_stderr["total"]
         assert abs(total - exact) <= 4 * stderr + 1e-8 * exact
     for quantity, why in report.skipped.items():
-        assert re.search("shared parameters|runs 2 times|hooks on|parametrized|does not", why), why
+        assert re.search(
+            "shared parameters|runs 2 times|hooks on|parametrized|does not|torch.func cannot", why
+        ), why
         for other in advised(why):  # the advice holds: each advised backend computes it
             if (case, quantity, other) not in ADVICE_CHECKED:
                 curvkit.analyze(
@@ -536,6 +626,7 @@ def changed_data() -> dict[str, list]:
         "augmented inputs": [(x + 1e-3, y), (x2, y2)],
         "flipped inputs": [(x.flip(1), y), (x2, y2)],  # the same values in other places
         "other labels": [(x, y.roll(1)), (x2, y2)],
+        "labels beyond the classes": [(x, (y + 5) % 12), (x2, y2)],  # before the loss sees them
     }
 
 

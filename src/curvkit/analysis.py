@@ -16,15 +16,15 @@ from curvkit import __version__
 from curvkit.backend import MATRICES, Backend
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, all_gather_objects, current_group, rank, stop_all_on_failure
-from curvkit.errors import InvalidInputError, UnsupportedError
+from curvkit.errors import InvalidInputError, UnsupportedError, shown
 from curvkit.linalg import Options
-from curvkit.linalg.operator import integer, shown, trace
-from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard
+from curvkit.linalg.operator import flag, integer, trace
+from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard, random_state_kept
 from curvkit.progress import computing, log
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
 from curvkit.quantities.spectrum import spectrum
-from curvkit.registry import backends, get_backend
+from curvkit.registry import backend_names, backends, get_backend
 from curvkit.report import QUANTITIES, ModelInfo, Report
 
 
@@ -40,20 +40,28 @@ def make_options(
         )
     options = dict(options or {})
     known = {f.name for f in dataclasses.fields(Options)} - {"progress"}
-    unknown = sorted(set(options) - known - set(QUANTITIES))
+    unknown = sorted(str(k) for k in set(options) - known - set(QUANTITIES))
     for name in QUANTITIES:
         if name in options and not isinstance(options[name], Mapping):
             raise InvalidInputError(f"option {name!r} must map option names to values.")
         unknown += sorted(f"{name}.{key}" for key in set(options.get(name, {})) - known)
     if unknown:
+        listed = ", ".join(k if len(k) <= 40 else shown(k) for k in unknown[:5])
         raise InvalidInputError(
-            f"unknown option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}, "
+            f"unknown option(s) {listed}; the options are {', '.join(sorted(known))}, "
             f"each also settable for one quantity under its name ({', '.join(QUANTITIES)})."
         )
     merged = {k: v for k, v in options.items() if k in known}
     if quantity is not None:
         merged.update(options.get(quantity, {}))
-    return Options(**merged, progress=progress)
+    made = Options(**merged, progress=progress)
+    strangers = [shown(n) for n in made.backend if n not in backend_names()]
+    if strangers:
+        raise InvalidInputError(
+            f"option 'backend' has settings for unknown backend(s) {', '.join(strangers[:5])}; "
+            f"the registered backends are {', '.join(backend_names())}."
+        )
+    return made
 
 
 def default_top_k(num_classes: int, num_params: int) -> int:
@@ -109,7 +117,11 @@ def analyze(
         )
     if top_k is not None:
         top_k = integer("top_k", top_k, 1)
-    seed = integer("seed", seed, 0)
+    seed = integer("seed", seed, 0, 2**63 - 1)  # torch's generators take a signed 64-bit seed
+    progress = flag("progress", progress)
+    skip_unsupported = flag("skip_unsupported", skip_unsupported)
+    if choice_file is not None and not isinstance(choice_file, (str, os.PathLike)):
+        raise InvalidInputError(f"choice_file must be a path, got {shown(choice_file)}.")
     group = current_group(process_group)
     progress = progress and rank(group) == 0
     settings = {
@@ -127,7 +139,7 @@ def analyze(
     backend_cls = get_backend(backend)
     opts = make_options(options, progress)
     per_quantity = {name: make_options(options, progress, name) for name in names}
-    with model_guard(model):
+    with model_guard(model), random_state_kept(model):
         problem = Problem(model, data, loss=loss, params=params, group=group, cache_mb=cache_mb)
         k = top_k if top_k is not None else default_top_k(problem.num_classes, problem.num_params)
         if not 1 <= k <= problem.num_params:

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from curvkit.distributed import all_gather_objects, all_reduce_float
-from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError
+from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError, shown
 from curvkit.layers import kronecker_plan
-from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options, shown
+from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
 

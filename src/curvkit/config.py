@@ -41,7 +41,7 @@ import importlib
 import os
 import pickle
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,7 @@ import yaml
 from torch import nn
 
 from curvkit.distributed import Group, shard_loader
-from curvkit.errors import InvalidInputError
-from curvkit.linalg.operator import shown
+from curvkit.errors import InvalidInputError, shown
 from curvkit.report import QUANTITIES
 
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
@@ -246,6 +245,11 @@ def build(
     model_cfg, data_cfg, seed = config["model"], config["data"], config["seed"]
     if data_cfg["factory"]:
         data = _call(data_cfg["factory"], "data")
+        if isinstance(data, (str, bytes, Mapping)) or not isinstance(data, Iterable):
+            raise InvalidInputError(
+                f"the data factory {data_cfg['factory']!r} returned a {type(data).__name__}, not "
+                "a re-iterable of (inputs, labels) batches such as a DataLoader."
+            )
     elif data_cfg["name"] == "digits":
         data = digits_loader(
             batch_size=data_cfg["batch_size"],
@@ -349,12 +353,24 @@ def _call(spec: str, what: str) -> Any:
     finally:
         if added:
             sys.path.remove(folder)
+    if not callable(factory):
+        raise InvalidInputError(
+            f"the {what} factory {spec!r} is a {type(factory).__name__}, not a function; name a "
+            f"function that returns the {what}."
+        )
     try:
         return factory()
     except SystemExit as error:  # e.g. builtins:exit: not a silent exit 0 without a report
         raise InvalidInputError(
             f"the {what} factory {spec!r} exited ({error.code!r}) instead of returning a {what}."
         ) from None
+    except Exception as error:
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise InvalidInputError(
+            f"the {what} factory {spec!r} raised {type(error).__name__}"
+            f"{': ' + shown(first)[1:-1] if first else ''}; fix the factory (call it in Python "
+            "for the whole traceback)."
+        ) from error
 
 
 class _Moved:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from curvkit.errors import CurvkitError, InvalidInputError, PeerFailedError
+from curvkit.errors import CurvkitError, InvalidInputError, PeerFailedError, shown
 
 Group = dist.ProcessGroup | None
 
@@ -38,6 +38,10 @@ Group = dist.ProcessGroup | None
 def current_group(group: Group = None) -> Group:
     """``group`` if given, else the default group of an initialised run with several ranks."""
     if group is not None:
+        if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+            raise InvalidInputError(
+                f"process_group must be a torch.distributed ProcessGroup, got {shown(group)}."
+            )
         return group
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.group.WORLD

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a line, for error messages (a value may be huge or nested)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, 40, 40
+    return short.repr(value)
+
 
 class CurvkitError(Exception):
     """Base class of every error curvkit raises on purpose."""

@@ -8,7 +8,10 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
 - ``shared_parameters``: one Parameter reachable under several names, or a module that runs
   more than once per forward pass (weight tying, ``Sequential(a, b, a)``);
 - ``forward_hooks`` / ``backward_hooks``: hooks registered on the model's modules or globally;
-- ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``).
+- ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``);
+- ``functional_transforms``: a forward pass that torch.func's transforms refuse
+  (``torch.utils.checkpoint``'s saved-tensor hooks, a buffer updated in place), found by
+  trying ``torch.func.grad`` on the example.
 """
 
 from __future__ import annotations
@@ -45,7 +48,26 @@ def model_features(model: nn.Module, example: Tensor) -> dict[str, str]:
     ]
     if parametrized:
         features["parametrizations"] = f"parametrized module(s) {', '.join(parametrized)}"
+    refused = _untransformable(model, example)
+    if refused and "backward_hooks" not in features:  # those are refused for their own reason
+        features["functional_transforms"] = refused
     return features
+
+
+def _untransformable(model: nn.Module, example: Tensor) -> str:
+    """Why torch.func cannot differentiate the model's forward pass ("" when it can): the
+    gradient of the summed logits through ``functional_call``, as torch.func backends take it."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def total(values: dict[str, Tensor]) -> Tensor:
+        return torch.func.functional_call(model, values, (example,)).sum()
+
+    try:
+        torch.func.grad(total)(params)
+    except Exception as error:  # noqa: BLE001 (whatever it raises, torch.func cannot run it)
+        first = (str(error).split(". ")[0].splitlines() or [type(error).__name__])[0][:160]
+        return f"a forward pass that torch.func cannot transform ({first})"
+    return ""
 
 
 def _shared(model: nn.Module, example: Tensor) -> str:

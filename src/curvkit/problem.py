@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import numbers
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +30,7 @@ from curvkit.distributed import (
     check_loader,
     current_group,
 )
-from curvkit.errors import CurvkitError, InvalidInputError
+from curvkit.errors import CurvkitError, InvalidInputError, shown
 from curvkit.features import model_features
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
@@ -168,6 +171,12 @@ class Problem:
                     f"({error}); fix the loader."
                 ) from error
             x, y = self._prepare(batch, index)
+            if (
+                self.first_pass is not None
+                and y.numel()
+                and not 0 <= y.min() <= y.max() < (self.num_classes)
+            ):  # before the loss sees them (the pass's record is checked at its end)
+                self._data_changed(f"batch {index} has labels outside [0, {self.num_classes - 1}]")
             projections.append(self._project(x))
             labels.append(y)
             yield x, y
@@ -197,11 +206,15 @@ class Problem:
                 else "the same number of examples but different "
                 + ("labels" if first.counts != record.counts else "inputs or labels")
             )
-            raise InvalidInputError(
-                f"the data changed between passes ({change}); give curvkit data that yields the "
-                "same examples on every pass: no random augmentation, no shuffling with "
-                "drop_last, no stream."
-            )
+            self._data_changed(change)
+
+    @staticmethod
+    def _data_changed(change: str) -> NoReturn:
+        raise InvalidInputError(
+            f"the data changed between passes ({change}); give curvkit data that yields the "
+            "same examples on every pass: no random augmentation, no shuffling with "
+            "drop_last, no stream."
+        )
 
     def batches_with_progress(self, desc: str, enabled: bool) -> Iterator[tuple[Tensor, Tensor]]:
         """``batches()`` with a progress bar on stderr (for the long one-off passes)."""
@@ -420,8 +433,10 @@ def cache_budget(cache_mb: float, device: torch.device) -> int:
     """Bytes the batches may occupy: ``cache_mb`` MiB, at most a quarter of the free memory."""
     if isinstance(cache_mb, bool) or not isinstance(cache_mb, numbers.Real) or not cache_mb >= 0:
         raise InvalidInputError(f"cache_mb must be a number of MiB ≥ 0, got {cache_mb!r:.40}.")
-    budget = int(cache_mb * 2**20)
     free = free_memory(device)
+    if math.isinf(cache_mb):  # no limit of its own
+        return sys.maxsize if free is None else free // 4
+    budget = int(cache_mb * 2**20)
     return budget if free is None else min(budget, free // 4)
 
 
@@ -432,11 +447,14 @@ def free_memory(device: torch.device) -> int | None:
     override = os.environ.get("CURVKIT_MEMORY_MB")
     if override:
         try:
-            return int(float(override) * 2**20)
+            megabytes = float(override)
         except ValueError:
+            megabytes = math.nan
+        if not 0 < megabytes < math.inf:
             raise InvalidInputError(
-                f"CURVKIT_MEMORY_MB must be a number of MiB, got {override[:40]!r}."
-            ) from None
+                f"CURVKIT_MEMORY_MB must be a positive number of MiB, got {override[:40]!r}."
+            )
+        return int(megabytes * 2**20)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     available = _read_int("/proc/meminfo", "MemAvailable:", 1024)  # free + reclaimable cache
@@ -470,7 +488,14 @@ def check_module(model: object) -> None:
 
 
 def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
+    """The selected parameters under their first names (``model.named_parameters()``); a
+    Parameter held by several modules may be named by any of its names, but only once."""
     named = dict(model.named_parameters())
+    if isinstance(names, str):
+        raise InvalidInputError(
+            f"params must be a list of parameter names, got the string {shown(names)}; "
+            f"write params=[{shown(names)}]."
+        )
     if names is None:
         names = [n for n, p in named.items() if p.requires_grad]
         if not names:
@@ -479,18 +504,24 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
                 "parameters to analyse or pass params=[...]."
             )
     else:
-        missing = [n for n in names if n not in named]
+        first = {id(p): n for n, p in reversed(list(model.named_parameters()))}
+        aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        missing = [shown(n) for n in names if n not in aliases]
         if missing:
             raise InvalidInputError(
-                f"unknown parameter names {missing}; choose from {list(named)}."
+                f"unknown parameter names {', '.join(missing[:5])}; choose from "
+                f"{shown(list(named))}."
             )
         if not names:
             raise InvalidInputError("params is empty; name at least one parameter.")
-        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        given = list(names)
+        names = [aliases[n] for n in given]
+        repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
+            spelled = [" = ".join(g for g in given if aliases[g] == n) for n in repeated]
             raise InvalidInputError(
-                f"params names {', '.join(repeated)} more than once; name each parameter once "
-                "(a repeated one would count twice in P and in every product)."
+                f"params names the Parameter {', '.join(spelled)} more than once; name each "
+                "parameter once (a repeated one would count twice in P and in every product)."
             )
     params = [named[n] for n in names]
     if len({(p.device, p.dtype) for p in params}) > 1:
@@ -530,6 +561,17 @@ def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
     return {
         k: OrderedDict(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)
     }
+
+
+@contextlib.contextmanager
+def random_state_kept(model: nn.Module) -> Iterator[None]:
+    """Run a block and put torch's global random state back afterwards (the CPU's and that of
+    each GPU holding a parameter): every pass over a DataLoader draws its seed from it, and a
+    library may sample from it, so without this the user's later draws would depend on the
+    backend and the number of passes."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 @contextlib.contextmanager

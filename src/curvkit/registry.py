@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 
 from curvkit.backend import Backend
-from curvkit.errors import BackendNotFoundError, MissingDependencyError
+from curvkit.errors import BackendNotFoundError, MissingDependencyError, shown
 
 GROUP = "curvkit.backends"
 
@@ -27,9 +27,9 @@ def get_backend(name: str) -> type[Backend]:
     MissingDependencyError when the backend's library is not installed (naming the extra).
     """
     points = _entry_points()
-    if name not in points:
+    if not isinstance(name, str) or name not in points:
         raise BackendNotFoundError(
-            f"unknown backend {name!r}; the registered backends are {', '.join(sorted(points))}."
+            f"unknown backend {shown(name)}; the registered backends are {', '.join(sorted(points))}."
         )
     try:
         cls = points[name].load()

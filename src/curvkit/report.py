@@ -196,9 +196,14 @@ class Report:
             return cls.from_dict(data)
         except FileNotFoundError as error:
             raise InvalidInputError(f"report {path} does not exist.") from error
-        except (TypeError, KeyError, AttributeError, ValueError, yaml.YAMLError) as error:
+        except OSError as error:  # a folder, unreadable
             raise InvalidInputError(
-                f"{path} is not a curvkit report ({type(error).__name__}: {error}); give a "
+                f"cannot read the report {path} ({error.strerror or error})."
+            ) from error
+        except (TypeError, KeyError, AttributeError, ValueError, yaml.YAMLError) as error:
+            first = str(error).splitlines()[0] if str(error) else ""
+            raise InvalidInputError(
+                f"{path} is not a curvkit report ({type(error).__name__}: {first[:120]}); give a "
                 "report.yaml or report.json written by curvkit analyze or Report.save."
             ) from error
 
@@ -369,9 +374,16 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, files: tuple[str, ...] = ("report.yaml",)) -> None:
     """Create ``folder`` and try a file in it, so that a bad output path fails before the work
-    (a path that is a file, read-only, on a full disk) with one InvalidInputError."""
+    (a path that is a file, read-only, on a full disk, a folder where ``files`` will go) with one
+    InvalidInputError."""
+    taken = [name for name in files if (folder / name).is_dir()]
+    if taken:
+        raise InvalidInputError(
+            f"{folder / taken[0]} is a folder, where the {taken[0]} file will go; remove it or "
+            "choose another output folder with --output."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:

@@ -74,6 +74,7 @@ class CurvlinopsBackend(Backend):
     # its functional model finds a shared parameter under one name only
     limits = {
         "backward_hooks": ("hvp", "ggnvp", "class_deltas"),
+        "functional_transforms": ("hvp", "ggnvp", "class_deltas"),
         "parametrizations": ("hvp", "ggnvp", "class_deltas"),
         "shared_parameters": ("class_deltas",),
     }

@@ -115,8 +115,11 @@ class TorchFuncBackend(Backend):
         "dense": "native",
     }
     # torch.func's transforms cannot run full backward hooks (autograd.Functions without
-    # setup_context)
-    limits = {"backward_hooks": ("hvp", "ggnvp", "class_deltas", "kronecker_factors")}
+    # setup_context), nor a forward they refuse (curvkit.features)
+    limits = {
+        feature: ("hvp", "ggnvp", "class_deltas", "kronecker_factors")
+        for feature in ("backward_hooks", "functional_transforms")
+    }
 
     def __init__(self, *args, **kwargs) -> None:
         self.chosen_routes: dict[tuple[str, str], str] = {}

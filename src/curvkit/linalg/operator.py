@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-import reprlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, shown
 from curvkit.linalg.krylov import Density, EigenResult, lanczos, slq_density
 from curvkit.linalg.subspace import long_matmul
 from curvkit.linalg.trace import METHODS, TraceEstimate, estimate_trace
@@ -65,6 +64,7 @@ class Options:
                     continue  # switched off
                 what = f"option {name!r}" + (" (0: off)" if name in SWITCHES else "")
                 setattr(self, name, integer(what, value, least))
+        self.layer_density = flag("option 'layer_density'", self.layer_density)
         if self.layer_density and not self.density_probes:
             raise InvalidInputError(
                 "option 'layer_density' needs densities; set density_probes to 1 or more."
@@ -107,19 +107,25 @@ INTEGER_OPTIONS = {
 }
 
 
-def shown(value: Any) -> str:
-    """``repr(value)`` cut to a line, for error messages (a value may be huge or nested)."""
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 2, 40, 40
-    return short.repr(value)
-
-
-def integer(what: str, value: Any, least: int) -> int:
-    """``value`` as an int ≥ ``least``, or an InvalidInputError naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+def integer(what: str, value: Any, least: int, most: int | None = None) -> int:
+    """``value`` as an int in [``least``, ``most``], or an InvalidInputError naming ``what``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or value < least
+        or (most is not None and value > most)
+    ):
         hint = " (a string: write it without quotes)" if isinstance(value, str) else ""
-        raise InvalidInputError(f"{what} must be an integer ≥ {least}, got {shown(value)}{hint}.")
+        bound = f"≥ {least}" if most is None else f"in [{least}, {most}]"
+        raise InvalidInputError(f"{what} must be an integer {bound}, got {shown(value)}{hint}.")
     return int(value)
+
+
+def flag(what: str, value: Any) -> bool:
+    """``value`` as a bool (True or False only: a string such as "no" would read as true)."""
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{what} must be true or false, got {shown(value)}.")
+    return value
 
 
 def positive_number(what: str, value: Any, least: float) -> float:

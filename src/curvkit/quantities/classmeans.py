@@ -196,8 +196,9 @@ def classmeans(
     del group, deltas, low_rank, remainder
     class_basis = orthonormal_basis(means)
     overlap, top = {}, {}
+    count = min(num_classes, problem.num_params)  # the top-C eigenspace, all of R^P when P ≤ C
     for matrix in ("ggn", "hessian"):
-        top[matrix], vectors = _top_eigen(backend, matrix, num_classes, seed, spectra, provenance)
+        top[matrix], vectors = _top_eigen(backend, matrix, count, seed, spectra, provenance)
         overlap[matrix] = subspace_overlap(vectors, class_basis)
     started = ggn.clock()
     restricted = long_matmul(class_basis.T, ggn.matmat(class_basis)).double()
