@@ -69,7 +69,10 @@ class MinimalBackend(Backend):
             b = 0
             for column in sqrt_h.unbind(dim=2):  # g_{i,c'} = J_zᵀ S_i[:, c'], over positions
                 (gz,) = torch.autograd.grad(logits, z, column, retain_graph=True)
-                gz = gz.flatten(start_dim=2).sum(-1) if gz.dim() > 2 else gz
+                if isinstance(modules[n], torch.nn.Conv2d):  # (B, n, H, W)
+                    gz = gz.flatten(start_dim=2).sum(-1)
+                elif gz.dim() > 2:  # a Linear over (B, *positions, n)
+                    gz = gz.flatten(1, -2).sum(1)
                 b = b + gz.T @ gz
             a = unfolded_input(modules[n], inputs.detach())
             sums[n] = (b, torch.einsum("bil,bjl->ij", a, a) / a.shape[-1])

@@ -108,8 +108,8 @@ def kronecker_factors(
             a = nn.functional.unfold(
                 a, module.kernel_size, module.dilation, module.padding, module.stride
             )
-        else:
-            a = a[:, :, None]
+        else:  # the axes between the batch and the features are positions (one if flat)
+            a = a.reshape(a.shape[0], -1, a.shape[-1]).transpose(1, 2)
         factors[name] = (b, torch.einsum("nit,njt->ij", a, a) / (a.shape[0] * a.shape[2]))
     return factors
 

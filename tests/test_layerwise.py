@@ -49,6 +49,42 @@ def test_convolution_block_is_kronecker_when_every_position_sees_the_same_patch(
     assert reference.rel_err(torch.kron(factors["0"].B, factors["0"].A), block) < 1e-10
 
 
+class SequenceMLP(torch.nn.Module):
+    """A Linear over the last axis of (batch, 8 rows, 8 pixels): one weight for every row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rows, self.head = torch.nn.Linear(8, 6), torch.nn.Linear(48, 10)
+        self.flat, self.act = torch.nn.Flatten(), torch.nn.Tanh()
+        self.double()
+
+    def forward(self, x):
+        return self.head(self.flat(self.act(self.rows(x))))
+
+
+@pytest.mark.parametrize("backend", backend_params("kronecker_factors"))
+def test_linear_over_positions_has_the_convolution_factors(backend):
+    """A Linear applied to every row of the image is a 1 × 1 convolution over the 8 rows: B is
+    its bias's G block and A the mean over rows of the inputs' outer products (1e-10 against
+    the definitions), or a clear refusal (BackPACK takes 2-D inputs only); before, torch.func's
+    factors crashed and the minimal adapter's summed over the features."""
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    data = [(x[:24].view(-1, 8, 8), y[:24]), (x[24:].view(-1, 8, 8), y[24:])]
+    model = SequenceMLP()
+    inputs = torch.cat([batch for batch, _ in data])
+    expected = reference.kronecker_factors(model, inputs, reference.dense_ggn(model, inputs))
+    try:
+        with model_guard(model):
+            factors = make_backend(backend, model, data).kronecker_factors()
+    except curvkit.UnsupportedError as error:
+        assert backend == "backpack" and "Only 2d inputs" in str(error)
+        return
+    for name in ("rows", "head"):
+        assert reference.rel_err(factors[name].B, expected[name][0]) < 1e-10, name
+        assert reference.rel_err(factors[name].A, expected[name][1]) < 1e-10, name
+
+
 def test_kronecker_top_matches_dense_product():
     g = torch.Generator().manual_seed(0)
     b, a = torch.randn(4, 4, generator=g).double(), torch.randn(5, 5, generator=g).double()

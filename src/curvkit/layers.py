@@ -62,17 +62,15 @@ def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def output_positions(model: torch.nn.Module, names: list[str], x: Tensor) -> dict[str, int]:
-    """Output positions T per layer (1 for Linear, H·W for Conv2d) from one example's forward
-    pass through ``model`` (the adapter's copy: the hooks are removed afterwards); no pass
-    without a Conv2d."""
+    """Output positions T per layer from one example's forward pass through ``model`` (the
+    adapter's copy: the hooks are removed afterwards): H·W for Conv2d; for Linear the product
+    of the axes between the batch and the features (1 on flat inputs)."""
     modules = dict(model.named_modules())
-    if not any(isinstance(modules[n], torch.nn.Conv2d) for n in names):
-        return dict.fromkeys(names, 1)
     positions: dict[str, int] = {}
 
     def record(name: str):
-        def hook(_module: torch.nn.Module, _args: Any, output: Tensor) -> None:
-            positions[name] = output[0, 0].numel()
+        def hook(module: torch.nn.Module, _args: Any, output: Tensor) -> None:
+            positions[name] = output[0].numel() // module.weight.shape[0]
 
         return hook
 
@@ -83,11 +81,13 @@ def output_positions(model: torch.nn.Module, names: list[str], x: Tensor) -> dic
     finally:
         for handle in handles:
             handle.remove()
-    return {n: positions[n] if isinstance(modules[n], torch.nn.Conv2d) else 1 for n in names}
+    return positions
 
 
 def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
-    """A layer's input as (batch, m, positions): Linear inputs as one position, Conv2d unfolded."""
+    """A layer's input as (batch, m, positions): Conv2d's unfolded patches; a Linear's input
+    features, with the axes between the batch and the features as positions (one on flat
+    inputs), as for a 1 × 1 convolution."""
     if isinstance(module, torch.nn.Conv2d):
         if module.groups != 1 or module.padding_mode != "zeros":
             raise UnsupportedError(
@@ -97,4 +97,4 @@ def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
         return torch.nn.functional.unfold(
             inputs, module.kernel_size, module.dilation, module.padding, module.stride
         )
-    return inputs.reshape(inputs.shape[0], -1, 1)
+    return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)

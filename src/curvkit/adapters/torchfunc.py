@@ -282,9 +282,10 @@ class TorchFuncBackend(Backend):
     def batch_kronecker(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Per-example Kronecker factors, summed exactly (the reference for the libraries').
 
-        Linear: ``Σ_i J_zᵀ H_i J_z`` at the pre-activation z and ``Σ_i a_i a_iᵀ``. Conv2d: the
-        Jacobian summed over output positions (the bias's Gauss–Newton block) and
-        ``Σ_i (1/T) Σ_s ã_{i,s} ã_{i,s}ᵀ`` over the T unfolded patches.
+        Linear: ``Σ_i J_zᵀ H_i J_z`` at the pre-activation z and ``Σ_i a_i a_iᵀ``. Conv2d, and a
+        Linear over inputs with axes between the batch and the features (T positions, as a
+        1 × 1 convolution): the Jacobian summed over output positions (the bias's Gauss–Newton
+        block) and ``Σ_i (1/T) Σ_s ã_{i,s} ã_{i,s}ᵀ`` over the T unfolded patches.
         """
         model, _ = self.working_copy()
         layers, _ = self.kronecker_plan()
@@ -322,9 +323,11 @@ class TorchFuncBackend(Backend):
                 handle.remove()
         sums = {}
         for name in layers:
-            jz = jac[name]
-            if jz.dim() > 3:  # convolution: sum over output positions
+            jz = jac[name]  # (B, C, n, H, W) for Conv2d, (B, C, *positions, n) for Linear
+            if isinstance(modules[name], torch.nn.Conv2d):
                 jz = jz.flatten(start_dim=3).sum(-1)
+            elif jz.dim() > 3:
+                jz = jz.flatten(2, -2).sum(2)
             v = torch.einsum("bkc,bkn->bcn", sqrt_h, jz)
             a = unfolded_input(modules[name], recorded[name][0])
             sums[name] = (
