@@ -173,6 +173,27 @@ def test_auto_without_choice_falls_back_in_order(digits_problem, tmp_path):
     assert report.backend == "auto" and not report.skipped
 
 
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"backends": ["torchfunc", "torchfunc"]}, "backend torchfunc is named more than once"),
+        ({"backends": "torchfunc"}, r"at least two backends, got \['torchfunc'\]"),
+        ({"rtol": -1}, "rtol must be a finite number ≥ 0, got -1"),
+        ({"sigmas": float("nan")}, "sigmas must be a finite number ≥ 0, got nan"),
+        ({"atol": "1e-8"}, "atol must be a finite number ≥ 0, got '1e-8'"),
+    ],
+)
+def test_bad_comparisons_are_refused_before_any_run(arguments, match):
+    """A backend compared with itself always agrees, a negative tolerance always disagrees:
+    both refused with one sentence before any backend runs (the loader would raise)."""
+    with pytest.raises(curvkit.InvalidInputError, match=match):
+        compare(
+            torch.nn.Linear(64, 10), None, **{"backends": ["torchfunc", "backpack"], **arguments}
+        )
+    with pytest.raises(curvkit.InvalidInputError, match="repeats must be an integer ≥ 1, got 0"):
+        bench(torch.nn.Linear(64, 10), None, backends=["torchfunc"], repeats=0)
+
+
 def test_cli_compare_exit_codes(capsys):
     args = ["compare", "--backends", "torchfunc,backpack", "--quantities", "ggn"]
     args += ["--top-k", "3", "--epochs", "1", "--samples-per-class", "10", "--quiet"]

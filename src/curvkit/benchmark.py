@@ -35,9 +35,9 @@ from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
 from curvkit.comparison import compare_reports
 from curvkit.errors import CurvkitError
+from curvkit.linalg.operator import integer
 from curvkit.problem import Problem, model_guard
-from curvkit.registry import backends as backend_table
-from curvkit.registry import get_backend
+from curvkit.registry import backend_list, get_backend
 from curvkit.report import QUANTITIES, Report, write_atomically, yaml_text
 
 DENSE_LIMIT = 4000  # parameters; eigvalsh of a 4000 × 4000 matrix takes seconds
@@ -129,9 +129,8 @@ def bench(
     progress: bool = False,
 ) -> BenchResult:
     """Time every backend on every quantity against one reference (see the module docstring)."""
-    names = list(backends) if backends is not None else _installed()
-    for name in names:  # unknown names fail before anything runs
-        get_backend(name)
+    names = backend_list(backends)
+    repeats = integer("repeats", repeats, 1)
     wanted = list(quantities) if quantities is not None else list(QUANTITIES)
     common = {"top_k": top_k, "seed": seed, "progress": progress}
     reference, label = _reference(model, data, wanted, common)
@@ -153,10 +152,6 @@ def bench(
         f"{str(problem.dtype).removeprefix('torch.')}, {device}"
     )
     return BenchResult(rows, label, str(device), problem.fingerprint(), description, choices)
-
-
-def _installed() -> list[str]:
-    return [name for name, row in backend_table().items() if row["installed"]]
 
 
 def _reference(

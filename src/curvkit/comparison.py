@@ -30,6 +30,7 @@ Provenance, timings, matvec and data-pass counts, versions, configs and the hier
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,10 +40,9 @@ from torch import nn
 
 from curvkit.analysis import analyze
 from curvkit.backend import MATRICES
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, shown
 from curvkit.linalg.krylov import normalised_w1
-from curvkit.registry import backends as backend_table
-from curvkit.registry import get_backend
+from curvkit.registry import backend_list, installed_backends
 from curvkit.report import Report
 
 NOT_COMPARED = {
@@ -194,14 +194,15 @@ def compare(
     if not thorough:
         top_k = QUICK_TOP_K if top_k is None else top_k
         options = {**QUICK_OPTIONS, **(options or {})}
-    names = list(backends) if backends is not None else _installed()
+    tolerances = _checked_tolerances(
+        rtol=rtol, atol=atol, sigmas=sigmas, subspace_atol=subspace_atol, density_tol=density_tol
+    )
+    names = backend_list(backends)
     if "torchfunc" in names:  # the reference backend goes first
         names.insert(0, names.pop(names.index("torchfunc")))
-    for name in names:  # unknown or missing backends fail now, not after the first run
-        get_backend(name)
     if len(names) < 2:
         raise InvalidInputError(
-            f"compare needs at least two backends, got {names}; installed: {_installed()}."
+            f"compare needs at least two backends, got {names}; installed: {installed_backends()}."
         )
     reports = {
         name: analyze(
@@ -218,13 +219,6 @@ def compare(
         for name in names
     }
     reference = names[0]
-    tolerances = {
-        "rtol": rtol,
-        "atol": atol,
-        "sigmas": sigmas,
-        "subspace_atol": subspace_atol,
-        "density_tol": density_tol,
-    }
     expected = reports[reference].to_dict()
     checks = [
         check
@@ -246,8 +240,16 @@ def assert_backends_agree(
 
 
 # -- running ------------------------------------------------------------------------------------
-def _installed() -> list[str]:
-    return [name for name, row in backend_table().items() if row["installed"]]
+def _checked_tolerances(**tolerances: Any) -> dict[str, float]:
+    """The tolerances as given, each a finite number ≥ 0 (0: exact agreement)."""
+    for name, value in tolerances.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not 0 <= value < math.inf
+        ):
+            raise InvalidInputError(f"{name} must be a finite number ≥ 0, got {shown(value)}.")
+    return tolerances
 
 
 # -- comparing ----------------------------------------------------------------------------------

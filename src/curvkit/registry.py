@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Sequence
 
 from curvkit.backend import Backend
-from curvkit.errors import BackendNotFoundError, MissingDependencyError, shown
+from curvkit.errors import BackendNotFoundError, InvalidInputError, MissingDependencyError, shown
 
 GROUP = "curvkit.backends"
 
@@ -66,3 +67,27 @@ def backends() -> dict[str, dict]:
             "capabilities": dict(cls.capabilities),
         }
     return table
+
+
+def installed_backends() -> list[str]:
+    """Names of the registered backends whose libraries are installed."""
+    return [name for name, row in backends().items() if row["installed"]]
+
+
+def backend_list(names: Sequence[str] | str | None) -> list[str]:
+    """The backends to run, in order: ``names`` (a list, or one comma-separated string), each
+    registered and installed and none twice (a backend compared with itself always agrees);
+    None: every installed backend."""
+    if names is None:
+        return installed_backends()
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    names = list(names)
+    for name in names:  # unknown or missing backends fail now, not after the first run
+        get_backend(name)
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInputError(
+            f"backend {', '.join(repeated)} is named more than once; name each backend once."
+        )
+    return names
