@@ -85,6 +85,39 @@ def test_linear_over_positions_has_the_convolution_factors(backend):
         assert reference.rel_err(factors[name].A, expected[name][1]) < 1e-10, name
 
 
+class DoubledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("backend", backend_params("kronecker_factors", minimal=False))
+def test_a_layer_class_that_overrides_forward_gets_no_kronecker_factors(backend):
+    """Its output is 2(W a + b), not W a + b: factors read off its input and output would make
+    B four times too small, silently. Its exact block is still analysed (the top eigenvalues of
+    a DoubledLinear and of a Linear whose weight is doubled differ by exactly 4: same function,
+    W ↦ 2W scales the block by 1/4); BackPACK refuses the unknown module."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), DoubledLinear(8, 10))
+    plain = copy.deepcopy(torch.nn.Sequential(*model[:2], torch.nn.Linear(8, 10))).double()
+    model = model.double()
+    with torch.no_grad():
+        plain[2].weight.copy_(2 * model[2].weight), plain[2].bias.copy_(2 * model[2].bias)
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    kwargs = dict(quantities=["layerwise"], top_k=2, progress=False, skip_unsupported=True,
+                  options={"trace_matvecs": 0, "density_probes": 0})  # fmt: skip
+    report = curvkit.analyze(model, [(x, y)], backend, **kwargs)
+    if report.layerwise is None:
+        assert backend == "backpack" and "does not support module 2 (DoubledLinear)" in str(
+            report.skipped["layerwise"]
+        )
+        return
+    layer = report.layerwise["2"]
+    assert "overrides Linear.forward" in layer.kronecker["skipped"]
+    assert "skipped" not in report.layerwise["0"].kronecker
+    exact = curvkit.analyze(plain, [(x, y)], backend, **kwargs).layerwise["2"].top_eigenvalues
+    np.testing.assert_allclose(layer.top_eigenvalues, 4 * np.array(exact), rtol=1e-6)
+
+
 def test_kronecker_top_matches_dense_product():
     g = torch.Generator().manual_seed(0)
     b, a = torch.randn(4, 4, generator=g).double(), torch.randn(5, 5, generator=g).double()

@@ -263,6 +263,17 @@ def test_a_shared_parameter_is_named_by_any_of_its_names_once():
         curvkit.analyze(model, data, params=["second.weight", "third.weight"], **kwargs)
 
 
+def test_parameters_the_output_does_not_depend_on():
+    """Left out of the default selection with a warning naming them (P = 610, the used ones);
+    named in params, refused."""
+    with pytest.warns(UserWarning, match="leaves out spare.weight, spare.bias: the model's output"):
+        report = curvkit.analyze(SpareHead(), digits_batches(), quantities=["ggn"], top_k=2,
+                                 progress=False, options=QUICK)  # fmt: skip
+    assert report.model.num_params == 610 and "spare.weight" not in report.config["params"]
+    with pytest.raises(InvalidInputError, match="does not depend on spare.bias; leave it out"):
+        curvkit.analyze(SpareHead(), digits_batches(), params=["net.0.bias", "spare.bias"])
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_the_users_random_state_is_left_as_it_was(name):
     """Every pass over a DataLoader (unshuffled too) draws its seed from torch's global
@@ -531,6 +542,18 @@ class CountsInPlace(CountsCalls):
         return self.net(x)
 
 
+class SpareHead(nn.Module):
+    """A Linear head that forward never calls: no gradient at all, not even a zero one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.spare = nn.Linear(64, 3).double()
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     """Models with a feature some library cannot handle, each with a plain model computing the
     same function that torch.func's dense G can be built on."""
@@ -555,6 +578,7 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "buffer rebound in forward": (counting, counting),
         "checkpointed forward": (Checkpointed(), tiny_model()),
         "buffer updated in place": (CountsInPlace(), tiny_model()),
+        "unused parameters": (SpareHead(), tiny_model()),
     }
 
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from curvkit.distributed import all_gather_objects, all_reduce_float
 from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError, shown
-from curvkit.layers import kronecker_plan
+from curvkit.layers import kronecker_plan, memory_text
 from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
@@ -259,14 +259,14 @@ class Backend:
             if budget is None or need[route] * size <= budget:
                 best = routes[0]
                 return route, "" if route == best else (
-                    f"the {best} route would need {need[best] * size / 2**30:.1f} GiB "
-                    f"({what[best]}), beyond half the memory budget, {budget / 2**30:.1f} GiB"
+                    f"the {best} route would need {memory_text(need[best] * size)} "
+                    f"({what[best]}), beyond half the memory budget, {memory_text(budget)}"
                 )
         last = routes[-1]
         return None, (
             f"Papyan's class means for C = {c} and P = {p} need at least "
-            f"{need[last] * size / 2**30:.1f} GiB ({what[last]}), but half the memory budget is "
-            f"{budget / 2**30:.1f} GiB; select fewer parameters with params=[...] (e.g. the "
+            f"{memory_text(need[last] * size)} ({what[last]}), but half the memory budget is "
+            f"{memory_text(budget)}; select fewer parameters with params=[...] (e.g. the "
             "last layers)"
         )
 

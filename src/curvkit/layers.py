@@ -37,6 +37,10 @@ def kronecker_plan(problem: Problem, budget: float | None) -> tuple[list[str], d
     kept: list[str] = []
     skipped: dict[str, str] = {}
     for name in sorted(squares, key=squares.get):
+        overridden = _overridden_forward(modules[name])
+        if overridden:
+            skipped[name] = overridden
+            continue
         need = 2 * size * sum(squares[k] for k in [*kept, name]) + 16 * squares[name]
         if budget is None or need <= budget:
             kept.append(name)
@@ -45,13 +49,27 @@ def kronecker_plan(problem: Problem, budget: float | None) -> tuple[list[str], d
         others = f"{len(kept)} smaller layer{'s' * (len(kept) != 1)}"
         skipped[name] = (
             f"its Kronecker factors B ({n} × {n}) and A ({m} × {m}) with those of the {others} "
-            f"need {_bytes(need)}, beyond half the memory budget, {_bytes(budget)}; the exact "
+            f"need {memory_text(need)}, beyond half the memory budget, {memory_text(budget)}; the exact "
             "block is analysed without them"
         )
     return [name for name in shapes if name in kept], skipped
 
 
-def _bytes(count: float) -> str:
+def _overridden_forward(module: torch.nn.Module) -> str:
+    """Why a subclass of Linear or Conv2d that overrides ``forward`` gets no Kronecker factors
+    ("" for the layers themselves): its output need not be ``W a + b``, on which they rest."""
+    base = torch.nn.Conv2d if isinstance(module, torch.nn.Conv2d) else torch.nn.Linear
+    if type(module).forward is base.forward:
+        return ""
+    return (
+        f"its class {type(module).__name__} overrides {base.__name__}.forward, so its output "
+        "need not be W a + b, on which the Kronecker factors rest; the exact block is analysed "
+        "without them"
+    )
+
+
+def memory_text(count: float) -> str:
+    """A number of bytes in GiB, or in MiB below one GiB."""
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
 
 

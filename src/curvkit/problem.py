@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -131,9 +132,37 @@ class Problem:
         self.names, self.params = _select_params(model, params)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
+        self.summary = self._scan()
+        self._leave_out_unused(chosen=params is not None)
         self.shapes = [p.shape for p in self.params]
         self.num_params = sum(p.numel() for p in self.params)
-        self.summary = self._scan()
+
+    def _leave_out_unused(self, chosen: bool) -> None:
+        """Parameters the logits do not depend on (a head not called in ``forward``) have zero
+        curvature and no gradient at all, which the libraries cannot take: left out of the
+        default selection with a warning, refused when named in ``params``. Found from one
+        example's backward pass (the model comes back as it was)."""
+        with model_guard(self.model):
+            for p in self.params:
+                p.requires_grad_(True)
+            logits = self.model(self.sample[0][:1])
+            grads = torch.autograd.grad(logits.sum(), self.params, allow_unused=True)
+        unused = [n for n, g in zip(self.names, grads) if g is None]
+        if not unused:
+            return
+        listed = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        if chosen or len(unused) == len(self.names):
+            raise InvalidInputError(
+                f"the model's output does not depend on {listed}; leave "
+                f"{'it' if len(unused) == 1 else 'them'} out of params."
+            )
+        warnings.warn(
+            f"curvkit leaves out {listed}: the model's output does not depend on "
+            f"{'it' if len(unused) == 1 else 'them'} (zero curvature).",
+            stacklevel=4,
+        )
+        kept = [(n, p) for n, p, g in zip(self.names, self.params, grads) if g is not None]
+        self.names, self.params = [n for n, _ in kept], [p for _, p in kept]
 
     # -- data -----------------------------------------------------------------------------------
     @property
