@@ -3,6 +3,7 @@ mistake, the model restored after an interrupt, identical reports for identical 
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -569,6 +570,8 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     normed[2] = nn.utils.parametrizations.weight_norm(normed[2])
     counting = CountsCalls()
     shared = SharedWeight()
+    spectral = tiny_model()
+    spectral[0] = nn.utils.spectral_norm(spectral[0])
     return {
         "shared parameter": (shared, shared),
         "module used twice": (reused, reused),
@@ -579,6 +582,7 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "checkpointed forward": (Checkpointed(), tiny_model()),
         "buffer updated in place": (CountsInPlace(), tiny_model()),
         "unused parameters": (SpareHead(), tiny_model()),
+        "spectral_norm (a pre-hook setting weight)": (spectral, spectral),
     }
 
 
@@ -629,6 +633,7 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     after = [*model.named_parameters(), *model.named_buffers()]
     assert {n: id(t) for n, t in after} == entries
     assert all(torch.equal(values[n], t) for n, t in after)
+    copy.deepcopy(model)  # no tensor holding a graph left on a module (spectral_norm's weight)
 
 
 class ChangingData:

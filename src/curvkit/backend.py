@@ -493,7 +493,7 @@ class Backend:
         """A deep copy of the model in eval mode, only the selected parameters requiring
         gradients, and those parameters in the order of ``problem.names`` (for libraries that
         change or hook the model they work on)."""
-        model = copy.deepcopy(self.problem.model).eval()
+        model = _deep_copy(self.problem.model).eval()
         named = dict(model.named_parameters())
         selected = set(self.problem.names)
         for n, p in named.items():
@@ -514,6 +514,25 @@ class Backend:
             for attribute in attributes:
                 if hasattr(p, attribute):
                     delattr(p, attribute)
+
+
+def _deep_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """``copy.deepcopy(model)``, also when a forward pass under autograd left a computed tensor
+    on a module (spectral_norm's ``weight``, rebuilt from its parameters by a pre-hook on every
+    forward): such tensors are copied detached, and left on the model as they were."""
+    computed = [
+        (vars(m), name, value)
+        for m in model.modules()
+        for name, value in vars(m).items()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    ]
+    for attributes, name, value in computed:
+        attributes[name] = value.detach()
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for attributes, name, value in computed:
+            attributes[name] = value
 
 
 class CountingBatches:

@@ -592,6 +592,10 @@ def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
     }
 
 
+def _tensor_attributes(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v for k, v in vars(module).items() if isinstance(v, Tensor)}
+
+
 @contextlib.contextmanager
 def random_state_kept(model: nn.Module) -> Iterator[None]:
     """Run a block and put torch's global random state back afterwards (the CPU's and that of
@@ -608,8 +612,10 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
 
     Restored: the same Parameter and buffer objects in every module, with their values,
-    ``.grad`` fields and ``requires_grad``, each module's train/eval mode and its hook
-    dictionaries. Inside, the model is in eval mode by default.
+    ``.grad`` fields and ``requires_grad``, each module's train/eval mode, its hook
+    dictionaries and its other tensor attributes (a forward under autograd may leave a computed
+    one, e.g. spectral_norm's ``weight``, holding a graph). Inside, the model is in eval mode by
+    default.
     """
     check_module(model)
     params = list(model.parameters())
@@ -619,6 +625,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     saved_modules = [(m, m.training, _hook_dicts(m)) for m in model.modules()]
     # the objects themselves: a forward may rebind a buffer, a library replace a Parameter
     saved_entries = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    saved_tensors = [(m, _tensor_attributes(m)) for m in model.modules()]
     try:
         if eval_mode:
             model.eval()
@@ -637,6 +644,10 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
             for entries, saved in ((m._parameters, parameters), (m._buffers, buffers)):
                 entries.clear()
                 entries.update(saved)
+        for m, tensors in saved_tensors:
+            for name in _tensor_attributes(m).keys() - tensors.keys():
+                del vars(m)[name]
+            vars(m).update(tensors)
         for m, training, hooks in saved_modules:
             m.training = training
             for name in list(vars(m)):
