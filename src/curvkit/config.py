@@ -50,7 +50,7 @@ import yaml
 from torch import nn
 
 from curvkit.distributed import Group, shard_loader
-from curvkit.errors import InvalidInputError, shown
+from curvkit.errors import InvalidInputError, first_line, shown
 from curvkit.report import QUANTITIES
 
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
@@ -365,7 +365,7 @@ def _call(spec: str, what: str) -> Any:
             f"the {what} factory {spec!r} exited ({error.code!r}) instead of returning a {what}."
         ) from None
     except Exception as error:
-        first = str(error).splitlines()[0] if str(error) else ""
+        first = first_line(error)
         raise InvalidInputError(
             f"the {what} factory {spec!r} raised {type(error).__name__}"
             f"{': ' + shown(first)[1:-1] if first else ''}; fix the factory (call it in Python "

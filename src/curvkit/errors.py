@@ -6,6 +6,11 @@ import reprlib
 from typing import Any
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for quoting it."""
+    return next(iter(str(error).splitlines()), "")
+
+
 def shown(value: Any) -> str:
     """``repr(value)`` cut to a line, for error messages (a value may be huge or nested)."""
     short = reprlib.Repr()

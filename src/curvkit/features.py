@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.nn.utils import parametrize
 
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, first_line
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
@@ -65,7 +65,7 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
     try:
         torch.func.grad(total)(params)
     except Exception as error:  # noqa: BLE001 (whatever it raises, torch.func cannot run it)
-        first = (str(error).split(". ")[0].splitlines() or [type(error).__name__])[0][:160]
+        first = first_line(error).split(". ")[0][:160] or type(error).__name__
         return f"a forward pass that torch.func cannot transform ({first})"
     return ""
 

@@ -31,7 +31,7 @@ from curvkit.distributed import (
     check_loader,
     current_group,
 )
-from curvkit.errors import CurvkitError, InvalidInputError, shown
+from curvkit.errors import CurvkitError, InvalidInputError, first_line, shown
 from curvkit.features import model_features
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
@@ -203,7 +203,7 @@ class Problem:
             if (
                 self.first_pass is not None
                 and y.numel()
-                and not 0 <= y.min() <= y.max() < (self.num_classes)
+                and not 0 <= y.min() <= y.max() < self.num_classes
             ):  # before the loss sees them (the pass's record is checked at its end)
                 self._data_changed(f"batch {index} has labels outside [0, {self.num_classes - 1}]")
             projections.append(self._project(x))
@@ -347,7 +347,7 @@ class Problem:
                 except Exception as error:
                     raise InvalidInputError(
                         f"the model raised {type(error).__name__} on batch {index} of inputs "
-                        f"shaped {tuple(x.shape)} ({str(error).splitlines()[0] if str(error) else ''}); "
+                        f"shaped {tuple(x.shape)} ({first_line(error)}); "
                         "check that the data matches the model."
                     ) from error
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, InvalidInputError, MissingDependencyError
+from curvkit.errors import CurvkitError, InvalidInputError, MissingDependencyError, first_line
 
 QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
 
@@ -201,9 +201,9 @@ class Report:
                 f"cannot read the report {path} ({error.strerror or error})."
             ) from error
         except (TypeError, KeyError, AttributeError, ValueError, yaml.YAMLError) as error:
-            first = str(error).splitlines()[0] if str(error) else ""
             raise InvalidInputError(
-                f"{path} is not a curvkit report ({type(error).__name__}: {first[:120]}); give a "
+                f"{path} is not a curvkit report ({type(error).__name__}: "
+                f"{first_line(error)[:120]}); give a "
                 "report.yaml or report.json written by curvkit analyze or Report.save."
             ) from error
 
@@ -374,15 +374,14 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def check_writable(folder: Path, files: tuple[str, ...] = ("report.yaml",)) -> None:
+def check_writable(folder: Path) -> None:
     """Create ``folder`` and try a file in it, so that a bad output path fails before the work
-    (a path that is a file, read-only, on a full disk, a folder where ``files`` will go) with one
-    InvalidInputError."""
-    taken = [name for name in files if (folder / name).is_dir()]
-    if taken:
+    (a path that is a file, read-only, on a full disk, a folder where report.yaml will go) with
+    one InvalidInputError."""
+    if (folder / "report.yaml").is_dir():
         raise InvalidInputError(
-            f"{folder / taken[0]} is a folder, where the {taken[0]} file will go; remove it or "
-            "choose another output folder with --output."
+            f"{folder / 'report.yaml'} is a folder, where the report.yaml file will go; remove it "
+            "or choose another output folder with --output."
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
