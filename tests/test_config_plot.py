@@ -92,7 +92,7 @@ def test_checkpoints_load_weights_only(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     marker = tmp_path / "ran"
     with open(tmp_path / "evil.pt", "wb") as handle:
-        pickle.dump({"weight": Exploit(marker)}, handle)
+        pickle.dump({"weight": Exploit(marker)}, handle, protocol=2)  # torch.load's own
     with pytest.raises(curvkit.InvalidInputError, match="weights_only=True refused it"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()

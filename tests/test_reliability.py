@@ -68,7 +68,10 @@ def bad_data():
             [(x, y.double())],
             "labels must be integers|class labels must be integers",
         ),
-        "negative labels": ([(x, y - 1)], "labels must lie in \\[0, 9\\]"),
+        "negative labels": (
+            [(x, y - 1)],
+            "labels must lie in \\[0, 9\\] \\(curvkit has no ignore_index",
+        ),
         "labels too large": ([(x, y + 10)], "labels must lie in \\[0, 9\\]"),
         "label count": ([(x, y[:-1])], "one integer per example"),
         "NaN inputs": ([(nan, y)], "inputs in batch 0 contain NaN or Inf"),
@@ -108,6 +111,17 @@ class SelfUpdating(nn.Module):
         return self.net(x)
 
 
+class Wrapped(nn.Module):
+    """The tiny model behind a forward that ``change(x, logits)`` alters."""
+
+    def __init__(self, change) -> None:
+        super().__init__()
+        self.net, self.change = tiny_model(), change
+
+    def forward(self, x):
+        return self.change(x, self.net)
+
+
 def bad_models():
     nan_model = tiny_model()
     with torch.no_grad():
@@ -124,6 +138,32 @@ def bad_models():
             "forward pass changes its parameters \\(net.0.weight\\)",
         ),
         "meta device": (tiny_model().to("meta"), "meta device and hold no values"),
+        "lazy module": (
+            nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 10)).double(),
+            "'0.weight' is not initialised yet \\(a lazy module\\)",
+        ),
+        # silent wrong numbers before: noise drawn on every product, input scaled on every pass
+        "random forward": (
+            Wrapped(lambda x, net: net(x + 0.1 * torch.randn_like(x))),
+            "forward pass is random in eval mode",
+        ),
+        "input changed in place": (
+            Wrapped(lambda x, net: net(x.mul_(1.5))),
+            "forward pass changes its input in place",
+        ),
+        # the per-example routes (class means, torch.func's exact tr G) would see another function
+        "batch statistics": (
+            Wrapped(lambda x, net: net(x - x.mean(0, keepdim=True))),
+            "output for an example depends on the other examples in its batch",
+        ),
+        "fixed batch size": (
+            Wrapped(lambda x, net: net(x.view(20, 64))),
+            "raised RuntimeError on a batch of one example .*must accept any batch size",
+        ),
+        "detached output": (
+            Wrapped(lambda x, net: net(x).detach()),
+            "output depends on none of the selected parameters",
+        ),
     }
 
 
@@ -200,6 +240,19 @@ def test_bad_arguments_get_one_short_sentence(arguments, match):
     with pytest.raises(CurvkitError, match=match) as caught:
         curvkit.analyze(tiny_model(), digits_batches(), **arguments, progress=False)
     assert len(str(caught.value)) < 400
+
+
+def test_arguments_in_other_forms_give_the_same_report():
+    """params as a generator (the checks used it up: IndexError), options as curvkit.Options
+    (refused as not a mapping), a quantity named twice (computed twice)."""
+    kwargs = dict(quantities=["ggn"], top_k=2, progress=False, params=["0.weight", "2.bias"])
+    plain = curvkit.analyze(tiny_model(), digits_batches(), options=QUICK, **kwargs)
+    kwargs.update(quantities=["ggn", "ggn"], params=(n for n in ["0.weight", "2.bias"]))
+    other = curvkit.analyze(
+        tiny_model(), digits_batches(), options=curvkit.Options(**QUICK), **kwargs
+    )
+    assert other.config == plain.config and other.config["quantities"] == ["ggn"]
+    assert other.ggn.top_eigenvalues == plain.ggn.top_eigenvalues
 
 
 def test_training_by_sgd_with_weight_decay():

@@ -28,6 +28,17 @@ from curvkit.registry import backend_names, backends, get_backend
 from curvkit.report import QUANTITIES, ModelInfo, Report
 
 
+def options_mapping(options: Mapping[str, Any] | Options | None) -> Mapping[str, Any] | None:
+    """``options`` as given, or the fields of an ``Options`` (all but progress) as a dict."""
+    if not isinstance(options, Options):
+        return options
+    return {
+        f.name: getattr(options, f.name)
+        for f in dataclasses.fields(Options)
+        if f.name != "progress"
+    }
+
+
 def make_options(
     options: Mapping[str, Any] | None, progress: bool, quantity: str | None = None
 ) -> Options:
@@ -79,7 +90,7 @@ def analyze(
     progress: bool = True,
     loss: str = "cross_entropy",
     params: Sequence[str] | None = None,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | Options | None = None,
     skip_unsupported: bool = False,
     choice_file: str | os.PathLike | None = None,
     process_group: Group = None,
@@ -107,7 +118,8 @@ def analyze(
     """
     if isinstance(quantities, str):  # one name
         quantities = [quantities]
-    names = list(QUANTITIES if quantities is None else quantities)
+    names = list(dict.fromkeys(QUANTITIES if quantities is None else quantities))
+    options = options_mapping(options)
     unknown = [q for q in names if q not in QUANTITIES]
     if unknown or not names:
         raise InvalidInputError(

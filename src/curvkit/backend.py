@@ -28,6 +28,7 @@ import importlib
 import importlib.metadata
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -154,16 +155,25 @@ class Backend:
     # -- availability ---------------------------------------------------------------------------
     @classmethod
     def check_available(cls) -> None:
-        """Raise MissingDependencyError when the backend's library cannot be imported."""
-        if cls.module is None:
-            return
-        try:
-            importlib.import_module(cls.module)
-        except ImportError as error:
-            raise MissingDependencyError(
-                f"backend {cls.name!r} needs {cls.library}; install it with "
-                f"pip install 'curvkit[{cls.extra}]'."
-            ) from error
+        """Raise MissingDependencyError when the backend's library cannot be imported.
+
+        The import, and torch's forward-mode AD on its first use, run ``torch.jit.script``, which
+        torch 2.14 deprecates with a FutureWarning nothing a user can act on: both happen here
+        once, with that warning silenced."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", r"`torch\.jit\.script` is deprecated", category=FutureWarning
+            )
+            torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
+            if cls.module is None:
+                return
+            try:
+                importlib.import_module(cls.module)
+            except ImportError as error:
+                raise MissingDependencyError(
+                    f"backend {cls.name!r} needs {cls.library}; install it with "
+                    f"pip install 'curvkit[{cls.extra}]'."
+                ) from error
 
     @classmethod
     def version(cls) -> str | None:

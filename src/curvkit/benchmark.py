@@ -35,6 +35,7 @@ from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
 from curvkit.comparison import compare_reports
 from curvkit.errors import CurvkitError
+from curvkit.linalg import Options
 from curvkit.linalg.operator import integer
 from curvkit.problem import Problem, model_guard
 from curvkit.registry import backend_list, get_backend
@@ -125,7 +126,7 @@ def bench(
     repeats: int = 3,
     top_k: int | None = None,
     seed: int = 0,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | Options | None = None,
     progress: bool = False,
 ) -> BenchResult:
     """Time every backend on every quantity against one reference (see the module docstring)."""
@@ -188,7 +189,7 @@ def _measure(
     quantity: str,
     repeats: int,
     common: dict[str, Any],
-    options: Mapping[str, Any] | None,
+    options: Mapping[str, Any] | Options | None,
     reference: dict[str, Any],
     device: torch.device,
 ) -> BenchRow:

@@ -38,9 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.analysis import analyze
+from curvkit.analysis import analyze, options_mapping
 from curvkit.backend import MATRICES
 from curvkit.errors import InvalidInputError, shown
+from curvkit.linalg import Options
 from curvkit.linalg.krylov import normalised_w1
 from curvkit.registry import backend_list, installed_backends
 from curvkit.report import Report
@@ -177,7 +178,7 @@ def compare(
     density_tol: float = DEFAULT_TOLERANCES["density_tol"],
     top_k: int | None = None,
     seed: int = 0,
-    options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | Options | None = None,
     progress: bool = False,
     thorough: bool = False,
 ) -> Comparison:
@@ -193,7 +194,7 @@ def compare(
     """
     if not thorough:
         top_k = QUICK_TOP_K if top_k is None else top_k
-        options = {**QUICK_OPTIONS, **(options or {})}
+        options = {**QUICK_OPTIONS, **(options_mapping(options) or {})}
     tolerances = _checked_tolerances(
         rtol=rtol, atol=atol, sigmas=sigmas, subspace_atol=subspace_atol, density_tol=density_tol
     )

@@ -133,25 +133,75 @@ class Problem:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.summary = self._scan()
-        self._leave_out_unused(chosen=params is not None)
+        self._check_function(chosen=params is not None)
         self.shapes = [p.shape for p in self.params]
         self.num_params = sum(p.numel() for p in self.params)
 
-    def _leave_out_unused(self, chosen: bool) -> None:
-        """Parameters the logits do not depend on (a head not called in ``forward``) have zero
-        curvature and no gradient at all, which the libraries cannot take: left out of the
-        default selection with a warning, refused when named in ``params``. Found from one
-        example's backward pass (the model comes back as it was)."""
+    def _check_function(self, chosen: bool) -> None:
+        """The first examples through the model (it comes back as it was). Curvature of a loss
+        summed over examples needs one fixed function of the parameters per example: a forward
+        that fails on one example, changes its input in place (every pass would see other data)
+        or its parameters, draws random numbers in eval mode, or mixes the examples of a batch
+        is refused. Parameters the logits do not depend on (a head not called in ``forward``)
+        have zero curvature and no gradient at all, which the libraries cannot take: left out
+        of the default selection with a warning, refused when named in ``params``."""
+        pair = self.sample[0]  # the first one or two examples
+        example, given = pair[:1], pair[:1].clone()
         with model_guard(self.model):
+            before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             for p in self.params:
                 p.requires_grad_(True)
-            logits = self.model(self.sample[0][:1])
-            grads = torch.autograd.grad(logits.sum(), self.params, allow_unused=True)
+            try:
+                logits = self.model(example)
+                with torch.no_grad():
+                    again = self.model(given.clone())
+                    together = self.model(pair.clone())[:1]
+            except Exception as error:
+                raise InvalidInputError(
+                    f"the model raised {type(error).__name__} on a batch of one example "
+                    f"({first_line(error)}); curvkit takes examples one at a time too, so the "
+                    "model must accept any batch size."
+                ) from error
+            changed = [n for n, p in self.model.named_parameters() if not torch.equal(p, before[n])]
+            grads = [None] * len(self.params)
+            if logits.requires_grad:
+                grads = torch.autograd.grad(logits.sum(), self.params, allow_unused=True)
+        if not torch.equal(example, given):
+            raise InvalidInputError(
+                "the model's forward pass changes its input in place, so every pass would see "
+                "other data; clone it first (x = x.clone()) or use out-of-place operations."
+            )
+        if changed:
+            raise InvalidInputError(
+                f"the model's forward pass changes its parameters ({', '.join(changed[:3])}); "
+                "curvature needs a fixed function: move the update out of forward."
+            )
+        # beyond rounding: 1e3 ulps in float64; in float32 1e-2, as a GPU's TF32 convolutions
+        # (on by default) round to 1e-3 and may differ between batch sizes
+        relative = 1e3 * torch.finfo(again.dtype).eps if again.dtype == torch.float64 else 1e-2
+        rounding = relative * (1 + float(again.abs().max()))
+        if float((logits.detach() - again).abs().max()) > rounding:
+            raise InvalidInputError(
+                "the model's forward pass is random in eval mode (two passes over one example "
+                "differ); curvature needs one fixed function: switch the noise off in eval mode."
+            )
+        if float((together - again).abs().max()) > rounding:
+            raise InvalidInputError(
+                "the model's output for an example depends on the other examples in its batch "
+                "(statistics over the batch?); curvature of a loss summed over examples needs "
+                "each output to depend on its own example only."
+            )
+        if all(g is None for g in grads):
+            raise InvalidInputError(
+                "the model's output depends on none of the selected parameters (does forward "
+                "detach it, or run under torch.no_grad?); curvature needs logits that are "
+                "differentiable in the parameters."
+            )
         unused = [n for n, g in zip(self.names, grads) if g is None]
         if not unused:
             return
         listed = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
-        if chosen or len(unused) == len(self.names):
+        if chosen:
             raise InvalidInputError(
                 f"the model's output does not depend on {listed}; leave "
                 f"{'it' if len(unused) == 1 else 'them'} out of params."
@@ -377,7 +427,12 @@ class Problem:
                 if y.numel() and (y.min() < 0 or y.max() >= num_classes):
                     raise InvalidInputError(
                         f"labels in batch {index} range over [{int(y.min())}, {int(y.max())}] but the "
-                        f"model has {num_classes} outputs; labels must lie in [0, {num_classes - 1}]."
+                        f"model has {num_classes} outputs; labels must lie in [0, {num_classes - 1}]"
+                        + (
+                            " (curvkit has no ignore_index: leave such examples out)."
+                            if y.min() < 0
+                            else "."
+                        )
                     )
                 counts += torch.bincount(y.cpu(), minlength=num_classes)
                 num_samples += y.numel()
@@ -514,6 +569,16 @@ def check_module(model: object) -> None:
         raise InvalidInputError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; pass the classifier itself."
         )
+    lazy = [
+        n
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+        if isinstance(t, nn.parameter.UninitializedTensorMixin)
+    ]
+    if lazy:
+        raise InvalidInputError(
+            f"{lazy[0]!r} is not initialised yet (a lazy module); run one forward pass, "
+            "model(inputs), before analysing the model."
+        )
 
 
 def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
@@ -533,6 +598,7 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
                 "parameters to analyse or pass params=[...]."
             )
     else:
+        names = list(names)  # a generator would be used up by the checks
         first = {id(p): n for n, p in reversed(list(model.named_parameters()))}
         aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         missing = [shown(n) for n in names if n not in aliases]

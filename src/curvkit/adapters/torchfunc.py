@@ -269,9 +269,10 @@ class TorchFuncBackend(Backend):
         def single(p: Tensors, xi: Tensor) -> Tensor:
             return self._logits(p, xi.unsqueeze(0)).squeeze(0)
 
-        jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
-        flat = torch.cat([jac[n].flatten(start_dim=2) for n in self.problem.names], dim=2)
-        with torch.no_grad():
+        with torch.no_grad():  # the transform differentiates anyway; parameters left out of
+            # the selection would otherwise record a graph behind the B × C × P Jacobians
+            jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
+            flat = torch.cat([jac[n].flatten(start_dim=2) for n in self.problem.names], dim=2)
             logits = self._logits(params, x)
         return logits, flat
 
