@@ -147,29 +147,39 @@ def test_the_comparison_can_fail():
     assert _differences(changed, report) == [".hessian.top_eigenvalues: 1.3e-09 relative"]
 
 
-def _padded_sampler_worker(rank: int, world: int, init: str, folder: str) -> None:
+def _bad_sharding_worker(rank: int, world: int, init: str, folder: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        data = TensorDataset(torch.randn(5, 64, dtype=torch.float64), torch.arange(5) % 2)
-        loader = DataLoader(data, batch_size=2, sampler=DistributedSampler(data, shuffle=False))
-        model = digits_mlp()
-        try:
-            curvkit.analyze(model, loader, quantities=["ggn"], top_k=2, progress=False)
-            message = "no error"
-        except curvkit.InvalidInputError as error:
-            message = str(error)
-        Path(folder, f"{rank}.txt").write_text(message)
+        inputs = torch.randn(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        data = TensorDataset(inputs, torch.arange(5) % 2)  # the same on both ranks
+        loaders = {
+            "padded": DataLoader(
+                data, batch_size=2, sampler=DistributedSampler(data, shuffle=False)
+            ),
+            "unsharded": DataLoader(data, batch_size=2),
+        }
+        for case, loader in loaders.items():
+            try:
+                curvkit.analyze(digits_mlp(), loader, quantities=["ggn"], top_k=2, progress=False)
+                message = "no error"
+            except curvkit.InvalidInputError as error:
+                message = str(error)
+            Path(folder, f"{case}-{rank}.txt").write_text(message)
     finally:
         dist.destroy_process_group()
 
 
-def test_padding_distributed_sampler_is_refused(tmp_path):
-    """5 examples on 2 ranks: DistributedSampler repeats one to make 6, which would change the loss."""
+def test_bad_sharding_is_refused(tmp_path):
+    """5 examples on 2 ranks: DistributedSampler repeats one to make 6, and a loader given to
+    every rank unsharded counts each example twice; both would change the loss (the second
+    only its N, silently, before)."""
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_padded_sampler_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_bad_sharding_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        message = (tmp_path / f"{rank}.txt").read_text()
-        assert "pads 5 examples to 6" in message and "shard_loader" in message
+        padded = (tmp_path / f"padded-{rank}.txt").read_text()
+        assert "pads 5 examples to 6" in padded and "shard_loader" in padded
+        unsharded = (tmp_path / f"unsharded-{rank}.txt").read_text()
+        assert "every rank holds the same 5 examples" in unsharded, unsharded
 
 
 class FailsOnRankOne:

@@ -160,6 +160,7 @@ def bad_models():
             Wrapped(lambda x, net: net(x.view(20, 64))),
             "raised RuntimeError on a batch of one example .*must accept any batch size",
         ),
+        "probabilities": (nn.Sequential(tiny_model(), nn.Softmax(dim=1)), "are probabilities"),
         "detached output": (
             Wrapped(lambda x, net: net(x).detach()),
             "output depends on none of the selected parameters",

@@ -337,7 +337,8 @@ class Problem:
 
     def _scan(self) -> DataSummary:
         """One forward pass in eval mode that checks every batch and counts the classes; with a
-        process group, the shards' summaries are combined (and the ranks' models compared)."""
+        process group, the shards' summaries are combined (and the ranks' models and data
+        compared: the same shard on every rank is refused)."""
         if self.group is None:
             summary = self._scan_shard()
             self.num_shard_samples = summary.num_samples
@@ -349,13 +350,20 @@ class Problem:
         except CurvkitError as caught:
             error = caught
         agree(error, self.group)
-        shards = all_gather_objects((local, self._weights_digest()), self.group)
-        if len({digest for _, digest in shards}) > 1:
+        shards = all_gather_objects((local, self._weights_digest(), self.first_pass), self.group)
+        if len({digest for _, digest, _ in shards}) > 1:
             raise InvalidInputError(
                 "the ranks hold different parameter values; load the same weights on every rank "
                 "(and seed any training identically)."
             )
-        summaries = [summary for summary, _ in shards]
+        records = [record for _, _, record in shards]
+        if records[0] is not None and all(r is not None and r.matches(records[0]) for r in records):
+            raise InvalidInputError(
+                f"every rank holds the same {records[0].num_samples} examples, which would count "
+                f"{len(records)} times each; give each rank its own shard, e.g. "
+                "curvkit.distributed.shard_loader(loader)."
+            )
+        summaries = [summary for summary, _, _ in shards]
         empty = [r for r, s in enumerate(summaries) if s.num_samples == 0]
         if empty:
             raise InvalidInputError(
@@ -372,6 +380,20 @@ class Problem:
             local.num_batches,
             max(s.max_batch for s in summaries),
         )
+
+    @staticmethod
+    def _check_logits(out: Tensor) -> None:
+        """Refuse probabilities (a final softmax): cross-entropy on them is another loss than
+        the one the model learnt. Log-probabilities are logits already (log-softmax leaves them
+        unchanged)."""
+        sums = out.detach().sum(dim=1)
+        rounding = 1e3 * torch.finfo(out.dtype).eps * out.shape[1]
+        if out.numel() and bool((out >= 0).all()) and float((sums - 1).abs().max()) <= rounding:
+            raise InvalidInputError(
+                "the model's outputs are probabilities (non-negative, each row summing to 1), "
+                "and cross-entropy on them is not the loss the model learnt; return logits (drop "
+                "the final softmax) or log-probabilities (torch.log of the output)."
+            )
 
     def _scan_shard(self) -> DataSummary:
         """The scan of this rank's data (all of it without a process group)."""
@@ -412,6 +434,7 @@ class Problem:
                         "parameters and inputs."
                     )
                 if counts is None:
+                    self._check_logits(out)
                     num_classes = out.shape[1]
                     counts = torch.zeros(num_classes, dtype=torch.long)
                     if num_classes < 2:
