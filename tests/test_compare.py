@@ -33,7 +33,7 @@ def test_comparison_rules():
             "n_outliers": 1,
             "provenance": {"top_eigenvalues": "not compared"},
         },
-        "classmeans": {"overlap": {"ggn": 0.9}, "counts": [3, 4]},
+        "classmeans": {"overlap": {"ggn": 0.9}, "counts": [3, 4], "gap": {"ritz": 9.7e-5}},
         "timings": {"hessian": 1.0},
     }
     close = {
@@ -45,7 +45,8 @@ def test_comparison_rules():
             "n_outliers": 1,
             "provenance": {"top_eigenvalues": "different"},
         },
-        "classmeans": {"overlap": {"ggn": 0.91}, "counts": [3, 4]},
+        # a gap is relative already: 1.1e-6 off a 1e-4 gap (1 %) is within atol = 1e-4
+        "classmeans": {"overlap": {"ggn": 0.91}, "counts": [3, 4], "gap": {"ritz": 9.6e-5}},
         "timings": {"hessian": 9.0},
     }
     checks = compare_reports(reference, close, "other")
@@ -58,6 +59,7 @@ def test_comparison_rules():
         "classmeans.overlap.ggn": ("subspace", True),
         "classmeans.counts[0]": ("count", True),
         "classmeans.counts[1]": ("count", True),
+        "classmeans.gap.ritz": ("iterative", True),
     }
     far = {
         "hessian": {
@@ -66,7 +68,7 @@ def test_comparison_rules():
             "trace_stderr": 0.01,
             "n_outliers": 1,
         },
-        "classmeans": {"overlap": {"ggn": 0.93}, "counts": [3, 5]},
+        "classmeans": {"overlap": {"ggn": 0.93}, "counts": [3, 5], "gap": {"ritz": 3e-4}},
     }
     failed = {c.path for c in compare_reports(reference, far, "other") if not c.passed}
     assert failed == {
@@ -75,6 +77,7 @@ def test_comparison_rules():
         "hessian.trace",
         "classmeans.overlap.ggn",
         "classmeans.counts[1]",
+        "classmeans.gap.ritz",
     }
 
 

@@ -9,6 +9,8 @@ its kind, because the backends compute different kinds of numbers in different w
   spectrum): Lanczos-type errors are absolute, about tol·‖A‖, so tiny eigenvalues are compared
   on the scale of the largest. Defaults rtol 1e-3, atol 1e-4: PyHessian's power iteration
   (Rayleigh-quotient stopping rule) is the loosest routine, measured at ≤ 2e-6 relative here.
+  Papyan's gaps ‖λ − μ‖/‖λ‖ are relative already, so their scale is 1 (a gap of 1e-4 between
+  nearly equal spectra moves by the eigenvalues' relative error: 1 % on PyHessian with C = 2).
 - ``stochastic`` (anything with a ``*_stderr`` beside it: traces): libraries draw different
   probes, so the estimates agree only within their error bars. Passes when
   ``|a − b| ≤ sigmas·sqrt(σ_a² + σ_b²)`` plus rounding (1e-8·max(|b|, the spectrum's largest
@@ -76,6 +78,7 @@ QUICK_SETTINGS = (
     f"{QUICK_OPTIONS['density_probes']} × {QUICK_OPTIONS['density_steps']}"
 )
 SUBSPACE = {"overlap", "rank1", "spectrum_distance", "profile_distance"}
+RELATIVE = {"gap"}  # ‖λ − μ‖ / ‖λ‖: its error is the eigenvalues' relative error, on scale 1
 COUNTS = {"counts", "num_params", "num_classes", "num_samples", "excluded_classes", "shape"}
 
 
@@ -324,6 +327,8 @@ def _leaf_checks(
             kind, allowed = "count", 0.0
         elif SUBSPACE.intersection(keys):
             kind, allowed = "subspace", tol.subspace_atol
+        elif RELATIVE.intersection(keys):
+            kind, allowed = "iterative", tol.rtol * abs(b) + tol.atol
         elif stderr_want or stderr_got:
             stderr = math.hypot(stderr_want.get(path, 0.0), stderr_got.get(path, 0.0))
             rounding = 1e-8 * max(abs(b), norm)
