@@ -127,6 +127,8 @@ def bad_models():
     with torch.no_grad():
         nan_model[2].weight[0, 0] = math.nan
     frozen = tiny_model().requires_grad_(False)
+    with torch.inference_mode():
+        inference_made = tiny_model()
     return {
         "1-D output": (Flat(), "logits of shape \\(batch, classes\\)"),
         "NaN parameter": (nan_model, "parameter '2.weight' contains NaN"),
@@ -138,6 +140,7 @@ def bad_models():
             "forward pass changes its parameters \\(net.0.weight\\)",
         ),
         "meta device": (tiny_model().to("meta"), "meta device and hold no values"),
+        "made in inference mode": (inference_made, "made under torch.inference_mode\\(\\)"),
         "lazy module": (
             nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 10)).double(),
             "'0.weight' is not initialised yet \\(a lazy module\\)",
@@ -241,6 +244,30 @@ def test_bad_arguments_get_one_short_sentence(arguments, match):
     with pytest.raises(CurvkitError, match=match) as caught:
         curvkit.analyze(tiny_model(), digits_batches(), **arguments, progress=False)
     assert len(str(caught.value)) < 400
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_callers_autograd_context_changes_nothing(name):
+    """Under torch.no_grad(), torch.inference_mode() (with data made there) and anomaly
+    detection, the same report, and the caller's settings afterwards (before: a misleading
+    refusal, raw errors from inference tensors, and vmap's 'Batching rule not implemented for
+    aten::item' on three backends)."""
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    with torch.inference_mode():
+        made_there = [(x[:20] * 1, y[:20] * 1), (x[20:] * 1, y[20:] * 1)]
+    kwargs = dict(backend=name, quantities=["hessian", "classmeans"], top_k=2, progress=False)
+    plain = curvkit.analyze(tiny_model(), digits_batches(), options=QUICK, **kwargs)
+    for context, data in [
+        (torch.no_grad, digits_batches()),
+        (torch.inference_mode, made_there),
+        (torch.autograd.detect_anomaly, digits_batches()),
+    ]:
+        model = tiny_model()
+        with context():
+            report = curvkit.analyze(model, data, options=QUICK, **kwargs)
+            assert not torch.is_grad_enabled() or torch.is_anomaly_enabled()
+        assert report.hessian.top_eigenvalues == plain.hessian.top_eigenvalues, context
+        assert report.classmeans.trace == plain.classmeans.trace, context
 
 
 def test_arguments_in_other_forms_give_the_same_report():

@@ -6,7 +6,8 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -80,6 +81,20 @@ def default_top_k(num_classes: int, num_params: int) -> int:
     return min(num_params, max(10, 2 * num_classes))
 
 
+@contextmanager
+def autograd_whatever_the_caller() -> Iterator[None]:
+    """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``, and
+    anomaly detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot
+    batch: a raw RuntimeError on three backends); the caller's settings come back after."""
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autograd.set_detect_anomaly(False),
+    ):
+        yield
+
+
+@autograd_whatever_the_caller()
 def analyze(
     model: nn.Module,
     data: Iterable,

@@ -329,7 +329,9 @@ class Problem:
             x = x.to(device=self.device, dtype=self.dtype)
         else:
             x = x.to(device=self.device)
-        return x, y.to(device=self.device, dtype=torch.long)
+        y = y.to(device=self.device, dtype=torch.long)
+        # tensors made under torch.inference_mode() cannot enter autograd; copies can
+        return (x.clone() if x.is_inference() else x), (y.clone() if y.is_inference() else y)
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """The sum of a partial sum over this rank's shard across the ranks (itself alone)."""
@@ -592,15 +594,18 @@ def check_module(model: object) -> None:
         raise InvalidInputError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; pass the classifier itself."
         )
-    lazy = [
-        n
-        for n, t in [*model.named_parameters(), *model.named_buffers()]
-        if isinstance(t, nn.parameter.UninitializedTensorMixin)
-    ]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
     if lazy:
         raise InvalidInputError(
             f"{lazy[0]!r} is not initialised yet (a lazy module); run one forward pass, "
             "model(inputs), before analysing the model."
+        )
+    inference = [n for n, t in tensors if t.is_inference()]
+    if inference:
+        raise InvalidInputError(
+            f"{inference[0]!r} was made under torch.inference_mode(), and such tensors cannot "
+            "be differentiated; build or load the model outside inference mode."
         )
 
 
