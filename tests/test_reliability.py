@@ -246,6 +246,7 @@ def test_bad_arguments_get_one_short_sentence(arguments, match):
     assert len(str(caught.value)) < 400
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")  # torch's, on entry
 @pytest.mark.parametrize("name", BACKENDS)
 def test_the_callers_autograd_context_changes_nothing(name):
     """Under torch.no_grad(), torch.inference_mode() (with data made there) and anomaly
