@@ -81,6 +81,36 @@ def default_top_k(num_classes: int, num_params: int) -> int:
     return min(num_params, max(10, 2 * num_classes))
 
 
+def check_arguments(
+    backend: str | None,
+    quantities: Sequence[str] | str | None,
+    top_k: int | None,
+    seed: int,
+    options: Mapping[str, Any] | Options | None,
+) -> tuple[list[str], int | None, int, Mapping[str, Any] | None]:
+    """The arguments of ``analyze`` that need no model, checked (the command line checks them
+    before it trains): the quantities' names (once each), top_k, seed, the options and the
+    backend (``None``: any)."""
+    if isinstance(quantities, str):  # one name
+        quantities = [quantities]
+    names = list(dict.fromkeys(QUANTITIES if quantities is None else quantities))
+    unknown = [q for q in names if q not in QUANTITIES]
+    if unknown or not names:
+        raise InvalidInputError(
+            f"unknown quantities {shown(unknown)}; choose from {', '.join(QUANTITIES)}."
+            if unknown
+            else f"quantities is empty; choose from {', '.join(QUANTITIES)} or pass None for all."
+        )
+    if top_k is not None:
+        top_k = integer("top_k", top_k, 1)
+    seed = integer("seed", seed, 0, 2**63 - 1)  # torch's generators take a signed 64-bit seed
+    options = options_mapping(options)
+    make_options(options, progress=False)
+    if backend not in (None, "auto"):
+        get_backend(backend)
+    return names, top_k, seed, options
+
+
 @contextmanager
 def autograd_whatever_the_caller() -> Iterator[None]:
     """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``, and
@@ -131,20 +161,7 @@ def analyze(
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
     """
-    if isinstance(quantities, str):  # one name
-        quantities = [quantities]
-    names = list(dict.fromkeys(QUANTITIES if quantities is None else quantities))
-    options = options_mapping(options)
-    unknown = [q for q in names if q not in QUANTITIES]
-    if unknown or not names:
-        raise InvalidInputError(
-            f"unknown quantities {shown(unknown)}; choose from {', '.join(QUANTITIES)}."
-            if unknown
-            else f"quantities is empty; choose from {', '.join(QUANTITIES)} or pass None for all."
-        )
-    if top_k is not None:
-        top_k = integer("top_k", top_k, 1)
-    seed = integer("seed", seed, 0, 2**63 - 1)  # torch's generators take a signed 64-bit seed
+    names, top_k, seed, options = check_arguments(backend, quantities, top_k, seed, options)
     progress = flag("progress", progress)
     skip_unsupported = flag("skip_unsupported", skip_unsupported)
     if choice_file is not None and not isinstance(choice_file, (str, os.PathLike)):

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from curvkit import __version__
 from curvkit.errors import (
     BackendNotFoundError,
     CurvkitError,
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="curvkit",
         description="Curvature of a trained classifier's loss through one interface over several libraries.",
     )
+    parser.add_argument("--version", action="version", version=f"curvkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     analyze = commands.add_parser(
@@ -365,6 +367,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(dump(config), end="")
             return 0
+        from curvkit.analysis import check_arguments  # before training, not after
+        from curvkit.registry import backend_list
+
+        backend = config["backend"] if args.command == "analyze" else None
+        check_arguments(
+            backend, config["quantities"], config["top_k"], config["seed"], config["options"]
+        )
+        if args.command != "analyze":
+            backend_list(args.backends)
         commands = {"analyze": _analyze, "bench": _bench, "compare": _compare}
         return commands[args.command](args, config)
     except (InvalidInputError, BackendNotFoundError) as error:
