@@ -583,7 +583,13 @@ def top_eigen_peers(device: str) -> str:
             for routine, run in (
                 ("curvkit torchfunc (defaults)", ours),
                 ("curvkit torchfunc (lanczos_tol 1e-3)", lambda: ours(lanczos_tol=1e-3)),
+                (
+                    "curvkit torchfunc (lanczos_block 2, lanczos_tol 1e-3)",
+                    lambda: ours(lanczos_block=2, lanczos_tol=1e-3),
+                ),
                 ("hessian-eigenthings lanczos (defaults: 20 steps)", eigenthings),
+                ("hessian-eigenthings lanczos (25 steps)", lambda: eigenthings(25)),
+                ("hessian-eigenthings lanczos (30 steps)", lambda: eigenthings(30)),
                 ("hessian-eigenthings lanczos (40 steps)", lambda: eigenthings(40)),
                 ("curvlinops + scipy eigsh (tol 1e-6)", scipy_eigsh),
                 ("PyHessian eigenvalues (defaults)", pyhessian_raw),
