@@ -90,6 +90,25 @@ class DoubledLinear(torch.nn.Linear):
         return 2 * super().forward(x)
 
 
+class Conv1dNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = torch.nn.Conv1d(1, 3, 5, stride=4), torch.nn.Linear(45, 10)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x[:, None])).flatten(1))
+
+
+def test_weights_layerwise_does_not_cover_are_named():
+    """A Conv1d weight is not analysed layer by layer: said, no longer silently left out."""
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    with pytest.warns(UserWarning, match=r"Conv2d weights only; it leaves out conv \(Conv1d\)"):
+        report = curvkit.analyze(Conv1dNet().double(), [(x, y)], quantities=["layerwise"],
+                                 top_k=2, progress=False, options={"trace_matvecs": 0})  # fmt: skip
+    assert list(report.layerwise) == ["head"]
+
+
 @pytest.mark.parametrize("backend", backend_params("kronecker_factors", minimal=False))
 def test_a_layer_class_that_overrides_forward_gets_no_kronecker_factors(backend):
     """Its output is 2(W a + b), not W a + b: factors read off its input and output would make

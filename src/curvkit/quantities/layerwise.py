@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +108,19 @@ def layerwise(
         raise InvalidInputError(
             "the model has no Linear or Conv2d layer whose weight is selected; layerwise analysis "
             "needs at least one."
+        )
+    other = [
+        f"{n} ({type(m).__name__})"
+        for n, m in problem.model.named_modules()
+        if n not in names
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() >= 2
+        and f"{n}.weight" in problem.names
+    ]
+    if other:
+        warnings.warn(
+            f"layerwise analyses Linear and Conv2d weights only; it leaves out {', '.join(other)}.",
+            stacklevel=3,
         )
     kept, skipped = backend.kronecker_plan()
     start, passes = time.perf_counter(), backend.passes
