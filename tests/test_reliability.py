@@ -349,9 +349,12 @@ def test_a_shared_parameter_is_named_by_any_of_its_names_once():
 def test_parameters_the_output_does_not_depend_on():
     """Left out of the default selection with a warning naming them (P = 610, the used ones);
     named in params, refused."""
-    with pytest.warns(UserWarning, match="leaves out spare.weight, spare.bias: the model's output"):
+    with pytest.warns(
+        UserWarning, match="leaves out spare.weight, spare.bias: the model's output"
+    ) as record:
         report = curvkit.analyze(SpareHead(), digits_batches(), quantities=["ggn"], top_k=2,
                                  progress=False, options=QUICK)  # fmt: skip
+    assert record[0].filename == __file__  # the caller's line (it was contextlib's)
     assert report.model.num_params == 610 and "spare.weight" not in report.config["params"]
     with pytest.raises(InvalidInputError, match="does not depend on spare.bias; leave it out"):
         curvkit.analyze(SpareHead(), digits_batches(), params=["net.0.bias", "spare.bias"])

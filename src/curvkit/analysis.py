@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +16,7 @@ from curvkit import __version__
 from curvkit.backend import MATRICES, Backend
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import Group, all_gather_objects, current_group, rank, stop_all_on_failure
-from curvkit.errors import InvalidInputError, UnsupportedError, shown
+from curvkit.errors import InvalidInputError, UnsupportedError, shown, warn
 from curvkit.linalg import Options
 from curvkit.linalg.operator import flag, integer, trace
 from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard, random_state_kept
@@ -363,7 +362,7 @@ def _analyze_auto(
     )
     report.backend = used[names[0]] if len(set(used.values())) == 1 else "auto"
     report.config.update(backend="auto", quantities=names, backends=used)
-    warnings.warn(f"curvkit: backend='auto' used {used} ({source}).", stacklevel=3)
+    warn(f"curvkit: backend='auto' used {used} ({source}).")
     return report
 
 

@@ -1,8 +1,12 @@
-"""The exceptions curvkit raises: one sentence saying what is wrong and what to do."""
+"""The exceptions curvkit raises: one sentence saying what is wrong and what to do; and its
+warnings, attributed to the user's line."""
 
 from __future__ import annotations
 
+import contextlib
 import reprlib
+import sys
+import warnings
 from typing import Any
 
 
@@ -16,6 +20,18 @@ def shown(value: Any) -> str:
     short = reprlib.Repr()
     short.maxlevel, short.maxstring, short.maxother = 2, 40, 40
     return short.repr(value)
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside curvkit (a fixed stacklevel would
+    point into curvkit or contextlib, depending on the route that raised it)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (
+        frame.f_globals.get("__name__", "").partition(".")[0] == "curvkit"
+        or frame.f_code.co_filename == contextlib.__file__
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 class CurvkitError(Exception):

@@ -14,7 +14,6 @@ import math
 import numbers
 import os
 import sys
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from curvkit.distributed import (
     check_loader,
     current_group,
 )
-from curvkit.errors import CurvkitError, InvalidInputError, first_line, shown
+from curvkit.errors import CurvkitError, InvalidInputError, first_line, shown, warn
 from curvkit.features import model_features
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
@@ -206,10 +205,9 @@ class Problem:
                 f"the model's output does not depend on {listed}; leave "
                 f"{'it' if len(unused) == 1 else 'them'} out of params."
             )
-        warnings.warn(
+        warn(
             f"curvkit leaves out {listed}: the model's output does not depend on "
-            f"{'it' if len(unused) == 1 else 'them'} (zero curvature).",
-            stacklevel=4,
+            f"{'it' if len(unused) == 1 else 'them'} (zero curvature)."
         )
         kept = [(n, p) for n, p, g in zip(self.names, self.params, grads) if g is not None]
         self.names, self.params = [n for n, _ in kept], [p for _, p in kept]

@@ -29,7 +29,6 @@ where the claim held, 0.26–0.74 where it failed).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, warn
 from curvkit.linalg import Operator, gram_eigenvalues, orthonormal_basis, subspace_overlap
 from curvkit.linalg.operator import top_eigen, trace
 from curvkit.linalg.subspace import long_matmul
@@ -148,10 +147,9 @@ def classmeans(
             "decomposition needs examples of at least two classes."
         )
     if excluded:
-        warnings.warn(
+        warn(
             f"classes {excluded} have no examples in the data and are left out of the class means "
-            "(they still count as potential labels c').",
-            stacklevel=2,
+            "(they still count as potential labels c')."
         )
 
     gram = row_gram(group.rows)

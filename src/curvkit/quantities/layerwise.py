@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, warn
 from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
@@ -118,9 +117,8 @@ def layerwise(
         and f"{n}.weight" in problem.names
     ]
     if other:
-        warnings.warn(
-            f"layerwise analyses Linear and Conv2d weights only; it leaves out {', '.join(other)}.",
-            stacklevel=3,
+        warn(
+            f"layerwise analyses Linear and Conv2d weights only; it leaves out {', '.join(other)}."
         )
     kept, skipped = backend.kronecker_plan()
     start, passes = time.perf_counter(), backend.passes

@@ -7,9 +7,9 @@ by default, with its standard error), the spectral density (SLQ) and the number 
 from __future__ import annotations
 
 import math
-import warnings
 
 from curvkit.backend import Backend
+from curvkit.errors import warn
 from curvkit.linalg.operator import density, top_eigen, trace
 from curvkit.report import Spectrum
 
@@ -50,11 +50,10 @@ def spectrum(
     op, options = backend.operator(matrix), backend.options
     eigen, eigen_prov = top_eigen(op, top_k, options, seed)
     if not eigen.converged:
-        warnings.warn(
+        warn(
             f"{eigen_prov.routine} for the {matrix} did not converge in {eigen.matvecs} "
             "products; the top eigenvalues are approximate (raise lanczos_max_iter, or the "
-            "backend's own iteration limit).",
-            stacklevel=2,
+            "backend's own iteration limit)."
         )
     provenance = {"top_eigenvalues": eigen_prov}
     value, stderr = math.nan, math.nan
