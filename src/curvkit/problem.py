@@ -88,7 +88,9 @@ class Problem:
     the model's device while they fit in ``cache_mb`` MiB (and a quarter of the free memory):
     every later pass then re-uses them, so the loader is read once and every quantity sees the
     same examples. ``cache_mb=0``, or data too large, reads the loader on every pass and refuses
-    a pass whose examples differ from the first pass's.
+    a pass whose examples differ from the first pass's. The first examples then go through
+    the model twice: each example's logits must be one fixed function of the parameters
+    (``_check_function``).
     With a torch.distributed ``group`` (by default an initialised one with several ranks) ``data``
     is this rank's shard: N and the class counts are the shards' totals, ``num_shard_samples``
     this rank's, and ``all_reduce`` sums a partial sum over the ranks (see curvkit.distributed).
