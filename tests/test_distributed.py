@@ -182,6 +182,20 @@ def test_bad_sharding_is_refused(tmp_path):
         assert "every rank holds the same 5 examples" in unsharded, unsharded
 
 
+def test_a_group_of_one_rank_is_the_single_process_run(tmp_path, digits_problem):
+    """A process group of one holds the whole data set (not "the same data on every rank")."""
+    model, loader = digits_problem
+    kwargs = dict(quantities=["hessian"], top_k=2, progress=False, options={"trace_matvecs": 6})
+    single = curvkit.analyze(model, loader, **kwargs)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        grouped = curvkit.analyze(model, loader, process_group=dist.group.WORLD, **kwargs)
+    finally:
+        dist.destroy_process_group()
+    assert grouped.hessian.top_eigenvalues == single.hessian.top_eigenvalues
+
+
 class FailsOnRankOne:
     """A rank's shard of the digits that raises on rank 1 from its third pass on (after the scan
     and the first products), as a disk or a remote store might."""

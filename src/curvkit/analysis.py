@@ -111,7 +111,7 @@ def check_arguments(
 
 
 @contextmanager
-def autograd_whatever_the_caller() -> Iterator[None]:
+def gradients_on() -> Iterator[None]:
     """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``, and
     anomaly detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot
     batch: a raw RuntimeError on three backends); the caller's settings come back after."""
@@ -123,7 +123,7 @@ def autograd_whatever_the_caller() -> Iterator[None]:
         yield
 
 
-@autograd_whatever_the_caller()
+@gradients_on()
 def analyze(
     model: nn.Module,
     data: Iterable,

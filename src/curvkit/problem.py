@@ -359,7 +359,7 @@ class Problem:
                 "(and seed any training identically)."
             )
         records = [record for _, _, record in shards]
-        if records[0] is not None and all(r is not None and r.matches(records[0]) for r in records):
+        if len(records) > 1 and all(r is not None and r.matches(records[0]) for r in records):
             raise InvalidInputError(
                 f"every rank holds the same {records[0].num_samples} examples, which would count "
                 f"{len(records)} times each; give each rank its own shard, e.g. "
