@@ -436,7 +436,9 @@ class Backend:
                 grads = torch.autograd.grad(
                     logits, params, chunk, is_grads_batched=True, retain_graph=i < len(chunks) - 1
                 )
-                sums[label, row : row + len(chunk)] += torch.cat([g.flatten(1) for g in grads], 1)
+                sums[label, row : row + len(chunk)] += torch.cat(
+                    [g.reshape(len(g), -1) for g in grads], 1
+                )
                 row += len(chunk)
 
     def kronecker_factors(self) -> dict[str, KroneckerFactors]:

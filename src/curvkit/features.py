@@ -5,8 +5,9 @@ A backend declares in ``Backend.limits`` which primitives each feature breaks fo
 ``Backend.refusal`` then refuses a quantity that needs such a primitive, naming the feature, and
 a native routine that it breaks is replaced by curvkit's own (provenance says why).
 
-- ``shared_parameters``: one Parameter reachable under several names, or a module that runs
-  more than once per forward pass (weight tying, ``Sequential(a, b, a)``);
+- ``shared_parameters``: one Parameter reachable under several names, a module that runs
+  more than once per forward pass (weight tying, ``Sequential(a, b, a)``), or a Parameter used
+  directly besides its module (``h @ self.fc.weight.T``);
 - ``forward_hooks`` / ``backward_hooks``: hooks registered on the model's modules or globally;
 - ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``);
 - ``functional_transforms``: a forward pass that torch.func's transforms refuse
@@ -71,6 +72,10 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
 
 
 def _shared(model: nn.Module, example: Tensor) -> str:
+    """Parameters that enter the forward pass more than once: tied (one Parameter under
+    several names), in a module that runs several times, or a Linear's or Conv2d's used
+    directly besides its layer (``h @ self.fc.weight.T``; counted as edges into the Parameter's
+    gradient accumulator in one example's graph, where the layer itself makes one)."""
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
@@ -82,13 +87,41 @@ def _shared(model: nn.Module, example: Tensor) -> str:
         if next(m.parameters(recurse=False), None) is not None
     ]
     try:
-        with torch.no_grad():
-            model(example)
+        for p in model.parameters():  # the guard around the features restores requires_grad
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            uses = _uses(model(example))
     finally:
         for handle in handles:
             handle.remove()
     reused = [f"module {n} runs {k} times per forward pass" for n, k in calls.items() if k > 1]
-    return "; ".join([f"shared parameters {', '.join(tied)}"] * bool(tied) + reused)
+    direct = [  # a layer's forward uses each of its parameters once per call
+        f"parameter {name}.{attribute} is used {uses[id(p)]} times per forward pass"
+        for name, m in model.named_modules()
+        if type(m).forward in (nn.Linear.forward, nn.Conv2d.forward) and calls[name] == 1
+        for attribute, p in m.named_parameters(recurse=False)
+        if uses[id(p)] > 1 and len(names[id(p)]) == 1
+    ]
+    return "; ".join([f"shared parameters {', '.join(tied)}"] * bool(tied) + reused + direct)
+
+
+def _uses(output: Tensor) -> Counter[int]:
+    """How often each leaf tensor (by id) enters the autograd graph of ``output``."""
+    uses: Counter[int] = Counter()
+    if output.grad_fn is None:
+        return uses
+    seen, stack = {output.grad_fn}, [output.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is None:
+                continue
+            leaf = getattr(node, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] += 1
+            elif node not in seen:
+                seen.add(node)
+                stack.append(node)
+    return uses
 
 
 def _hooked(model: nn.Module, attributes: tuple[str, ...]) -> str:

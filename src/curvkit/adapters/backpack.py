@@ -253,7 +253,9 @@ class BackPACKBackend(Backend):
         from backpack.extensions import SqrtGGNExact
 
         with self._backward(x, y, SqrtGGNExact()) as params:
-            factors = torch.cat([q.sqrt_ggn_exact.flatten(start_dim=2) for q in params], dim=2)
+            factors = torch.cat(
+                [q.sqrt_ggn_exact.reshape(*q.sqrt_ggn_exact.shape[:2], -1) for q in params], dim=2
+            )
         return factors.transpose(0, 1)
 
     def batch_kronecker(self, x: Tensor, y: Tensor) -> dict[str, tuple[Tensor, Tensor]]:

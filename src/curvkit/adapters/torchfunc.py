@@ -272,7 +272,9 @@ class TorchFuncBackend(Backend):
         with torch.no_grad():  # the transform differentiates anyway; parameters left out of
             # the selection would otherwise record a graph behind the B × C × P Jacobians
             jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
-            flat = torch.cat([jac[n].flatten(start_dim=2) for n in self.problem.names], dim=2)
+            flat = torch.cat(
+                [jac[n].reshape(*jac[n].shape[:2], -1) for n in self.problem.names], dim=2
+            )
             logits = self._logits(params, x)
         return logits, flat
 
