@@ -160,6 +160,45 @@ def test_trace_penalty_is_unbiased_and_differentiable(digits_problem, dense_mlp)
     model.zero_grad(set_to_none=True)
 
 
+class TiedLayers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(64, 8), torch.nn.Linear(8, 8)
+        self.third, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 10)
+        self.third.weight = self.second.weight
+
+    def forward(self, x):
+        hidden = torch.tanh(self.second(torch.tanh(self.first(x))))
+        return self.head(torch.tanh(self.third(hidden)))
+
+
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"num_probes": 0}, "num_probes must be an integer ≥ 1, got 0"),  # was NaN
+        ({"num_probes": -1}, "num_probes must be an integer ≥ 1, got -1"),  # was -0.0
+        ({"layers": "second"}, "layers must be a list of layer names, got the string"),
+        ({"layers": ["second", "second"]}, "second and second name one weight more than once"),
+        ({"layers": ["second", "third"]}, "second and third name one weight more than once"),
+        ({"layers": ["head"], "frozen": True}, "weight of layer head does not require gradients"),
+        ({"reduction": "none"}, "loss_fn must return a scalar .* got \\(20,\\)"),
+    ],
+)
+def test_trace_penalty_refuses_what_it_would_get_wrong(arguments, match):
+    """Each used to return a silently wrong number (NaN, −0, a block counted twice with
+    independent probes, a string read as single-letter layer names) or a raw autograd error."""
+    model = TiedLayers().double()
+    model.head.weight.requires_grad_(not arguments.pop("frozen", False))
+    reduction = arguments.pop("reduction", "mean")
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=2)
+
+    def loss(logits, labels):
+        return torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+
+    with pytest.raises(curvkit.InvalidInputError, match=match):
+        curvkit.layer_trace_penalty(model, loss, x, y, **{"layers": ["second"], **arguments})
+
+
 def test_trace_penalty_gradient_matches_finite_differences(digits_problem):
     """With the probes fixed (same generator seed), the penalty vᵀ H_S(θ) v is a smooth function
     of θ (tanh MLP); its autograd gradient along a random direction u matches the central

@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError, warn
+from curvkit.errors import InvalidInputError, shown, warn
 from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
-from curvkit.linalg.operator import density, top_eigen, trace
+from curvkit.linalg.operator import density, integer, top_eigen, trace
 from curvkit.linalg.trace import TraceEstimate
 from curvkit.report import Layer, Provenance, Spectrum
 
@@ -242,6 +242,12 @@ def layer_trace_penalty(
     ``create_graph=True`` plus one double-backward per probe, and the backward of the result.
     """
     modules = dict(model.named_modules())
+    num_probes = integer("num_probes", num_probes, 1)
+    if isinstance(layers, str):
+        raise InvalidInputError(
+            f"layers must be a list of layer names, got the string {shown(layers)}; write "
+            f"layers=[{shown(layers)}]."
+        )
     layers = list(layers) if layers is not None else middle_layers(model)
     unknown = [n for n in layers if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
     if unknown or not layers:
@@ -250,7 +256,28 @@ def layer_trace_penalty(
             f"{[n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]}."
         )
     weights = [modules[n].weight for n in layers]
-    grads = torch.autograd.grad(loss_fn(model(inputs), targets), weights, create_graph=True)
+    holders: dict[int, list[str]] = {}
+    for name, weight in zip(layers, weights):
+        holders.setdefault(id(weight), []).append(name)
+    repeated = [" and ".join(names) for names in holders.values() if len(names) > 1]
+    if repeated:
+        raise InvalidInputError(
+            f"layers {repeated[0]} name one weight more than once; name each weight once (a "
+            "repeat would count its block twice, with independent probes)."
+        )
+    frozen = [n for n, w in zip(layers, weights) if not w.requires_grad]
+    if frozen:
+        raise InvalidInputError(
+            f"the weight of layer {frozen[0]} does not require gradients; leave the layer out "
+            "or enable requires_grad."
+        )
+    loss = loss_fn(model(inputs), targets)
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise InvalidInputError(
+            f"loss_fn must return a scalar (reduction 'mean' or 'sum'), got {shape}."
+        )
+    grads = torch.autograd.grad(loss, weights, create_graph=True)
     total = inputs.new_zeros(())
     for _ in range(num_probes):
         probes = [
