@@ -284,6 +284,23 @@ def test_arguments_in_other_forms_give_the_same_report():
     assert other.ggn.top_eigenvalues == plain.ggn.top_eigenvalues
 
 
+@pytest.mark.parametrize(
+    "call, match",
+    [  # before: 1787 digits (the slice [:-1] per class), "trained -1 epochs", torch's ValueError
+        (lambda: curvkit.datasets.digits_tensors(samples_per_class=-1), "samples_per_class must"),
+        (lambda: curvkit.models.train(tiny_model(), [], epochs=-1, progress=False), "epochs must"),
+        (lambda: curvkit.models.train(tiny_model(), [], lr=-1, progress=False), "lr must be a"),
+        (
+            lambda: curvkit.models.train(tiny_model(), [], weight_decay=math.nan, progress=False),
+            "weight_decay one ≥ 0, got lr=0.01, weight_decay=nan",
+        ),
+    ],
+)
+def test_the_helpers_refuse_bad_arguments(call, match):
+    with pytest.raises(InvalidInputError, match=match):
+        call()
+
+
 def test_training_by_sgd_with_weight_decay():
     """The reproductions' SGD: weight decay shrinks the weights (the same seed and batches with
     and without it), and an unknown optimizer is one sentence."""

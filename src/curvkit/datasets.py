@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from curvkit.errors import InvalidInputError, MissingDependencyError
+from curvkit.linalg.operator import integer
 
 DIGITS_CLASSES = 10
 DIGITS_FEATURES = 64
@@ -42,6 +43,8 @@ def digits_tensors(
 
     ``samples_per_class`` keeps the first n examples of every class (as in Papyan's subsets).
     """
+    if samples_per_class is not None:
+        samples_per_class = integer("samples_per_class", samples_per_class, 1)
     table = torch.as_tensor(digits_table())
     x = table[:, :-1].to(dtype) / 16.0
     y = table[:, -1].long()

@@ -4,6 +4,7 @@ trainer."""
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterable, Sequence
 
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 
 from curvkit.datasets import DIGITS_CLASSES, DIGITS_FEATURES, digits_loader
-from curvkit.errors import InvalidInputError, MissingDependencyError
+from curvkit.errors import InvalidInputError, MissingDependencyError, shown
+from curvkit.linalg.operator import integer
 from curvkit.progress import log, progress_bar
 
 
@@ -70,6 +72,16 @@ def train(
     """Adam (or ``optimizer="sgd"``: SGD with momentum 0.9) on the mean cross-entropy, with L2
     ``weight_decay``, deterministic for a given seed; returns the model in eval mode."""
     start = time.perf_counter()
+    epochs = integer("epochs", epochs, 0)
+    real = all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        for v in (lr, weight_decay)
+    )
+    if not real or lr <= 0 or weight_decay < 0:
+        raise InvalidInputError(
+            f"lr must be a finite number > 0 and weight_decay one ≥ 0, got lr={shown(lr)}, "
+            f"weight_decay={shown(weight_decay)}."
+        )
     torch.manual_seed(seed)
     if optimizer not in ("adam", "sgd"):
         raise InvalidInputError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}.")
