@@ -221,6 +221,21 @@ def test_every_figure_is_written(full_report, tmp_path):
     }
 
 
+def test_layers_figure_without_traces():
+    """Traces switched off (NaN): the legend says so and λ_max keeps its log axis (a NaN made
+    min() NaN, which drew a linear axis)."""
+    from curvkit.plot import layers
+
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    report = curvkit.analyze(model.double(), [(x, y)], quantities=["layerwise"], top_k=2,
+                             progress=False, options={"trace_matvecs": 0})  # fmt: skip
+    left = layers(report).axes[0]
+    assert left.get_yscale() == "log"
+    assert "trace tr(H_l): not computed" in [t.get_text() for t in left.get_legend().get_texts()]
+
+
 @pytest.mark.slow
 def test_class_means_route_report_is_summarised_saved_and_drawn(tmp_path):
     """On the means route (no group means δ_(c,c')): the summary names its terms, the report

@@ -6,6 +6,7 @@ so plotting works without a display and does not disturb a user's own figures.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,11 +211,12 @@ def layers(report: Report) -> Figure | None:
     traces = [report.layerwise[n].trace for n in names]
     maxima = [report.layerwise[n].max_eigenvalue for n in names]
     # points, not bars: a bar's length on a log axis depends on where the axis starts
-    left.plot(x, traces, "o", label="trace tr(H_l)")
+    computed = not all(math.isnan(t) for t in traces)
+    left.plot(x, traces, "o", label="trace tr(H_l)" + ("" if computed else ": not computed"))
     left.plot(x, maxima, "s", label="λ_max(H_l)")
     left.set_xticks(x, names)
     left.set_xlabel("layer (module name)")
-    positive = min(traces + maxima) > 0
+    positive = min(v for v in traces + maxima if not math.isnan(v)) > 0
     left.set_ylabel("value (log scale)" if positive else "value")
     left.set_yscale("log" if positive else "linear")
     left.set_title("Per-layer Hessian trace and λ_max")
