@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
 import textwrap
 
@@ -222,8 +223,8 @@ def test_every_figure_is_written(full_report, tmp_path):
 
 
 def test_layers_figure_without_traces():
-    """Traces switched off (NaN): the legend says so and λ_max keeps its log axis (a NaN made
-    min() NaN, which drew a linear axis)."""
+    """Traces switched off (NaN): the legend and the summary say so ("nan" before) and λ_max
+    keeps its log axis (a NaN made min() NaN, which drew a linear axis)."""
     from curvkit.plot import layers
 
     x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
@@ -231,6 +232,7 @@ def test_layers_figure_without_traces():
     model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
     report = curvkit.analyze(model.double(), [(x, y)], quantities=["layerwise"], top_k=2,
                              progress=False, options={"trace_matvecs": 0})  # fmt: skip
+    assert re.search(r"8×64\s+off\s", str(report))
     left = layers(report).axes[0]
     assert left.get_yscale() == "log"
     assert "trace tr(H_l): not computed" in [t.get_text() for t in left.get_legend().get_texts()]

@@ -308,7 +308,7 @@ class Report:
                     (
                         name + (" *" if layer.closest_to_full else ""),
                         "×".join(map(str, layer.shape)),
-                        _g(layer.trace),
+                        "off" if math.isnan(layer.trace) else _g(layer.trace),
                         _g(layer.max_eigenvalue),
                         _g(layer.kronecker["top_eigenvalues"][0])
                         if layer.kronecker["top_eigenvalues"]
