@@ -11,6 +11,7 @@ from curvkit.benchmark import bench
 from curvkit.choice import load_choices
 from curvkit.cli import main
 from curvkit.comparison import assert_backends_agree, compare, compare_reports
+from curvkit.problem import fingerprint
 from tests.conftest import backend_params, installed
 
 ALL = sorted(  # the installed backends, torchfunc (the reference) first
@@ -174,6 +175,33 @@ def test_auto_without_choice_falls_back_in_order(digits_problem, tmp_path):
         )
     assert report.config["backends"] == {"hessian": "backpack", "classmeans": "torchfunc"}
     assert report.backend == "auto" and not report.skipped
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (
+            None,
+            "cannot be read \\(\\[Errno 21\\] Is a directory",
+        ),  # a folder: was IsADirectoryError
+        (b"\xff\xfe", "cannot be read \\('utf-8' codec"),  # was UnicodeDecodeError
+        ("- a\n", "is not a mapping"),
+        ("FINGERPRINT: 5\n", "holds no mapping of choices for this model"),  # was AttributeError
+        ("FINGERPRINT: {choices: [ggn]}\n", "holds no mapping of choices for this model"),
+    ],
+)
+def test_a_bad_choice_file_is_one_clear_error(content, match, tmp_path):
+    model = torch.nn.Linear(64, 10).double()
+    path = tmp_path / "choices.yaml"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content.replace("FINGERPRINT", fingerprint(model)))
+    with pytest.raises(curvkit.InvalidInputError, match=match):
+        curvkit.analyze(model, [(torch.zeros(2, 64).double(), torch.tensor([0, 1]))],
+                        backend="auto", progress=False, choice_file=path)  # fmt: skip
 
 
 @pytest.mark.parametrize(

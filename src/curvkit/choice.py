@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from curvkit.errors import InvalidInputError
+from curvkit.errors import InvalidInputError, first_line
 from curvkit.report import write_atomically
 
 # backpack: exact traces and one-pass class means, the fastest products measured on CPU here;
@@ -50,6 +50,11 @@ def load_choices(path: str | os.PathLike | None = None) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(file.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidInputError(
+            f"the choice file {file} cannot be read ({first_line(error)}); give the path of a "
+            "readable file, or none."
+        ) from error
     except yaml.YAMLError as error:
         raise InvalidInputError(
             f"the choice file {file} is not valid YAML ({error}); delete it or fix it."
@@ -62,7 +67,13 @@ def load_choices(path: str | os.PathLike | None = None) -> dict[str, Any]:
 def saved_choice(fingerprint: str, path: str | os.PathLike | None = None) -> dict[str, str]:
     """The stored {quantity: backend} for a model fingerprint, or {}."""
     entry = load_choices(path).get(fingerprint) or {}
-    return dict(entry.get("choices") or {})
+    choices = entry.get("choices") if isinstance(entry, dict) else entry
+    if not isinstance(choices or {}, dict):
+        raise InvalidInputError(
+            f"the choice file {choice_path(path)} holds no mapping of choices for this model; "
+            "delete it or fix it."
+        )
+    return dict(choices or {})
 
 
 def save_choice(
