@@ -34,7 +34,15 @@ def test_comparison_rules():
             "n_outliers": 1,
             "provenance": {"top_eigenvalues": "not compared"},
         },
-        "classmeans": {"overlap": {"ggn": 0.9}, "counts": [3, 4], "gap": {"ritz": 9.7e-5}},
+        "classmeans": {
+            "overlap": {"ggn": 0.9},
+            "counts": [3, 4],
+            "gap": {"ritz": 9.7e-5},
+            # one example per class: the within-class term is 0 up to rounding
+            "eigenvalues": {"own": [1.0], "within": [3e-16]},
+            "trace": {"total": 5.0, "within": 3.6e-15},
+            "trace_stderr": {"total": 0.0, "within": 0.0},
+        },
         "timings": {"hessian": 1.0},
     }
     close = {
@@ -47,7 +55,15 @@ def test_comparison_rules():
             "provenance": {"top_eigenvalues": "different"},
         },
         # a gap is relative already: 1.1e-6 off a 1e-4 gap (1 %) is within atol = 1e-4
-        "classmeans": {"overlap": {"ggn": 0.91}, "counts": [3, 4], "gap": {"ritz": 9.6e-5}},
+        "classmeans": {
+            "overlap": {"ggn": 0.91},
+            "counts": [3, 4],
+            "gap": {"ritz": 9.6e-5},
+            # rounding against rounding: on the scale of the largest term (was 5e7 × allowed)
+            "eigenvalues": {"own": [1.0], "within": [8e-16]},
+            "trace": {"total": 5.0, "within": 1.8e-15},
+            "trace_stderr": {"total": 0.0, "within": 0.0},
+        },
         "timings": {"hessian": 9.0},
     }
     checks = compare_reports(reference, close, "other")
@@ -61,6 +77,10 @@ def test_comparison_rules():
         "classmeans.counts[0]": ("count", True),
         "classmeans.counts[1]": ("count", True),
         "classmeans.gap.ritz": ("iterative", True),
+        "classmeans.eigenvalues.own[0]": ("iterative", True),
+        "classmeans.eigenvalues.within[0]": ("iterative", True),
+        "classmeans.trace.total": ("stochastic", True),
+        "classmeans.trace.within": ("stochastic", True),
     }
     far = {
         "hessian": {
@@ -69,7 +89,14 @@ def test_comparison_rules():
             "trace_stderr": 0.01,
             "n_outliers": 1,
         },
-        "classmeans": {"overlap": {"ggn": 0.93}, "counts": [3, 5], "gap": {"ritz": 3e-4}},
+        "classmeans": {
+            "overlap": {"ggn": 0.93},
+            "counts": [3, 5],
+            "gap": {"ritz": 3e-4},
+            "eigenvalues": {"own": [1.0], "within": [2e-4]},
+            "trace": {"total": 5.0, "within": 1e-7},
+            "trace_stderr": {"total": 0.0, "within": 0.0},
+        },
     }
     failed = {c.path for c in compare_reports(reference, far, "other") if not c.passed}
     assert failed == {
@@ -79,6 +106,8 @@ def test_comparison_rules():
         "classmeans.overlap.ggn",
         "classmeans.counts[1]",
         "classmeans.gap.ritz",
+        "classmeans.eigenvalues.within[0]",
+        "classmeans.trace.within",
     }
 
 

@@ -119,6 +119,7 @@ class Backend:
     limits: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
+        self.check_available()  # also for an adapter made directly, not through get_backend
         self.problem = problem
         self.passes = 0
         self._working_copy: tuple[torch.nn.Module, list[Tensor]] | None = None
