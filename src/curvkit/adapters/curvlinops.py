@@ -5,8 +5,8 @@ curvlinops' public API only.
   over the whole data set by curvlinops itself), on all selected parameters or on one (a block);
 - top eigenpairs: SciPy's ARPACK ``eigsh`` on the operator's ``to_scipy()`` view, the route
   curvlinops documents (it has no eigensolver of its own);
-- trace: curvlinops' ``hutchpp_trace`` (3 independent runs, so that the spread gives a standard
-  error) or ``hutchinson_trace`` (one probe per call), after ``options.trace_method``;
+- trace: curvlinops' ``hutchpp_trace`` (3 to 9 independent runs of at least 18 products, so
+  that the spread gives a standard error) or ``hutchinson_trace`` (one probe per call), after ``options.trace_method``;
 - density: curvlinops' ``fast_lanczos`` (Papyan 2020's SLQ without reorthogonalisation), its
   nodes and weights broadened on curvkit's grid so that every backend's density is comparable;
 - Kronecker factors: ``KFACLinearOperator`` with the exact (type-2) output Hessian, read through
@@ -198,9 +198,11 @@ class CurvlinopsBackend(Backend):
         operator = self.library_operator(matrix, param)
         with self._seeded(seed):
             if options.trace_method == "hutch++":
-                # 9 runs, each a multiple of 3 products: from 3 runs the spread's standard error
-                # (2 degrees of freedom) put 10 % of traces more than 4 of them off the exact one
-                runs = 9 if budget >= 27 else 3
+                # runs of at least 18 products (smaller sketches miss the top eigenvalues, and
+                # the runs' spread no longer shows it), as many as fit, at least 3 and at most 9
+                # (from 3 runs, 2 degrees of freedom, 10 % of traces of the digits MLP came
+                # out more than 4 standard errors off the exact one)
+                runs = max(3, min(9, budget // 18))
                 per_run = max(3, budget // (3 * runs) * 3)
                 samples = [float(hutchpp_trace(operator, per_run)) for _ in range(runs)]
                 used, routine = runs * per_run, f"curvlinops.hutchpp_trace ×{runs}"
