@@ -43,6 +43,8 @@ def test_comparison_rules():
             "trace": {"total": 5.0, "within": 3.6e-15},
             "trace_stderr": {"total": 0.0, "within": 0.0},
         },
+        # top-2 of a rank-1 block: the second eigenvector is any vector of the null space
+        "layerwise": {"0": {"top_eigenvalues": [1.0, 1e-31], "rank1": [0.9, 0.3]}},
         "timings": {"hessian": 1.0},
     }
     close = {
@@ -64,6 +66,7 @@ def test_comparison_rules():
             "trace": {"total": 5.0, "within": 1.8e-15},
             "trace_stderr": {"total": 0.0, "within": 0.0},
         },
+        "layerwise": {"0": {"top_eigenvalues": [1.0, 2e-31], "rank1": [0.91, 0.7]}},
         "timings": {"hessian": 9.0},
     }
     checks = compare_reports(reference, close, "other")
@@ -81,6 +84,9 @@ def test_comparison_rules():
         "classmeans.eigenvalues.within[0]": ("iterative", True),
         "classmeans.trace.total": ("stochastic", True),
         "classmeans.trace.within": ("stochastic", True),
+        "layerwise.0.top_eigenvalues[0]": ("iterative", True),
+        "layerwise.0.top_eigenvalues[1]": ("iterative", True),
+        "layerwise.0.rank1[0]": ("subspace", True),
     }
     far = {
         "hessian": {
@@ -97,6 +103,7 @@ def test_comparison_rules():
             "trace": {"total": 5.0, "within": 1e-7},
             "trace_stderr": {"total": 0.0, "within": 0.0},
         },
+        "layerwise": {"0": {"top_eigenvalues": [1.0, 2e-31], "rank1": [0.95, 0.3]}},
     }
     failed = {c.path for c in compare_reports(reference, far, "other") if not c.passed}
     assert failed == {
@@ -108,6 +115,7 @@ def test_comparison_rules():
         "classmeans.gap.ritz",
         "classmeans.eigenvalues.within[0]",
         "classmeans.trace.within",
+        "layerwise.0.rank1[0]",
     }
 
 
