@@ -24,6 +24,7 @@ per-example factors (``class_sums_route``).
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.metadata
 import math
@@ -59,6 +60,20 @@ ROUTINES = {
 }
 # E[M] ⊗ E[aaᵀ] assumes each layer runs once per example (every backend)
 SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",)}
+
+
+@functools.cache
+def _import_quietly(module: str | None) -> None:
+    """Import ``module`` (None: none) and load torch's forward-mode AD, once per process. Both
+    run ``torch.jit.script``, which torch 2.14 deprecates with a FutureWarning nothing a user
+    can act on: silenced here (a failed import is not cached, so it is tried again)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
+        if module is not None:
+            importlib.import_module(module)
 
 
 @dataclass
@@ -156,25 +171,14 @@ class Backend:
     # -- availability ---------------------------------------------------------------------------
     @classmethod
     def check_available(cls) -> None:
-        """Raise MissingDependencyError when the backend's library cannot be imported.
-
-        The import, and torch's forward-mode AD on its first use, run ``torch.jit.script``, which
-        torch 2.14 deprecates with a FutureWarning nothing a user can act on: both happen here
-        once, with that warning silenced."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", r"`torch\.jit\.script` is deprecated", category=FutureWarning
-            )
-            torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
-            if cls.module is None:
-                return
-            try:
-                importlib.import_module(cls.module)
-            except ImportError as error:
-                raise MissingDependencyError(
-                    f"backend {cls.name!r} needs {cls.library}; install it with "
-                    f"pip install 'curvkit[{cls.extra}]'."
-                ) from error
+        """Raise MissingDependencyError when the backend's library cannot be imported."""
+        try:
+            _import_quietly(cls.module)
+        except ImportError as error:
+            raise MissingDependencyError(
+                f"backend {cls.name!r} needs {cls.library}; install it with "
+                f"pip install 'curvkit[{cls.extra}]'."
+            ) from error
 
     @classmethod
     def version(cls) -> str | None:
