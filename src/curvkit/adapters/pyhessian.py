@@ -14,9 +14,11 @@ PyHessian 0.1 is unmaintained; its quirks are handled here, never by patching th
   in provenance). No other module or thread sees any of this, and the caller's RNG does not move.
 - it weights each batch's mean loss by the batch size, which is correct for unequal batches.
 
-G is the Hessian of the Gauss–Newton surrogate ``½ (f − f̄)ᵀ H (f − f̄)`` (the loss object's) and
-H = Hess − G that of the loss minus the surrogate: PyHessian's routines on those criteria give G
-and H exactly (``derived``), one product per vector for each.
+Every matrix is the Hessian of one of the loss object's criteria (``CrossEntropy.criterion``):
+the Hessian that of the loss's second-order model, G that of the Gauss–Newton surrogate
+``½ (f − f̄)ᵀ H (f − f̄)``, H = Hess − G that of ``ḡᵀ f``. PyHessian's routines on them give each
+exactly (G and H ``derived``), one product per vector, without the cancellation of torch's
+cross-entropy double backward when p_top ≈ 1.
 """
 
 from __future__ import annotations
@@ -132,19 +134,18 @@ class PyHessianBackend(Backend):
         super().__init__(problem, options)
 
     def _criterion(self, matrix: str) -> Callable[[Tensor, Tensor], Tensor]:
-        """The batch-mean criterion whose Hessian is ``matrix`` (PyHessian weights batches)."""
-        loss = self.problem.loss
-
-        def ggn(logits: Tensor, labels: Tensor) -> Tensor:
-            return loss.gauss_newton_surrogate(logits) / len(labels)
-
-        def hessian(logits: Tensor, labels: Tensor) -> Tensor:
-            return loss.sum(logits, labels) / len(labels)
-
-        def residual(logits: Tensor, labels: Tensor) -> Tensor:
-            return hessian(logits, labels) - ggn(logits, labels)
-
-        return {"hessian": hessian, "ggn": ggn, "residual": residual}[matrix]
+        """The batch-mean criterion whose Hessian is ``matrix`` (PyHessian weights batches).
+        PyHessian differentiates every gradient again, which fails for one that is constant (the
+        last layer's of ``ḡᵀ f``, linear in it): 0 × G's surrogate keeps each in the graph."""
+        criterion, surrogate = (
+            self.problem.loss.criterion(matrix),
+            self.problem.loss.criterion("ggn"),
+        )
+        if matrix != "residual":
+            return lambda logits, labels: criterion(logits, labels) / len(labels)
+        return lambda logits, labels: (
+            (criterion(logits, labels) + 0.0 * surrogate(logits, labels)) / len(labels)
+        )
 
     @contextlib.contextmanager
     def _engine(self, matrix: str, param: str | None, seed: int = 0) -> Iterator[Any]:

@@ -209,9 +209,9 @@ class TorchFuncBackend(Backend):
     def _hvp_forward(
         self, x: Tensor, y: Tensor, V: Tensor, param: str | None, objective: Objective | None = None
     ) -> Tensor:
-        """Products with the Hessian of ``objective(logits, y)`` (the loss by default)."""
+        """Products with the Hessian of ``objective(logits, y)`` (the loss's by default)."""
         params = self._params(param)
-        objective = objective or self.problem.loss.sum
+        objective = objective or self.problem.loss.curvature_criterion
         gradient = grad(lambda p: objective(self._logits(p, x), y))
         with torch.no_grad():  # the transforms differentiate anyway; nothing else is recorded
             hv = map_columns(
@@ -224,7 +224,7 @@ class TorchFuncBackend(Backend):
     ) -> Tensor:
         """As ``_hvp_forward``, by double backward."""
         params = {n: t.requires_grad_() for n, t in self._params(param).items()}
-        objective = objective or self.problem.loss.sum
+        objective = objective or self.problem.loss.curvature_criterion
         with torch.enable_grad():
             value = objective(self._logits(params, x), y)
             gradient = torch.autograd.grad(value, list(params.values()), create_graph=True)
@@ -357,7 +357,7 @@ class TorchFuncBackend(Backend):
 
         def batch_hessian(x: Tensor, y: Tensor) -> Tensor:
             return torch.func.hessian(
-                lambda f: loss.sum(self._logits(self.problem.named(f), x), y)
+                lambda f: loss.curvature_criterion(self._logits(self.problem.named(f), x), y)
             )(flat)
 
         return self.data_mean(batch_hessian)
