@@ -1,7 +1,7 @@
 """Dense float64 references built directly with torch.func on the whole data set at once.
 
 They share no code with the adapters: the Hessian is the Jacobian of the gradient (reverse over
-reverse, ``torch.func.jacrev`` twice) of the mean loss over all examples, G is assembled from
+reverse, ``jacrev`` of ``grad``) of the mean loss over all examples, G is assembled from
 per-example Jacobians and the explicit output Hessian.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 
 def all_data(loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
         logits = functional_call(model, _as_dict(names, shapes, f), (x,))
         return nn.functional.cross_entropy(logits, y)
 
-    return jacrev(jacrev(loss), chunk_size=32)(flat)
+    return jacrev(grad(loss), chunk_size=32)(flat)  # jacrev(jacrev) is 5 % off via layer_norm
 
 
 def per_example_jacobians(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,13 @@ import torch
 from torch import Tensor
 
 from curvkit.distributed import all_gather_objects, all_reduce_float
-from curvkit.errors import InvalidInputError, MissingDependencyError, UnsupportedError, shown
+from curvkit.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    UnsupportedError,
+    finite,
+    shown,
+)
 from curvkit.layers import kronecker_plan, memory_text
 from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options
 from curvkit.problem import Problem, free_memory
@@ -367,7 +373,7 @@ class Backend:
     @staticmethod
     def _columns(product: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
         """Apply a product on (size, k) blocks to a flat vector or to a block."""
-        return product(v) if v.dim() == 2 else product(v[:, None])[:, 0]
+        return finite(product(v) if v.dim() == 2 else product(v[:, None])[:, 0])
 
     def class_deltas(self) -> ClassDeltas:
         """Papyan's class sums over the data set in one pass, by the route that
@@ -418,7 +424,7 @@ class Backend:
         )
         group = self.problem.group
         return ClassDeltas(
-            self.problem.all_reduce(sums),
+            finite(self.problem.all_reduce(sums)),
             self.problem.all_reduce(counts).cpu(),
             all_reduce_float(math.fsum(square_norms), group) if route == "per-example" else None,
             route,
@@ -459,7 +465,8 @@ class Backend:
                     sums[name] = [b.detach().clone(), a.detach().clone()]
         n, reduce = self.problem.num_samples, self.problem.all_reduce
         return {
-            name: KroneckerFactors(reduce(b / n), reduce(a / n)) for name, (b, a) in sums.items()
+            name: KroneckerFactors(finite(reduce(b / n)), finite(reduce(a / n)))
+            for name, (b, a) in sums.items()
         }
 
     # -- operators ------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import sys
 import warnings
 from typing import Any
 
+import torch
+
 
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message ("" when it has none), for quoting it."""
@@ -59,3 +61,15 @@ class MissingDependencyError(CurvkitError, ImportError):
 
 class PeerFailedError(CurvkitError):
     """Under torch.distributed, another rank failed during the analysis (its error is quoted)."""
+
+
+def finite(values: Any) -> Any:
+    """``values`` (products, class sums, factors, a library's estimates) if they are finite,
+    else an InvalidInputError: NaN or Inf would break every routine downstream, or pass through
+    them as numbers."""
+    if not bool(torch.isfinite(torch.as_tensor(values)).all()):
+        raise InvalidInputError(
+            "the curvature computations give NaN or Inf: the model's derivatives overflow in "
+            "its precision (weights or inputs too large?); curvature is undefined there."
+        )
+    return values

@@ -12,11 +12,17 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
 - ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``);
 - ``functional_transforms``: a forward pass that torch.func's transforms refuse
   (``torch.utils.checkpoint``'s saved-tensor hooks, a buffer updated in place), found by
-  trying ``torch.func.grad`` on the example.
+  trying ``torch.func.grad`` on the example;
+- ``jvp_of_jacrev`` / ``jvp_of_grad``: a forward pass whose Hessian-vector products these
+  compositions of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
+  route) cannot take (no forward-mode derivative of ``silu_backward``) or get wrong (torch's
+  ``layer_norm`` with affine weights, 5 % off: pytorch/pytorch#196700), found by comparing two
+  products on the example with autograd's double backward.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
@@ -52,6 +58,8 @@ def model_features(model: nn.Module, example: Tensor) -> dict[str, str]:
     refused = _untransformable(model, example)
     if refused and "backward_hooks" not in features:  # those are refused for their own reason
         features["functional_transforms"] = refused
+    if not refused and "backward_hooks" not in features:
+        features.update(_second_order_faults(model, example))
     return features
 
 
@@ -69,6 +77,74 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
         first = first_line(error).split(". ")[0][:160] or type(error).__name__
         return f"a forward pass that torch.func cannot transform ({first})"
     return ""
+
+
+def _second_order_faults(model: nn.Module, example: Tensor) -> dict[str, str]:
+    """The compositions of torch.func's transforms whose products with the Hessian of
+    ``½‖f‖² + Σf`` on the example (second derivatives of every operation of the forward pass)
+    fail, or differ from autograd's double backward by more than 10⁴ rounding units."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    generator = torch.Generator(device=example.device).manual_seed(0)
+    tangents = {
+        n: torch.randn((2, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
+        for n, p in params.items()
+    }
+
+    def objective(values: dict[str, Tensor]) -> Tensor:
+        out = torch.func.functional_call(model, values, (example,))
+        return 0.5 * (out * out).sum() + out.sum()
+
+    def flat(products: dict[str, Tensor]) -> Tensor:
+        return torch.cat([products[n].reshape(2, -1) for n in params], dim=1)
+
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        gradient = torch.autograd.grad(
+            objective(leaves), list(leaves.values()), create_graph=True, allow_unused=True
+        )
+        first = next(iter(params.values()))
+        exact = first.new_zeros(2, sum(p.numel() for p in params.values()))
+        for i in range(2):
+            inner = sum(  # ⟨∇, t_i⟩ over the gradients that depend on the parameters
+                (g * tangents[n][i]).sum()
+                for n, g in zip(leaves, gradient)
+                if g is not None and g.requires_grad
+            )
+            if isinstance(inner, Tensor):
+                rows = torch.autograd.grad(
+                    inner,
+                    list(leaves.values()),
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
+    compositions = {
+        "jvp_of_jacrev": torch.func.jacrev(objective),
+        "jvp_of_grad": torch.func.grad(objective),
+    }
+    faults = {}
+    for feature, gradient_of in compositions.items():
+        words = feature.replace("_", " ")
+        try:  # as curvlinops and torchfunc run them: without gradients (silu fails only so),
+            with torch.no_grad(), warnings.catch_warnings():  # vmap's fallback warnings unshown
+                warnings.simplefilter("ignore")
+                product = torch.func.vmap(
+                    lambda t, grad_of=gradient_of: torch.func.jvp(grad_of, (params,), (t,))[1]
+                )(tangents)
+        except Exception as error:  # noqa: BLE001 (whatever it raises, that route cannot run)
+            first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
+            faults[feature] = (
+                f"a forward pass whose Hessian products torch.func's {words} cannot take ({first})"
+            )
+            continue
+        off = float((flat(product) - exact).norm() / exact.norm().clamp_min(1e-300))
+        if off > 1e4 * torch.finfo(exact.dtype).eps:
+            faults[feature] = (
+                f"a forward pass whose Hessian products torch.func's {words} gets wrong "
+                f"({off:.0e} off autograd's; a torch bug such as layer_norm's)"
+            )
+    return faults
 
 
 def _shared(model: nn.Module, example: Tensor) -> str:

@@ -136,7 +136,9 @@ class BackPACKBackend(Backend):
             self._as_backpack_modules(model)
             if not isinstance(model, nn.Sequential):
                 try:
-                    model = extend(model, use_converter=True)
+                    with warnings.catch_warnings():  # what breaks is found and said: _backward
+                        warnings.filterwarnings("ignore", message="Encountered node that may break")
+                        model = extend(model, use_converter=True)
                 except Exception as error:
                     raise UnsupportedError(
                         f"BackPACK cannot convert the {type(self.problem.model).__name__} model to "
@@ -189,9 +191,12 @@ class BackPACKBackend(Backend):
                 setattr(parent, name, nn.AvgPool2d(kernel, stride=kernel))
 
     @contextlib.contextmanager
-    def _backward(self, x: Tensor, y: Tensor, *extensions: Any) -> Iterator[list[Tensor]]:
+    def _backward(
+        self, x: Tensor, y: Tensor, *extensions: Any, every_parameter: bool = True
+    ) -> Iterator[list[Tensor]]:
         """One backward pass on a batch with BackPACK's ``extensions``; yields the parameters
-        holding what they stored, which is removed again afterwards."""
+        holding what they stored (``every_parameter``: each of them, or an UnsupportedError),
+        which is removed again afterwards."""
         from backpack import backpack
 
         model, params, loss_fn = self._extended()
@@ -207,6 +212,20 @@ class BackPACKBackend(Backend):
             # ReLU on a tensor that BackPACK's hooks return (torchvision's ResNets)
             self.clean(params, STORED)
             raise self._unsupported(error, label) from error
+        missed = [
+            name
+            for name, q in zip(self.problem.names, params)
+            if not all(hasattr(q, e.savefield) for e in extensions)
+        ]
+        if (
+            missed and every_parameter
+        ):  # a Parameter no module BackPACK knows holds (used via torch.nn.functional)
+            self.clean(params, STORED)
+            raise UnsupportedError(
+                f"BackPACK's {label} computes nothing for parameter(s) {', '.join(missed[:3])}, "
+                "which no module it supports holds (a custom module using them through "
+                "torch.nn.functional)."
+            )
         try:
             yield params
         finally:
@@ -267,7 +286,7 @@ class BackPACKBackend(Backend):
         layers, _ = self.kronecker_plan()
         if self._positions is None:
             self._positions = output_positions(self.working_copy()[0], layers, x)
-        with self._backward(x, y, extension) as params:
+        with self._backward(x, y, extension, every_parameter=False) as params:  # layers' only
             factors = {
                 n: getattr(params[self.problem.names.index(f"{n}.weight")], attribute)
                 for n in layers

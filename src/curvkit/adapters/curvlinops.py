@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from curvkit.backend import Backend, CountingBatches, KroneckerFactors
-from curvkit.errors import UnsupportedError
+from curvkit.errors import UnsupportedError, finite, first_line
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
-from curvkit.linalg.operator import top_eigen, trace
+from curvkit.linalg.operator import density, top_eigen, trace
 from curvkit.linalg.trace import mean_and_stderr
 from curvkit.problem import Problem
 from curvkit.report import Provenance
@@ -94,6 +94,7 @@ class CurvlinopsBackend(Backend):
         "functional_transforms": ("hvp", "ggnvp", "class_deltas"),
         "parametrizations": ("hvp", "ggnvp", "class_deltas"),
         "shared_parameters": ("class_deltas",),
+        "jvp_of_jacrev": ("hvp",),  # its Hessian products
     }
 
     def __init__(self, problem: Problem, options: Options | None = None) -> None:
@@ -131,7 +132,7 @@ class CurvlinopsBackend(Backend):
 
     def _apply(self, matrix: str, V: Tensor, param: str | None) -> Tensor:
         try:
-            return self.library_operator(matrix, param) @ V
+            return finite(self.library_operator(matrix, param) @ V)
         finally:
             self.clean(self.working_copy()[1])
 
@@ -161,7 +162,7 @@ class CurvlinopsBackend(Backend):
         self, op: Operator, k: int, options: Options, seed: int
     ) -> tuple[EigenResult, Provenance]:
         """ARPACK's implicitly restarted Lanczos (``eigsh``, largest algebraic) to ``lanczos_tol``."""
-        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+        from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
         if k >= op.size:  # ARPACK needs k < dim; small problems are solved densely by curvkit
             return top_eigen(op, k, options, seed, native=False)
@@ -185,6 +186,10 @@ class CurvlinopsBackend(Backend):
             )
         except ArpackNoConvergence as error:
             values, vectors, converged = error.eigenvalues, error.eigenvectors, False
+        except ArpackError as error:  # e.g. "starting vector is zero": A v0 = 0
+            result, provenance = top_eigen(op, k, options, seed, native=False)
+            provenance.note = f"ARPACK failed ({error}): curvkit's Lanczos on curvlinops' products"
+            return result, provenance
         order = np.argsort(values)[::-1]
         vectors_t = torch.as_tensor(
             np.ascontiguousarray(vectors[:, order]), dtype=op.dtype, device=op.device
@@ -224,7 +229,7 @@ class CurvlinopsBackend(Backend):
             else:
                 samples = [float(hutchinson_trace(operator, 1)) for _ in range(budget)]
                 used, routine = budget, "curvlinops.hutchinson_trace"
-        mean, stderr = mean_and_stderr(samples)
+        mean, stderr = mean_and_stderr(finite(samples))
         estimate = TraceEstimate(mean, stderr, used, options.trace_method)
         return estimate, op.provenance(routine, used, start)
 
@@ -239,20 +244,25 @@ class CurvlinopsBackend(Backend):
         operator = self.library_operator(matrix, param)
         steps = min(options.density_steps, op.size)
         nodes, weights = [], []
-        with self._seeded(seed):
-            for _ in range(options.density_probes):
-                values, vectors = fast_lanczos(operator, steps)
-                nodes.append(values.cpu())
-                weights.append(vectors[0].cpu() ** 2)
+        try:
+            with self._seeded(seed):
+                for _ in range(options.density_probes):
+                    values, vectors = fast_lanczos(operator, steps)
+                    nodes.append(values.cpu())
+                    weights.append(vectors[0].cpu() ** 2)
+        except torch.linalg.LinAlgError as error:  # a breakdown (e.g. G = 0) leaves NaN in T
+            result, provenance = density(op, options, seed, native=False)
+            provenance.note = f"fast_lanczos failed ({first_line(error)[:80]}): curvkit's SLQ"
+            return result, provenance
         used = steps * options.density_probes
-        density = broadened_density(
+        result = broadened_density(
             torch.stack(nodes),
             torch.stack(weights),
             used,
             grid_size=options.density_grid,
             relative_sigma=options.density_relative_sigma,
         )
-        return density, op.provenance(
+        return result, op.provenance(
             "curvlinops.fast_lanczos", used, start, note="broadened on curvkit's grid"
         )
 

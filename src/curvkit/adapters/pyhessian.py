@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from curvkit.backend import MATRICES, Backend, CountingBatches
-from curvkit.errors import UnsupportedError
+from curvkit.errors import UnsupportedError, finite
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
 from curvkit.linalg.operator import top_eigen
@@ -94,7 +94,7 @@ class PyHessianTorch:
 
     @staticmethod
     def eig(matrix: Tensor, eigenvectors: bool = True) -> tuple[Tensor, Tensor]:
-        values, vectors = torch.linalg.eigh(matrix)
+        values, vectors = torch.linalg.eigh(finite(matrix))  # Lanczos' T from its products
         return torch.stack([values, torch.zeros_like(values)], dim=1), vectors
 
 
@@ -177,7 +177,7 @@ class PyHessianBackend(Backend):
                 self.problem.flatten(engine.dataloader_hv_product(list(v))[1])
                 for v in zip(*self.problem.split_columns(V, param).values())
             ]
-        return torch.stack(columns, dim=1)
+        return finite(torch.stack(columns, dim=1))
 
     # -- primitives -----------------------------------------------------------------------------
     def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
@@ -233,7 +233,9 @@ class PyHessianBackend(Backend):
             )
         passes = self.passes - passes
         vectors_t = torch.stack([self.problem.flatten(v) for v in vectors], dim=1)
-        values_t = torch.tensor(values, dtype=self.problem.dtype)
+        if not bool(vectors_t.norm(dim=0).all()):  # it divides A v by ‖A v‖ + 1e-6
+            return self._lanczos_instead(op, k, options, seed, "it returned a zero vector")
+        values_t = finite(torch.tensor(values, dtype=self.problem.dtype))
         order = torch.argsort(values_t, descending=True)
         values_t, vectors_t = values_t[order], vectors_t[:, order.to(vectors_t.device)]
         vectors_t = vectors_t / vectors_t.norm(dim=0)
@@ -271,7 +273,7 @@ class PyHessianBackend(Backend):
         with self._engine(matrix, param, seed) as engine:
             samples = engine.trace(maxIter=options.trace_matvecs, tol=-math.inf)
         passes = self.passes - passes
-        mean, stderr = mean_and_stderr(samples)
+        mean, stderr = mean_and_stderr(finite(samples))
         return TraceEstimate(mean, stderr, passes, "hutchinson"), op.provenance(
             "pyhessian.trace", passes, start
         )

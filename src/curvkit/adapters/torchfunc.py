@@ -13,10 +13,12 @@ Products with a block of k vectors, in one of two routes (setting ``products``):
   forward-over-reverse for blocks on a CNN (benchmarks/results/products_cpu.md). The routes
   agree to rounding; the measurement is kept for the process (per architecture, parameters and
   width class), so reruns in one process are bit-identical, and across processes when a route
-  is named.
+  is named. Where ``jvp`` of ``grad`` fails or is wrong for the model (feature ``jvp_of_grad``),
+  only reverse-over-reverse runs.
 
-Per-example Jacobians are ``vmap`` over ``jacrev``. ``dense_hessian`` and ``dense_ggn``
-materialise P × P matrices for references on small models.
+Per-example Jacobians are ``vmap`` over ``jacrev``. ``dense_hessian`` (reverse over reverse:
+``torch.func.hessian``, forward over ``jacrev``, is 5 % off through ``layer_norm``) and
+``dense_ggn`` materialise P × P matrices for references on small models.
 """
 
 from __future__ import annotations
@@ -117,8 +119,11 @@ class TorchFuncBackend(Backend):
     # torch.func's transforms cannot run full backward hooks (autograd.Functions without
     # setup_context), nor a forward they refuse (curvkit.features)
     limits = {
-        feature: ("hvp", "ggnvp", "class_deltas", "kronecker_factors")
-        for feature in ("backward_hooks", "functional_transforms")
+        **{
+            feature: ("hvp", "ggnvp", "class_deltas", "kronecker_factors")
+            for feature in ("backward_hooks", "functional_transforms")
+        },
+        "jvp_of_grad": (ROUTES[0],),  # the other route instead
     }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -179,14 +184,22 @@ class TorchFuncBackend(Backend):
             ("residual", ROUTES[0]): partial(self._hvp_forward, objective=residual),
             ("residual", ROUTES[1]): partial(self._hvp_reverse, objective=residual),
         }
-        route = self.config["products"]
+        route, wrong = self.config["products"], self.broken_by(ROUTES[0])
+        if route == ROUTES[0] and wrong:
+            raise UnsupportedError(
+                f"torch.func's {route} products are not right for a model with {wrong}; set "
+                f"products: {ROUTES[1]} in the torchfunc settings."
+            )
         if route == "auto":
             key = (matrix, width_class(V.shape[1]))
             if key not in self.chosen_routes:
                 measured = (self.problem.fingerprint(), tuple(self.problem.names), *key)
                 if measured not in MEASURED_ROUTES:
                     MEASURED_ROUTES[measured] = _faster(
-                        {r: (lambda r=r: routes[matrix, r](x, y, V, param)) for r in ROUTES}
+                        {
+                            r: (lambda r=r: routes[matrix, r](x, y, V, param))
+                            for r in ROUTES[bool(wrong) :]
+                        }
                     )
                 self.chosen_routes[key] = MEASURED_ROUTES[measured]
             route = self.chosen_routes[key]
@@ -355,9 +368,9 @@ class TorchFuncBackend(Backend):
         flat = self.problem.flatten([p.detach() for p in self.problem.params])
         loss = self.problem.loss
 
-        def batch_hessian(x: Tensor, y: Tensor) -> Tensor:
-            return torch.func.hessian(
-                lambda f: loss.curvature_criterion(self._logits(self.problem.named(f), x), y)
+        def batch_hessian(x: Tensor, y: Tensor) -> Tensor:  # reverse over reverse: see features
+            return jacrev(
+                grad(lambda f: loss.curvature_criterion(self._logits(self.problem.named(f), x), y))
             )(flat)
 
         return self.data_mean(batch_hessian)

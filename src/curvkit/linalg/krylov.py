@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from curvkit.errors import finite
 from curvkit.linalg.subspace import long_matmul
 from curvkit.progress import progress_bar
 
@@ -179,9 +180,10 @@ class _Krylov:
         """Record A · newest() and append the next block of the basis."""
         block = self.blocks[-1]
         self.matvecs += product.shape[1]
-        self._largest = max(self._largest, float(product.norm(dim=0).max()))
+        # products near overflow overflow in the norms and projections
+        self._largest = max(self._largest, finite(float(product.norm(dim=0).max())))
         w, coefficients = self._project_out(product)
-        coefficients = coefficients.double().cpu()
+        coefficients = finite(coefficients.double().cpu())
         diagonal = coefficients[block]
         coefficients[block] = (diagonal + diagonal.T) / 2
         self.projected[: self.size, block] = coefficients

@@ -3,6 +3,8 @@ eigenvalues of ``L Lᵀ`` from ``Lᵀ L``, and products that reduce over P (``lo
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,9 +35,10 @@ def gram_eigenvalues(gram: Tensor, rtol: float = 1e-12) -> list[float]:
 
 
 def subspace_overlap(u: Tensor, v: Tensor) -> float:
-    """``‖Uᵀ V‖_F² / k`` for orthonormal bases U, V of two k-dimensional subspaces (∈ [0, 1])."""
+    """``‖Uᵀ V‖_F² / k`` for orthonormal bases U, V of two k-dimensional subspaces (∈ [0, 1];
+    NaN when one is empty, e.g. the span of class means that are all 0)."""
     k = min(u.shape[1], v.shape[1])
-    return float(long_matmul(u.T, v).pow(2).sum()) / k
+    return float(long_matmul(u.T, v).pow(2).sum()) / k if k else math.nan
 
 
 def orthonormal_basis(vectors: Tensor, rtol: float = 1e-10) -> Tensor:

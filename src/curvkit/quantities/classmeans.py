@@ -198,10 +198,12 @@ def classmeans(
     for matrix in ("ggn", "hessian"):
         top[matrix], vectors = _top_eigen(backend, matrix, count, seed, spectra, provenance)
         overlap[matrix] = subspace_overlap(vectors, class_basis)
-    started = ggn.clock()
-    restricted = long_matmul(class_basis.T, ggn.matmat(class_basis)).double()
-    ritz = torch.linalg.eigvalsh((restricted + restricted.T) / 2).flip(0).tolist()
-    provenance["ritz"] = ggn.provenance("curvkit.rayleigh_ritz", class_basis.shape[1], started)
+    ritz = []  # none when every class mean is 0 (a network whose G is 0)
+    if class_basis.shape[1]:
+        started = ggn.clock()
+        restricted = long_matmul(class_basis.T, ggn.matmat(class_basis)).double()
+        ritz = torch.linalg.eigvalsh((restricted + restricted.T) / 2).flip(0).tolist()
+        provenance["ritz"] = ggn.provenance("curvkit.rayleigh_ritz", class_basis.shape[1], started)
     gap = {
         "class": relative_gap(top["ggn"], eigenvalues["class"]),
         "ritz": relative_gap(top["ggn"], ritz),
@@ -226,9 +228,11 @@ def classmeans(
 
 
 def relative_gap(measured: list[float], predicted: list[float]) -> float:
-    """``‖λ − μ‖ / ‖λ‖`` over the common length of two descending lists (0: the same)."""
+    """``‖λ − μ‖ / ‖λ‖`` over the common length of two descending lists (0: the same; NaN
+    where λ is 0 there or a list is empty)."""
     k = min(len(measured), len(predicted))
-    return math.dist(measured[:k], predicted[:k]) / math.hypot(*measured[:k])
+    scale = math.hypot(*measured[:k])
+    return math.dist(measured[:k], predicted[:k]) / scale if scale else math.nan
 
 
 def confidence_spread(log_sqrt_p: Tensor, counts: Tensor) -> float:
