@@ -236,6 +236,10 @@ def test_bad_options_get_one_sentence_before_any_pass(case):
         ({"process_group": "world"}, "process_group must be a torch.distributed ProcessGroup"),
         ({"choice_file": 5, "backend": "auto"}, "choice_file must be a path, got 5"),
         ({"params": "0.weight"}, r"params must be a list of parameter names, got the string"),
+        (
+            {"params": list(tiny_model().named_parameters())},
+            r"params must be a list of parameter names, got tuple \('0.weight', ",
+        ),
         ({"top_k": [[1] * 10**4] * 10**4}, r"got \[\[1, 1, 1, 1, 1, 1, \.\.\.\], .{0,200}\.$"),
     ],
 )
@@ -283,6 +287,19 @@ def test_arguments_in_other_forms_give_the_same_report():
     )
     assert other.config == plain.config and other.config["quantities"] == ["ggn"]
     assert other.ggn.top_eigenvalues == plain.ggn.top_eigenvalues
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_an_empty_batch_adds_nothing(name):
+    """A batch of no examples between others (a filtered loader) gives the numbers of the data
+    without it: torch.func's and BackPACK's class sums raised "cannot reshape tensor of 0
+    elements" before."""
+    (x, y), (x2, y2) = digits_batches()
+    kwargs = dict(quantities=["classmeans"], top_k=2, progress=False, options=QUICK)
+    plain = curvkit.analyze(tiny_model(), [(x, y), (x2, y2)], name, **kwargs)
+    gap = curvkit.analyze(tiny_model(), [(x, y), (x[:0], y[:0]), (x2, y2)], name, **kwargs)
+    assert gap.model.num_samples == plain.model.num_samples == 40
+    assert gap.classmeans.trace == pytest.approx(plain.classmeans.trace, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -715,6 +732,18 @@ class FunctionalWeight(nn.Module):
         return self.net[2](torch.tanh(nn.functional.linear(x, self.weight, self.net[0].bias)))
 
 
+class Branching(nn.Module):
+    """Python control flow on the input's values, which torch.func's vmap over the examples
+    cannot batch (torchfunc's class sums raised a raw vmap RuntimeError before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        return self.net(x) if x.sum() >= 0 else -self.net(x)  # digits are ≥ 0: the first
+
+
 def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     """Models with a feature some library cannot handle, each with a plain model computing the
     same function that torch.func's dense G can be built on."""
@@ -745,6 +774,7 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "spectral_norm (a pre-hook setting weight)": (spectral, spectral),
         "weight used besides its layer": (WeightBesidesItsLayer(), WeightBesidesItsLayer()),
         "parameter used through torch.nn.functional": (FunctionalWeight(), FunctionalWeight()),
+        "Python control flow on the input": (Branching(), tiny_model()),
     }
 
 
@@ -785,7 +815,7 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     for quantity, why in report.skipped.items():
         assert re.search(
             "shared parameters|runs 2 times|used 2 times|hooks on|parametrized|does not|"
-            "torch.func cannot|computes nothing for parameter",
+            "torch.func cannot|computes nothing for parameter|cannot convert",
             why,
         ), why
         for other in advised(why):  # the advice holds: each advised backend computes it

@@ -13,6 +13,8 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
 - ``functional_transforms``: a forward pass that torch.func's transforms refuse
   (``torch.utils.checkpoint``'s saved-tensor hooks, a buffer updated in place), found by
   trying ``torch.func.grad`` on the example;
+- ``per_example_transforms``: a forward pass that ``vmap`` over the examples cannot batch
+  (Python control flow on the input's values), found by trying it on the example;
 - ``jvp_of_jacrev`` / ``jvp_of_grad``: a forward pass whose Hessian-vector products these
   compositions of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
   route) cannot take (no forward-mode derivative of ``silu_backward``) or get wrong (torch's
@@ -60,6 +62,9 @@ def model_features(model: nn.Module, example: Tensor) -> dict[str, str]:
         features["functional_transforms"] = refused
     if not refused and "backward_hooks" not in features:
         features.update(_second_order_faults(model, example))
+        unbatchable = _unbatchable(model, example)
+        if unbatchable:
+            features["per_example_transforms"] = unbatchable
     return features
 
 
@@ -76,6 +81,25 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
     except Exception as error:  # noqa: BLE001 (whatever it raises, torch.func cannot run it)
         first = first_line(error).split(". ")[0][:160] or type(error).__name__
         return f"a forward pass that torch.func cannot transform ({first})"
+    return ""
+
+
+def _unbatchable(model: nn.Module, example: Tensor) -> str:
+    """Why torch.func cannot take per-example Jacobians (``vmap`` of ``jacrev`` over the
+    examples, as torchfunc's class sums and Kronecker factors do; "" when it can): e.g. Python
+    control flow on the input's values."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def single(values: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, values, (x.unsqueeze(0),)).squeeze(0)
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(params, example)
+    except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
+        first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
+        return f"a forward pass that torch.func cannot vmap over examples ({first})"
     return ""
 
 

@@ -250,11 +250,11 @@ class Problem:
                     f"({error}); fix the loader."
                 ) from error
             x, y = self._prepare(batch, index)
-            if (
-                self.first_pass is not None
-                and y.numel()
-                and not 0 <= y.min() <= y.max() < self.num_classes
-            ):  # before the loss sees them (the pass's record is checked at its end)
+            if not y.numel():  # an empty batch adds nothing (and would break per-example shapes)
+                index += 1
+                continue
+            if self.first_pass is not None and not 0 <= y.min() <= y.max() < self.num_classes:
+                # before the loss sees them (the pass's record is checked at its end)
                 self._data_changed(f"batch {index} has labels outside [0, {self.num_classes - 1}]")
             projections.append(self._project(x))
             labels.append(y)
@@ -627,6 +627,13 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
             )
     else:
         names = list(names)  # a generator would be used up by the checks
+        other = next((n for n in names if not isinstance(n, str)), None)
+        if other is not None:  # e.g. named_parameters()'s (name, Parameter) pairs
+            raise InvalidInputError(
+                f"params must be a list of parameter names, got {type(other).__name__} "
+                f"{shown(other)}; write e.g. params=[name for name, _ in "
+                "model.named_parameters()]."
+            )
         first = {id(p): n for n, p in reversed(list(model.named_parameters()))}
         aliases = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         missing = [shown(n) for n in names if n not in aliases]
