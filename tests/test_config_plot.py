@@ -62,11 +62,22 @@ def test_config_file_and_flags(tmp_path):
         ('quantities: ["hessian,ggn"]', r"\(separated by spaces, not commas\)"),
         ("[1, 2]", "must be a mapping"),
         ("a: [", "not valid YAML"),
+        ("model: 5", "'model' in .* must be a zoo name, a factory .* or a mapping .*, got 5"),
+        ("data: [digits]", "'data' in .* must be a zoo name, .*, got \\['digits'\\]"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, match):
+    """Also a model or data that is neither a name nor a mapping (a raw TypeError before)."""
     with pytest.raises(curvkit.InvalidInputError, match=match):
         load_config(write(tmp_path / "bad.yaml", text))
+
+
+def test_an_unreadable_config_file_gets_one_sentence(tmp_path):
+    """A folder or a binary file: IsADirectoryError and UnicodeDecodeError before."""
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe")
+    for path, why in ((tmp_path, "Is a directory"), (tmp_path / "binary.yaml", "UnicodeDecode")):
+        with pytest.raises(curvkit.InvalidInputError, match=f"cannot be read \\({why}"):
+            load_config(path)
 
 
 def test_configs_are_read_safely(tmp_path):

@@ -130,6 +130,9 @@ def _read(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as error:
         raise InvalidInputError(f"config file {path} does not exist.") from error
+    except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, not text
+        why = getattr(error, "strerror", None) or type(error).__name__
+        raise InvalidInputError(f"config file {path} cannot be read ({why}).") from error
     except yaml.YAMLError as error:
         raise InvalidInputError(f"config file {path} is not valid YAML: {error}") from error
     if data is None:
@@ -147,6 +150,11 @@ def _merge(config: dict[str, Any], given: Mapping[str, Any], where: str) -> None
             )
         if key in ("model", "data") and isinstance(value, str):
             value = {"factory": value, "name": None} if ":" in value else {"name": value}
+        elif key in ("model", "data") and not isinstance(value, dict):
+            raise InvalidInputError(
+                f"config key {key!r} in {where} must be a zoo name, a factory "
+                f"'package.module:function' or a mapping of its settings, got {shown(value)}."
+            )
         if key in ("model", "data") and isinstance(value, dict):
             unknown = sorted(set(value) - set(DEFAULTS[key]))
             if unknown:
