@@ -85,18 +85,19 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
 
 
 def _unbatchable(model: nn.Module, example: Tensor) -> str:
-    """Why torch.func cannot take per-example Jacobians (``vmap`` of ``jacrev`` over the
-    examples, as torchfunc's class sums and Kronecker factors do; "" when it can): e.g. Python
-    control flow on the input's values."""
+    """Why torch.func cannot batch per-example derivatives (``vmap`` over the examples, as
+    torchfunc's per-example Jacobians for the class sums and Kronecker factors; "" when it
+    can): e.g. Python control flow on the input's values. Tried on the summed logits' gradient
+    (P numbers, where a Jacobian would take C·P)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
 
-    def single(values: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, values, (x.unsqueeze(0),)).squeeze(0)
+    def total(values: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, values, (x.unsqueeze(0),)).sum()
 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.func.vmap(torch.func.jacrev(single), in_dims=(None, 0))(params, example)
+            torch.func.vmap(torch.func.grad(total), in_dims=(None, 0))(params, example)
     except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
         first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
         return f"a forward pass that torch.func cannot vmap over examples ({first})"
