@@ -437,6 +437,12 @@ class Problem:
                     )
                 if counts is None:
                     self._check_logits(out)
+                    if out.dtype != self.dtype:
+                        raise InvalidInputError(
+                            f"the model's logits are {out.dtype} but its parameters "
+                            f"{self.dtype}; curvkit computes in one precision: return the logits "
+                            "in the parameters' dtype (drop the cast in forward)."
+                        )
                     num_classes = out.shape[1]
                     counts = torch.zeros(num_classes, dtype=torch.long)
                     if num_classes < 2:
