@@ -288,6 +288,20 @@ def test_backpack_exact_traces(fixture, request):
 
 
 @requires("curvlinops")
+def test_curvlinops_eigenpairs_arpack_left_unconverged():
+    """With a product budget ARPACK cannot converge in, it returns only the converged pairs
+    (none here): curvkit's Lanczos on curvlinops' products gives the top k, marked unconverged
+    (an IndexError on an empty block of vectors before)."""
+    model, loader = curvkit.models.trained_digits_mlp(3, progress=False, samples_per_class=4)
+    with pytest.warns(UserWarning, match="did not converge"):
+        report = curvkit.analyze(
+            model, loader, "curvlinops", ["residual"], top_k=2, progress=False,
+            options={"lanczos_max_iter": 1, "trace_matvecs": 0, "density_probes": 0},
+        )  # fmt: skip
+    assert len(report.residual.top_eigenvalues) == 2 and not report.residual.converged
+    assert "ARPACK converged 0 of 2" in report.residual.provenance["top_eigenvalues"].note
+
+
 def test_curvlinops_trace_error_bars_are_honest():
     """Over 60 seeds, the Hutch++ trace of the Hessian from curvlinops' 60 products is never more
     than 4 of its standard errors off the exact trace (curvkit's estimator, 19 degrees of

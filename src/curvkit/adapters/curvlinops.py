@@ -187,9 +187,10 @@ class CurvlinopsBackend(Backend):
         except ArpackNoConvergence as error:
             values, vectors, converged = error.eigenvalues, error.eigenvectors, False
         except ArpackError as error:  # e.g. "starting vector is zero": A v0 = 0
-            result, provenance = top_eigen(op, k, options, seed, native=False)
-            provenance.note = f"ARPACK failed ({error}): curvkit's Lanczos on curvlinops' products"
-            return result, provenance
+            return self._lanczos_instead(op, k, options, seed, f"ARPACK failed ({error})")
+        if len(values) < k:  # unconverged, ARPACK returns only the converged pairs
+            why = f"ARPACK converged {len(values)} of {k} eigenpairs"
+            return self._lanczos_instead(op, k, options, seed, why)
         order = np.argsort(values)[::-1]
         vectors_t = torch.as_tensor(
             np.ascontiguousarray(vectors[:, order]), dtype=op.dtype, device=op.device
@@ -204,6 +205,14 @@ class CurvlinopsBackend(Backend):
         return result, op.provenance(
             "scipy.eigsh(curvlinops.to_scipy)", count + k, start, note="+k for residuals"
         )
+
+    @staticmethod
+    def _lanczos_instead(
+        op: Operator, k: int, options: Options, seed: int, why: str
+    ) -> tuple[EigenResult, Provenance]:
+        result, provenance = top_eigen(op, k, options, seed, native=False)
+        provenance.note = f"{why}: curvkit's Lanczos on curvlinops' products"
+        return result, provenance
 
     def _trace(
         self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
