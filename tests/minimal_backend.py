@@ -23,7 +23,8 @@ class MinimalBackend(Backend):
 
     def batch_hvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
         logits, params = self._forward(x, param)
-        grads = torch.autograd.grad(self.problem.loss.sum(logits, y), params, create_graph=True)
+        criterion = self.problem.loss.curvature_criterion(logits, y)  # the loss's Hessian
+        grads = torch.autograd.grad(criterion, params, create_graph=True)
         columns = zip(*self.problem.split_columns(V, param).values())
         return torch.stack(
             [self.problem.flatten(torch.autograd.grad(grads, params, v, retain_graph=True))
