@@ -730,11 +730,11 @@ class FunctionalWeight(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = tiny_model()
-        self.weight = nn.Parameter(self.net[0].weight.detach().clone())
+        first, _, self.head = tiny_model()
+        self.weight, self.bias = first.weight, first.bias
 
     def forward(self, x):
-        return self.net[2](torch.tanh(nn.functional.linear(x, self.weight, self.net[0].bias)))
+        return self.head(torch.tanh(nn.functional.linear(x, self.weight, self.bias)))
 
 
 class Branching(nn.Module):
