@@ -217,9 +217,8 @@ class BackPACKBackend(Backend):
             for name, q in zip(self.problem.names, params)
             if not all(hasattr(q, e.savefield) for e in extensions)
         ]
-        if (
-            missed and every_parameter
-        ):  # a Parameter no module BackPACK knows holds (used via torch.nn.functional)
+        # a Parameter no module BackPACK knows holds (used via torch.nn.functional)
+        if missed and every_parameter:
             self.clean(params, STORED)
             raise UnsupportedError(
                 f"BackPACK's {label} computes nothing for parameter(s) {', '.join(missed[:3])}, "

@@ -139,6 +139,14 @@ class CurvlinopsBackend(Backend):
     def hvp(self, v: Tensor, param: str | None = None) -> Tensor:
         return self._apply("hessian", v, param)
 
+    def operator(self, matrix: str, param: str | None = None) -> Operator:
+        """The base class's operators; the residual's products in one pass of one operator
+        (the Hessian of ``ḡᵀ f``) instead of the Hessian's minus G's."""
+        op = super().operator(matrix, param)
+        if matrix == "residual":
+            op.matmat, op.cost = (lambda V: self._apply("residual", V, param)), 1
+        return op
+
     def ggnvp(self, v: Tensor, param: str | None = None) -> Tensor:
         return self._apply("ggn", v, param)
 

@@ -137,15 +137,16 @@ class PyHessianBackend(Backend):
         """The batch-mean criterion whose Hessian is ``matrix`` (PyHessian weights batches).
         PyHessian differentiates every gradient again, which fails for one that is constant (the
         last layer's of ``ḡᵀ f``, linear in it): 0 × G's surrogate keeps each in the graph."""
-        criterion, surrogate = (
-            self.problem.loss.criterion(matrix),
-            self.problem.loss.criterion("ggn"),
-        )
-        if matrix != "residual":
-            return lambda logits, labels: criterion(logits, labels) / len(labels)
-        return lambda logits, labels: (
-            (criterion(logits, labels) + 0.0 * surrogate(logits, labels)) / len(labels)
-        )
+        loss = self.problem.loss
+        criterion, keep = loss.criterion(matrix), 0.0 if matrix == "residual" else None
+
+        def batch_mean(logits: Tensor, labels: Tensor) -> Tensor:
+            value = criterion(logits, labels)
+            if keep is not None:
+                value = value + keep * loss.gauss_newton_surrogate(logits)
+            return value / len(labels)
+
+        return batch_mean
 
     @contextlib.contextmanager
     def _engine(self, matrix: str, param: str | None, seed: int = 0) -> Iterator[Any]:
