@@ -29,7 +29,7 @@ from curvkit.distributed import all_gather_objects
 from curvkit.errors import InvalidInputError, UnsupportedError
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
-from curvkit.linalg.operator import trace
+from curvkit.linalg.operator import instead, trace
 from curvkit.linalg.trace import batch_stderr
 from curvkit.report import Provenance
 
@@ -332,10 +332,8 @@ class BackPACKBackend(Backend):
                     else:
                         per_batch.append((len(y), sum(parts.values())))
         except UnsupportedError as error:  # e.g. DiagHessian on a converted residual network
-            result, provenance = trace(op, options, seed, native=False)
-            provenance.derived = True
-            provenance.note = f"from BackPACK's products: {error}"
-            return result, provenance
+            why = f"from BackPACK's products: {error}"
+            return instead(trace, op, options, seed, why=why, derived=True)
         per_batch = [b for rank in all_gather_objects(per_batch, self.problem.group) for b in rank]
         value = math.fsum(s for _, s in per_batch) / self.problem.num_samples
         routine = "backpack." + "+".join(type(e).__name__ for e in extensions.values())

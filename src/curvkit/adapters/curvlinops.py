@@ -34,7 +34,7 @@ from curvkit.backend import Backend, CountingBatches, KroneckerFactors
 from curvkit.errors import UnsupportedError, finite, first_line
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
-from curvkit.linalg.operator import density, top_eigen, trace
+from curvkit.linalg.operator import density, instead, top_eigen, trace
 from curvkit.linalg.trace import mean_and_stderr
 from curvkit.problem import Problem
 from curvkit.report import Provenance
@@ -195,10 +195,11 @@ class CurvlinopsBackend(Backend):
         except ArpackNoConvergence as error:
             values, vectors, converged = error.eigenvalues, error.eigenvectors, False
         except ArpackError as error:  # e.g. "starting vector is zero": A v0 = 0
-            return self._lanczos_instead(op, k, options, seed, f"ARPACK failed ({error})")
+            why = f"ARPACK failed ({error}): curvkit's Lanczos on curvlinops' products"
+            return instead(top_eigen, op, k, options, seed, why=why)
         if len(values) < k:  # unconverged, ARPACK returns only the converged pairs
-            why = f"ARPACK converged {len(values)} of {k} eigenpairs"
-            return self._lanczos_instead(op, k, options, seed, why)
+            why = f"ARPACK converged {len(values)} of {k} eigenpairs: curvkit's Lanczos instead"
+            return instead(top_eigen, op, k, options, seed, why=why)
         order = np.argsort(values)[::-1]
         vectors_t = torch.as_tensor(
             np.ascontiguousarray(vectors[:, order]), dtype=op.dtype, device=op.device
@@ -213,14 +214,6 @@ class CurvlinopsBackend(Backend):
         return result, op.provenance(
             "scipy.eigsh(curvlinops.to_scipy)", count + k, start, note="+k for residuals"
         )
-
-    @staticmethod
-    def _lanczos_instead(
-        op: Operator, k: int, options: Options, seed: int, why: str
-    ) -> tuple[EigenResult, Provenance]:
-        result, provenance = top_eigen(op, k, options, seed, native=False)
-        provenance.note = f"{why}: curvkit's Lanczos on curvlinops' products"
-        return result, provenance
 
     def _trace(
         self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
@@ -262,9 +255,8 @@ class CurvlinopsBackend(Backend):
                     nodes.append(values.cpu())
                     weights.append(vectors[0].cpu() ** 2)
         except torch.linalg.LinAlgError as error:  # a breakdown (e.g. G = 0) leaves NaN in T
-            result, provenance = density(op, options, seed, native=False)
-            provenance.note = f"fast_lanczos failed ({first_line(error)[:80]}): curvkit's SLQ"
-            return result, provenance
+            why = f"fast_lanczos failed ({first_line(error)[:80]}): curvkit's SLQ"
+            return instead(density, op, options, seed, why=why)
         used = steps * options.density_probes
         result = broadened_density(
             torch.stack(nodes),

@@ -38,7 +38,7 @@ from curvkit.backend import MATRICES, Backend, CountingBatches
 from curvkit.errors import UnsupportedError, finite
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
-from curvkit.linalg.operator import top_eigen
+from curvkit.linalg.operator import instead, top_eigen
 from curvkit.linalg.trace import mean_and_stderr
 from curvkit.report import Provenance
 
@@ -210,6 +210,16 @@ class PyHessianBackend(Backend):
         return op
 
     # -- PyHessian's own routines ---------------------------------------------------------------
+    @staticmethod
+    def _lanczos_instead(
+        op: Operator, k: int, options: Options, seed: int, why: str
+    ) -> tuple[EigenResult, Provenance]:
+        note = (
+            f"PyHessian's power iteration finds the largest |λ| and {why}: curvkit's Lanczos on "
+            "PyHessian's products"
+        )
+        return instead(top_eigen, op, k, options, seed, why=note, derived=True)
+
     def _top_eigen(
         self, matrix: str, param: str | None, op: Operator, k: int, options: Options, seed: int
     ) -> tuple[EigenResult, Provenance]:
@@ -251,18 +261,6 @@ class PyHessianBackend(Backend):
         return result, op.provenance(
             "pyhessian.eigenvalues", passes + k, start, note="+k products for residuals"
         )
-
-    @staticmethod
-    def _lanczos_instead(
-        op: Operator, k: int, options: Options, seed: int, why: str
-    ) -> tuple[EigenResult, Provenance]:
-        result, provenance = top_eigen(op, k, options, seed, native=False)
-        provenance.derived = True
-        provenance.note = (
-            f"PyHessian's power iteration finds the largest |λ| and {why}: curvkit's Lanczos on "
-            "PyHessian's products"
-        )
-        return result, provenance
 
     def _trace(
         self, matrix: str, param: str | None, op: Operator, options: Options, seed: int

@@ -269,3 +269,19 @@ def density(
         progress=options.progress,
     )
     return result, op.provenance("curvkit.slq", result.matvecs, started)
+
+
+def instead(
+    routine: Callable[..., tuple[Any, Provenance]],
+    op: Operator,
+    *args: Any,
+    why: str,
+    derived: bool | None = None,
+) -> tuple[Any, Provenance]:
+    """curvkit's own ``routine`` (top_eigen, trace or density) on ``op``'s products where the
+    backend's native one cannot serve; provenance says ``why`` (and ``derived`` if given)."""
+    result, provenance = routine(op, *args, native=False)
+    provenance.note = why
+    if derived is not None:
+        provenance.derived = derived
+    return result, provenance
