@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import curvkit
+from curvkit.analysis import differentiable_kernels
 from curvkit.cli import main
 from curvkit.errors import (
     CurvkitError,
@@ -749,6 +750,51 @@ class Branching(nn.Module):
         return self.net(x) if x.sum() >= 0 else -self.net(x)  # digits are ≥ 0: the first
 
 
+class Attending(nn.Module):
+    """Self-attention over the image's 8 rows: torch's fused scaled-dot-product kernel has no
+    second derivative and MultiheadAttention's inference fast path no forward-mode one (raw
+    errors on every backend before), and its out_proj Linear never runs its own forward (a
+    KeyError in torchfunc's Kronecker factors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rows = nn.Linear(8, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 10)
+        self.double()
+
+    def forward(self, x):
+        h = torch.tanh(self.rows(x.unflatten(-1, (8, 8))))
+        return self.head(self.attention(h, h, h, need_weights=False)[0].mean(-2))
+
+
+class SparseEmbedding(nn.Module):
+    """Pixel intensities 0…16 as tokens of an Embedding with sparse gradients (a raw
+    "reshape is not implemented for sparse tensors" on every backend before)."""
+
+    def __init__(self, sparse: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(17, 2, sparse=sparse)
+        self.head = nn.Linear(128, 10)
+        self.double()
+
+    def forward(self, x):
+        return self.head(self.embedding((16 * x).round().long()).flatten(-2))
+
+
+class WrittenOutPReLU(nn.Module):
+    """PReLU's function and parameter, written out (vmap batches this one right)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((1,), 0.25, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.where(x >= 0, x, self.weight * x)
+
+
 def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     """Models with a feature some library cannot handle, each with a plain model computing the
     same function that torch.func's dense G can be built on."""
@@ -766,6 +812,8 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     shared = SharedWeight()
     spectral = tiny_model()
     spectral[0] = nn.utils.spectral_norm(spectral[0])
+    prelu, written_out = tiny_model(), tiny_model()
+    prelu[1], written_out[1] = nn.PReLU().double(), WrittenOutPReLU()
     return {
         "shared parameter": (shared, shared),
         "module used twice": (reused, reused),
@@ -780,6 +828,9 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "weight used besides its layer": (WeightBesidesItsLayer(), WeightBesidesItsLayer()),
         "parameter used through torch.nn.functional": (FunctionalWeight(), FunctionalWeight()),
         "Python control flow on the input": (Branching(), tiny_model()),
+        "attention": (Attending(), Attending()),
+        "sparse embedding gradients": (SparseEmbedding(), SparseEmbedding(sparse=False)),
+        "PReLU (its batching rule mixes vmap's axes)": (prelu, written_out),
     }
 
 
@@ -820,7 +871,7 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     for quantity, why in report.skipped.items():
         assert re.search(
             "shared parameters|runs 2 times|used 2 times|hooks on|parametrized|does not|"
-            "torch.func cannot|computes nothing for parameter|cannot convert",
+            "torch.func cannot|computes nothing for parameter|cannot convert|gets wrong",
             why,
         ), why
         for other in advised(why):  # the advice holds: each advised backend computes it
@@ -833,6 +884,50 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     assert {n: id(t) for n, t in after} == entries
     assert all(torch.equal(values[n], t) for n, t in after)
     copy.deepcopy(model)  # no tensor holding a graph left on a module (spectral_norm's weight)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_attention_hessians_are_right(name):
+    """The Hessian of a self-attention model (raw errors on every backend before: the fused
+    attention kernel has no second derivative) against the dense reference, taken through the
+    math kernel: λ₁ to 1e-6 (PyHessian's power iteration 1e-4), the trace to 4 standard errors."""
+    model, data = Attending(), digits_batches()
+    with differentiable_kernels():
+        dense = reference.dense_hessian(model, *reference.all_data(data))
+    report = curvkit.analyze(model, data, name, ["hessian"], top_k=2, progress=False,
+                             options=FEATURE_OPTIONS)  # fmt: skip
+    lam = float(torch.linalg.eigvalsh(dense)[-1])
+    assert report.hessian.top_eigenvalues[0] == pytest.approx(
+        lam, rel=1e-4 if name == "pyhessian" else 1e-6
+    )
+    exact = float(torch.trace(dense))
+    assert abs(report.hessian.trace - exact) <= 4 * report.hessian.trace_stderr + 1e-8 * abs(exact)
+
+
+def test_a_model_without_kronecker_layers_has_layerwise_refused_before_any_pass():
+    """Only biases selected: layerwise is refused with the reason before anything is computed
+    (an InvalidInputError after the other quantities' passes before)."""
+    data = ChangingData(digits_batches())
+    kwargs = dict(quantities=["hessian", "layerwise"], top_k=2, params=["0.bias", "2.bias"],
+                  progress=False, options=QUICK, cache_mb=0)  # fmt: skip
+    report = curvkit.analyze(tiny_model(), data, skip_unsupported=True, **kwargs)
+    assert "no Linear or Conv2d layer" in report.skipped["layerwise"]
+    before = data.passes
+    with pytest.raises(UnsupportedError, match="no Linear or Conv2d layer"):
+        curvkit.analyze(tiny_model(), data, **kwargs)
+    assert data.passes == before + 1  # the scan, and no product pass
+
+
+def test_backpack_names_the_rule_that_fails_in_float64():
+    """BackPACK's embedding rule builds float32 one-hot matrices: its refusal names that rule
+    (it named the AvgPool2d rule for every float64 failure before)."""
+    pytest.importorskip("backpack")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(17, 2), nn.Flatten(), nn.Linear(128, 10)).double()
+    tokens = [((16 * x).round().long(), y) for x, y in digits_batches()]
+    report = curvkit.analyze(model, tokens, "backpack", ["classmeans"], top_k=2,
+                             progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
+    assert "fails in float64 on this model (its embedding rule" in report.skipped["classmeans"]
 
 
 class ChangingData:

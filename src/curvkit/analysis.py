@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit import __version__
 from curvkit.backend import MATRICES, Backend
@@ -111,19 +112,28 @@ def check_arguments(
 
 
 @contextmanager
-def gradients_on() -> Iterator[None]:
-    """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``, and
+def differentiable_kernels() -> Iterator[None]:
+    """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``,
     anomaly detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot
-    batch: a raw RuntimeError on three backends); the caller's settings come back after."""
-    with (
-        torch.inference_mode(False),
-        torch.enable_grad(),
-        torch.autograd.set_detect_anomaly(False),
-    ):
-        yield
+    batch: a raw RuntimeError on three backends), and attention through its plain math kernel
+    (the fused scaled-dot-product kernels have no second derivative and MultiheadAttention's
+    inference fast path no forward-mode one: raw errors on every backend). The caller's
+    settings come back after."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autograd.set_detect_anomaly(False),
+            sdpa_kernel(SDPBackend.MATH),
+        ):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
-@gradients_on()
+@differentiable_kernels()
 def analyze(
     model: nn.Module,
     data: Iterable,

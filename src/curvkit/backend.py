@@ -45,7 +45,7 @@ from curvkit.errors import (
     finite,
     shown,
 )
-from curvkit.layers import kronecker_plan, memory_text
+from curvkit.layers import kronecker_layers, kronecker_plan, memory_text
 from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
@@ -229,6 +229,8 @@ class Backend:
         if quantity == "classmeans":
             route, why = self.class_sums_route()
             return None if route else why
+        if quantity == "layerwise" and not kronecker_layers(self.problem):
+            return "the model has no Linear or Conv2d layer whose weight is selected"
         return None
 
     def kronecker_plan(self) -> tuple[list[str], dict[str, str]]:

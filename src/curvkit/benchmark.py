@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.analysis import analyze
+from curvkit.analysis import analyze, differentiable_kernels
 from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
 from curvkit.comparison import compare_reports
@@ -166,7 +166,7 @@ def _reference(
     problem_size = report["model"]["num_params"]
     if not matrices or problem_size > DENSE_LIMIT:
         return report, "torch.func, Lanczos to 1e-10"
-    with model_guard(model):
+    with model_guard(model), differentiable_kernels():
         engine = get_backend("torchfunc")(Problem(model, data))
         hessian = engine.dense_hessian() if {"hessian", "residual"} & set(matrices) else None
         ggn = engine.dense_ggn() if {"ggn", "residual"} & set(matrices) else None

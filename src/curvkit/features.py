@@ -85,19 +85,26 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
 
 
 def _unbatchable(model: nn.Module, example: Tensor) -> str:
-    """Why torch.func cannot batch per-example derivatives (``vmap`` over the examples, as
-    torchfunc's per-example Jacobians for the class sums and Kronecker factors; "" when it
-    can): e.g. Python control flow on the input's values. Tried on the summed logits' gradient
-    (P numbers, where a Jacobian would take C·P)."""
+    """Why torch.func cannot batch per-example derivatives (``vmap`` over the examples of
+    ``jacrev``, as torchfunc's per-example Jacobians for the class sums and Kronecker factors;
+    "" when it can): e.g. Python control flow on the input's values, or an operation whose
+    batching rule mixes the two vmapped axes (PReLU's backward). Tried on three copies of the
+    example and two random combinations of the logits (6 P numbers, where the Jacobians would
+    take B·C·P), so that the two axes differ in size."""
     params = {name: p.detach() for name, p in model.named_parameters()}
+    generator = torch.Generator(device=example.device).manual_seed(0)
+    with torch.no_grad():
+        out = torch.func.functional_call(model, params, (example,))
+    mix = torch.randn(out.shape[-1], 2, generator=generator, dtype=out.dtype, device=out.device)
 
-    def total(values: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, values, (x.unsqueeze(0),)).sum()
+    def combined(values: dict[str, Tensor], x: Tensor) -> Tensor:
+        return torch.func.functional_call(model, values, (x.unsqueeze(0),)).squeeze(0) @ mix
 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.func.vmap(torch.func.grad(total), in_dims=(None, 0))(params, example)
+            copies = example.expand(3, *example.shape[1:])
+            torch.func.vmap(torch.func.jacrev(combined), in_dims=(None, 0))(params, copies)
     except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
         first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
         return f"a forward pass that torch.func cannot vmap over examples ({first})"
@@ -175,6 +182,27 @@ def _second_order_faults(model: nn.Module, example: Tensor) -> dict[str, str]:
     return faults
 
 
+def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tensor]:
+    """How often each module holding parameters runs in a forward pass on ``example``, with
+    gradients on every parameter (the guard around the features restores requires_grad), and
+    the output."""
+    calls: Counter[str] = Counter()
+    handles = [
+        m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+        for name, m in model.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            output = model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, output
+
+
 def _shared(model: nn.Module, example: Tensor) -> str:
     """Parameters that enter the forward pass more than once: tied (one Parameter under
     several names), in a module that runs several times, or a Linear's or Conv2d's used
@@ -184,20 +212,8 @@ def _shared(model: nn.Module, example: Tensor) -> str:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     tied = [" = ".join(group) for group in names.values() if len(group) > 1]
-    calls: Counter[str] = Counter()
-    handles = [
-        m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
-        for name, m in model.named_modules()
-        if next(m.parameters(recurse=False), None) is not None
-    ]
-    try:
-        for p in model.parameters():  # the guard around the features restores requires_grad
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            uses = _uses(model(example))
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls, output = module_calls(model, example)
+    uses = _uses(output)
     reused = [f"module {n} runs {k} times per forward pass" for n, k in calls.items() if k > 1]
     direct = [  # a layer's forward uses each of its parameters once per call
         f"parameter {name}.{attribute} is used {uses[id(p)]} times per forward pass"

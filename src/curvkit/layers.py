@@ -35,7 +35,11 @@ def kronecker_plan(problem: Problem, budget: float | None) -> tuple[list[str], d
     kept: list[str] = []
     skipped: dict[str, str] = {}
     for name in sorted(squares, key=squares.get):
-        outside = _overridden_forward(modules[name]) or _unusual_convolution(modules[name])
+        outside = (
+            _overridden_forward(modules[name])
+            or _unusual_convolution(modules[name])
+            or _idle(problem, name)
+        )
         if outside:
             skipped[name] = outside
             continue
@@ -63,6 +67,20 @@ def _overridden_forward(module: torch.nn.Module) -> str:
         f"its class {type(module).__name__} overrides {base.__name__}.forward, so its output "
         "need not be W a + b, on which the Kronecker factors rest; the exact block is analysed "
         "without them"
+    )
+
+
+def _idle(problem: Problem, name: str) -> str:
+    """Why a layer whose forward never runs gets no Kronecker factors ("" for others): its
+    parent uses the weight directly (MultiheadAttention its ``out_proj``), so there is no layer
+    input and output to read them from (a layer that runs several times is a shared one,
+    refused for the whole model by ``Backend.limits``)."""
+    if problem.module_calls[name]:
+        return ""
+    return (
+        "its forward never runs (its parent uses the weight directly, as MultiheadAttention "
+        "does its out_proj), so there is no layer input and output to read Kronecker factors "
+        "from; the exact block is analysed without them"
     )
 
 

@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import sys
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -31,7 +31,7 @@ from curvkit.distributed import (
     current_group,
 )
 from curvkit.errors import CurvkitError, InvalidInputError, first_line, shown, warn
-from curvkit.features import model_features
+from curvkit.features import model_features, module_calls
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
 
@@ -536,6 +536,13 @@ class Problem:
         with model_guard(self.model):
             return model_features(self.model, self.sample[0][:1])
 
+    @functools.cached_property
+    def module_calls(self) -> Counter[str]:
+        """How often each module holding parameters runs in one example's forward pass (in eval
+        mode, on the model, which comes back as it was)."""
+        with model_guard(self.model):
+            return module_calls(self.model, self.sample[0][:1])[0]
+
     def _weights_digest(self) -> str:
         """A hash of the selected parameters' values (to check that all ranks hold the same)."""
         digest = hashlib.sha256()
@@ -714,6 +721,9 @@ def random_state_kept(model: nn.Module) -> Iterator[None]:
         yield
 
 
+SPARSE_GRADIENTS = (nn.Embedding, nn.EmbeddingBag)  # modules with a ``sparse`` flag
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
@@ -722,7 +732,8 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     ``.grad`` fields and ``requires_grad``, each module's train/eval mode, its hook
     dictionaries and its other tensor attributes (a forward under autograd may leave a computed
     one, e.g. spectral_norm's ``weight``, holding a graph). Inside, the model is in eval mode by
-    default.
+    default, and its embeddings give dense gradients (``sparse=False``: the same numbers, in the
+    layout every library takes).
     """
     check_module(model)
     params = list(model.parameters())
@@ -733,11 +744,16 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     # the objects themselves: a forward may rebind a buffer, a library replace a Parameter
     saved_entries = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     saved_tensors = [(m, _tensor_attributes(m)) for m in model.modules()]
+    sparse = [m for m in model.modules() if isinstance(m, SPARSE_GRADIENTS) and m.sparse]
     try:
         if eval_mode:
             model.eval()
+        for m in sparse:
+            m.sparse = False
         yield model
     finally:
+        for m in sparse:
+            m.sparse = True
         with torch.no_grad():
             for (p, value, grad, requires_grad), grad_value in zip(saved_params, saved_grads):
                 p.copy_(value)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
+import traceback
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -205,6 +207,8 @@ class BackPACKBackend(Backend):
             with backpack(*extensions), warnings.catch_warnings():
                 # BackPACK's hooks fire on outputs when inputs need no gradient: harmless
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                # KFLR's note on transposed convolutions, whose factors layerwise leaves out
+                warnings.filterwarnings("ignore", message="The Kronecker factors stored in")
                 loss_fn(model(x), y).backward()
         except (NotImplementedError, AssertionError, RuntimeError) as error:
             # AssertionError: BackPACK lost track of the graph, e.g. a functional call
@@ -256,8 +260,8 @@ class BackPACKBackend(Backend):
             )
         elif "expected scalar type Double but found Float" in message:
             what = (
-                "fails in float64 on this model (its AvgPool2d rule computes in float32): "
-                "analyse a float32 copy"
+                f"fails in float64 on this model ({_rule(error)} computes in float32): analyse "
+                "a float32 copy"
             )
         else:
             what = f"cannot handle the {type(self.problem.model).__name__} model ({message})"
@@ -369,6 +373,19 @@ def kronecker_extension(kind: str, mc_samples: int) -> Any:
     for batch_norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         extension.set_module_extension(batch_norm, HBPBaseModule(BatchNormNdDerivatives()))
     return extension
+
+
+def _rule(error: Exception) -> str:
+    """The BackPACK rule where ``error`` arose ("its embedding rule", read from the traceback's
+    last frame among BackPACK's derivatives)."""
+    rules = [
+        frame.filename
+        for frame in traceback.extract_tb(error.__traceback__)
+        if "backpack" in frame.filename and "derivatives" in frame.filename
+    ]
+    if not rules:
+        return "one of its rules"
+    return f"its {os.path.splitext(os.path.basename(rules[-1]))[0]} rule"
 
 
 @contextlib.contextmanager

@@ -102,12 +102,7 @@ def layerwise(
     NaN overlaps and λ₁(A)/tr A).
     """
     problem, options = backend.problem, backend.options
-    names = kronecker_layers(problem)
-    if not names:
-        raise InvalidInputError(
-            "the model has no Linear or Conv2d layer whose weight is selected; layerwise analysis "
-            "needs at least one."
-        )
+    names = kronecker_layers(problem)  # at least one (Backend.refusal)
     other = [
         f"{n} ({type(m).__name__})"
         for n, m in problem.model.named_modules()
