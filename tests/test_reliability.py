@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -131,6 +132,9 @@ def bad_models():
     frozen = tiny_model().requires_grad_(False)
     with torch.inference_mode():
         inference_made = tiny_model()
+    with warnings.catch_warnings():  # torch.jit.script's deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = nn.Sequential(*tiny_model()[:2], torch.jit.script(tiny_model()[2]))
     return {
         "1-D output": (Flat(), "logits of shape \\(batch, classes\\)"),
         "NaN parameter": (nan_model, "parameter '2.weight' contains NaN"),
@@ -147,6 +151,7 @@ def bad_models():
             nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 10)).double(),
             "'0.weight' is not initialised yet \\(a lazy module\\)",
         ),
+        "TorchScript submodule": (scripted, "module 2 is TorchScript"),  # AttributeError before
         # silent wrong numbers before: noise drawn on every product, input scaled on every pass
         "random forward": (
             Wrapped(lambda x, net: net(x + 0.1 * torch.randn_like(x))),

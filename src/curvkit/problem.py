@@ -21,6 +21,7 @@ from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
+from torch.jit import ScriptModule
 
 from curvkit.distributed import (
     Group,
@@ -606,6 +607,13 @@ def check_module(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise InvalidInputError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; pass the classifier itself."
+        )
+    scripted = [n or "<root>" for n, m in model.named_modules() if isinstance(m, ScriptModule)]
+    if scripted:
+        raise InvalidInputError(
+            f"module {scripted[0]} is TorchScript (torch.jit.script or trace), whose forward "
+            "torch.func and the curvature libraries cannot transform or hook; analyse the "
+            "Python nn.Module it was made from."
         )
     tensors = [*model.named_parameters(), *model.named_buffers()]
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
