@@ -3,6 +3,7 @@ the model given back untouched, and clear errors for bad requests."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -123,6 +124,22 @@ def test_report_contract_and_round_trip(report, tmp_path):
         path = report.save(tmp_path / f"r{suffix}")
         assert Report.load(path).to_dict() == data
     assert "hessian" in str(report) and "λ1" in str(report)
+
+
+def test_a_report_with_nan_traces_is_strict_json_and_reads_back(digits_problem, tmp_path):
+    """Traces switched off are NaN; JSON has no NaN (Python wrote it anyway: jq and
+    JavaScript's JSON.parse refuse such a file), so it is written as the string "NaN" and read
+    back as the float."""
+    model, loader = digits_problem
+    report = curvkit.analyze(model, loader, quantities=["hessian"], top_k=2, progress=False,
+                             options={"trace_matvecs": 0, "density_probes": 0})  # fmt: skip
+    path = report.save(tmp_path / "report.json")
+    text = path.read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert '"trace": "NaN"' in text
+    loaded = Report.load(path)
+    assert math.isnan(loaded.hessian.trace) and isinstance(loaded.hessian.trace, float)
+    assert loaded.hessian.top_eigenvalues == report.hessian.top_eigenvalues
 
 
 def test_save_rejects_unknown_suffix_and_leaves_no_file(report, tmp_path):

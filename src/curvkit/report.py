@@ -13,7 +13,7 @@ import math
 import numbers
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,10 @@ class Report:
         path = Path(path)
         try:
             with open(path) as handle:
-                data = json.load(handle) if path.suffix == ".json" else read_yaml(handle)
+                if path.suffix == ".json":
+                    data = _map_leaves(json.load(handle), _json_number)
+                else:
+                    data = read_yaml(handle)
             return cls.from_dict(data)
         except FileNotFoundError as error:
             raise InvalidInputError(f"report {path} does not exist.") from error
@@ -445,11 +448,34 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+# JSON has no NaN or infinity: a report writes them as these strings and reads them back
+JSON_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _json_name(value: Any) -> Any:
+    if not isinstance(value, float) or math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
+def _json_number(value: Any) -> Any:
+    return JSON_NONFINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _map_leaves(value: Any, function: Callable[[Any], Any]) -> Any:
+    """``value`` with ``function`` applied to every leaf inside its dicts and lists."""
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, function) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_leaves(v, function) for v in value]
+    return function(value)
+
+
 def _dump(data: dict[str, Any], path: Path) -> str:
     if path.suffix in (".yaml", ".yml"):
         return yaml_text(data)
     if path.suffix == ".json":
-        return json.dumps(data, indent=1)
+        return json.dumps(_map_leaves(data, _json_name), indent=1, allow_nan=False)
     raise InvalidInputError(
         f"cannot tell the format of {str(path)!r}; name the file *.yaml, *.yml or *.json."
     )
