@@ -13,9 +13,11 @@ spectrum_distance, 1e-8 for curvlinops' fast_lanczos).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -241,6 +243,60 @@ def test_a_failing_rank_stops_the_others_at_once(tmp_path):
     )
     assert float(seconds) < 60
     assert "data raised OSError" in (tmp_path / "1.txt").read_text()
+
+
+MISMATCHES = {  # the keyword arguments of rank 0 and of rank 1, and the error both must raise
+    "seed": ({"seed": 0}, {"seed": 1}, "different seed \\(0 on rank 0, 1 on rank 1\\)"),
+    "quantities": (
+        {"quantities": ["hessian"]},
+        {"quantities": ["ggn"]},
+        "different quantities \\(\\['hessian'\\] on rank 0, \\['ggn'\\] on rank 1\\)",
+    ),
+    "top_k": ({"top_k": 2}, {"top_k": 3}, "different top_k"),
+    "an argument bad on one rank": ({}, {"top_k": 0}, "top_k must be an integer ≥ 1, got 0"),
+    "requires_grad": ({}, {"frozen": True}, "the ranks select different parameters"),
+}
+
+
+def _mismatch_worker(rank: int, world: int, init: str, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    x, y = digits_tensors(samples_per_class=4)
+    loader = [(x[rank::2], y[rank::2])]
+    try:
+        for case, arguments in MISMATCHES.items():
+            kwargs = {"quantities": ["hessian"], "top_k": 2, **arguments[rank]}
+            model = digits_mlp()
+            if kwargs.pop("frozen", False):
+                model[0].bias.requires_grad_(False)
+            try:
+                curvkit.analyze(model, loader, progress=False, options={"trace_matvecs": 6},
+                                **kwargs)  # fmt: skip
+                message = "no error"
+            except curvkit.CurvkitError as error:
+                message = f"{type(error).__name__}: {error}"
+            Path(folder, f"{case}-{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_called_with_different_arguments_all_stop_with_the_reason(tmp_path):
+    """The ranks' partial sums are added, so each rank must compute the same thing. Before:
+    different seeds gave each rank its own wrong λ₁ (1.3700 and 1.3672 for 1.3691), different
+    quantities a λ₁ of neither matrix (1.517), a different top_k made gloo abort the process,
+    a bad argument on one rank left the other waiting for the group's timeout, and a Parameter
+    frozen on one rank was reported as different weights."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_mismatch_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
+    for case, (_, _, match) in MISMATCHES.items():
+        for rank in (0, 1):
+            message = (tmp_path / f"{case}-{rank}.txt").read_text()
+            assert message.startswith("InvalidInputError") and re.search(match, message), (
+                case,
+                rank,
+                message,
+            )
 
 
 def test_without_a_process_group_nothing_is_sharded(digits_problem):

@@ -16,7 +16,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from curvkit import __version__
 from curvkit.backend import MATRICES, Backend
 from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
-from curvkit.distributed import Group, all_gather_objects, current_group, rank, stop_all_on_failure
+from curvkit.distributed import (
+    Group,
+    all_gather_objects,
+    checked_on_every_rank,
+    current_group,
+    rank,
+    same_on_every_rank,
+    stop_all_on_failure,
+)
 from curvkit.errors import InvalidInputError, UnsupportedError, shown, warn
 from curvkit.linalg import Options
 from curvkit.linalg.operator import flag, integer, trace
@@ -170,12 +178,22 @@ def analyze(
     >>> report = curvkit.analyze(model, loader, backend="torchfunc")  # doctest: +SKIP
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
     """
-    names, top_k, seed, options = check_arguments(backend, quantities, top_k, seed, options)
-    progress = flag("progress", progress)
-    skip_unsupported = flag("skip_unsupported", skip_unsupported)
-    if choice_file is not None and not isinstance(choice_file, (str, os.PathLike)):
-        raise InvalidInputError(f"choice_file must be a path, got {shown(choice_file)}.")
     group = current_group(process_group)
+    with checked_on_every_rank(group):  # a rank's bad argument stops every rank
+        names, top_k, seed, options = check_arguments(backend, quantities, top_k, seed, options)
+        progress = flag("progress", progress)
+        skip_unsupported = flag("skip_unsupported", skip_unsupported)
+        if choice_file is not None and not isinstance(choice_file, (str, os.PathLike)):
+            raise InvalidInputError(f"choice_file must be a path, got {shown(choice_file)}.")
+    if isinstance(params, Iterator):  # a generator, read once
+        params = list(params)
+    # the ranks' products are summed: every rank must compute the same thing
+    same_on_every_rank(
+        "analyze",
+        {"backend": backend, "quantities": names, "top_k": top_k, "seed": seed, "loss": loss,
+         "params": params, "options": options, "skip_unsupported": skip_unsupported},
+        group,
+    )  # fmt: skip
     progress = progress and rank(group) == 0
     settings = {
         "top_k": top_k,

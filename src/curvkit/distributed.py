@@ -161,6 +161,36 @@ def agree(error: CurvkitError | None, group: Group) -> None:
         raise InvalidInputError(f"rank {failed[0][0]} failed: {failed[0][1]}")
 
 
+@contextlib.contextmanager
+def checked_on_every_rank(group: Group) -> Iterator[None]:
+    """Run a block of checks on every rank, and raise on every rank if any rank's failed with a
+    CurvkitError (see ``agree``): a rank that stopped alone would leave the others waiting."""
+    error = None
+    try:
+        yield
+    except CurvkitError as caught:
+        error = caught
+    agree(error, group)
+
+
+def same_on_every_rank(call: str, arguments: dict[str, object], group: Group) -> None:
+    """Raise on every rank when ``arguments`` of ``call`` differ between the ranks, naming the
+    first that does: the ranks' partial sums of different products would add up to numbers of
+    no matrix (a different seed gave each rank its own wrong λ₁, different quantities a λ₁ of
+    neither), or a collective would receive what it did not expect (gloo aborted the process)."""
+    if group is None:
+        return
+    gathered = all_gather_objects(arguments, group)
+    for name in arguments:
+        values = [g[name] for g in gathered]
+        if any(v != values[0] for v in values):
+            first = next(r for r, v in enumerate(values) if v != values[0])
+            raise InvalidInputError(
+                f"the ranks called {call} with different {name} ({shown(values[0])} on rank 0, "
+                f"{shown(values[first])} on rank {first}); pass the same arguments on every rank."
+            )
+
+
 def check_loader(data: Iterable) -> None:
     """A DistributedSampler that pads its shards repeats examples, which would change the loss."""
     sampler = getattr(data, "sampler", None)

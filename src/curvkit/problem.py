@@ -353,20 +353,27 @@ class Problem:
         except CurvkitError as caught:
             error = caught
         agree(error, self.group)
-        shards = all_gather_objects((local, self._weights_digest(), self.first_pass), self.group)
-        if len({digest for _, digest, _ in shards}) > 1:
+        shards = all_gather_objects(
+            (local, self.names, self._weights_digest(), self.first_pass), self.group
+        )
+        if any(names != self.names for _, names, _, _ in shards):
+            raise InvalidInputError(
+                "the ranks select different parameters (their requires_grad differs); set "
+                "requires_grad alike on every rank, or pass the same params."
+            )
+        if len({digest for _, _, digest, _ in shards}) > 1:
             raise InvalidInputError(
                 "the ranks hold different parameter values; load the same weights on every rank "
                 "(and seed any training identically)."
             )
-        records = [record for _, _, record in shards]
+        records = [record for _, _, _, record in shards]
         if len(records) > 1 and all(r is not None and r.matches(records[0]) for r in records):
             raise InvalidInputError(
                 f"every rank holds the same {records[0].num_samples} examples, which would count "
                 f"{len(records)} times each; give each rank its own shard, e.g. "
                 "curvkit.distributed.shard_loader(loader)."
             )
-        summaries = [summary for summary, _, _ in shards]
+        summaries = [summary for summary, _, _, _ in shards]
         empty = [r for r, s in enumerate(summaries) if s.num_samples == 0]
         if empty:
             raise InvalidInputError(
