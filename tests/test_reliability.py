@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.analysis import differentiable_kernels
 from curvkit.cli import main
 from curvkit.errors import (
     CurvkitError,
@@ -21,7 +20,7 @@ from curvkit.errors import (
     MissingDependencyError,
     UnsupportedError,
 )
-from curvkit.problem import Problem, model_guard
+from curvkit.problem import Problem, differentiable_kernels, model_guard
 from curvkit.registry import get_backend
 from tests import reference
 from tests.conftest import backend_params

@@ -6,12 +6,10 @@ import dataclasses
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit import __version__
 from curvkit.backend import MATRICES, Backend
@@ -28,7 +26,14 @@ from curvkit.distributed import (
 from curvkit.errors import InvalidInputError, UnsupportedError, shown, warn
 from curvkit.linalg import Options
 from curvkit.linalg.operator import flag, integer, trace
-from curvkit.problem import DEFAULT_CACHE_MB, Problem, fingerprint, model_guard, random_state_kept
+from curvkit.problem import (
+    DEFAULT_CACHE_MB,
+    Problem,
+    differentiable_kernels,
+    fingerprint,
+    model_guard,
+    random_state_kept,
+)
 from curvkit.progress import computing, log
 from curvkit.quantities.classmeans import classmeans
 from curvkit.quantities.layerwise import layerwise
@@ -117,28 +122,6 @@ def check_arguments(
     if backend not in (None, "auto"):
         get_backend(backend)
     return names, top_k, seed, options
-
-
-@contextmanager
-def differentiable_kernels() -> Iterator[None]:
-    """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``,
-    anomaly detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot
-    batch: a raw RuntimeError on three backends), and attention through its plain math kernel
-    (the fused scaled-dot-product kernels have no second derivative and MultiheadAttention's
-    inference fast path no forward-mode one: raw errors on every backend). The caller's
-    settings come back after."""
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autograd.set_detect_anomaly(False),
-            sdpa_kernel(SDPBackend.MATH),
-        ):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 @differentiable_kernels()

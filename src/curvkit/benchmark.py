@@ -30,14 +30,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.analysis import analyze, differentiable_kernels
+from curvkit.analysis import analyze
 from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
 from curvkit.comparison import compare_reports
 from curvkit.errors import CurvkitError
 from curvkit.linalg import Options
 from curvkit.linalg.operator import integer
-from curvkit.problem import Problem, model_guard
+from curvkit.problem import Problem, differentiable_kernels, model_guard
 from curvkit.registry import backend_list, get_backend
 from curvkit.report import QUANTITIES, Report, write_atomically, yaml_text
 

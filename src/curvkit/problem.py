@@ -22,6 +22,7 @@ from typing import NoReturn
 import torch
 from torch import Tensor, nn
 from torch.jit import ScriptModule
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvkit.distributed import (
     Group,
@@ -723,6 +724,28 @@ def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
 
 def _tensor_attributes(module: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in vars(module).items() if isinstance(v, Tensor)}
+
+
+@contextlib.contextmanager
+def differentiable_kernels() -> Iterator[None]:
+    """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``,
+    anomaly detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot
+    batch: a raw RuntimeError on three backends), and attention through its plain math kernel
+    (the fused scaled-dot-product kernels have no second derivative and MultiheadAttention's
+    inference fast path no forward-mode one: raw errors on every backend). The caller's
+    settings come back after."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autograd.set_detect_anomaly(False),
+            sdpa_kernel(SDPBackend.MATH),
+        ):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
 from curvkit.linalg.operator import density, integer, top_eigen, trace
 from curvkit.linalg.trace import TraceEstimate
+from curvkit.problem import differentiable_kernels
 from curvkit.report import Layer, Provenance, Spectrum
 
 if TYPE_CHECKING:
@@ -266,14 +267,21 @@ def layer_trace_penalty(
             f"the weight of layer {frozen[0]} does not require gradients; leave the layer out "
             "or enable requires_grad."
         )
-    loss = loss_fn(model(inputs), targets)
+    with differentiable_kernels():  # attention through a kernel with second derivatives
+        return _probed_trace(loss_fn(model(inputs), targets), weights, num_probes, generator)
+
+
+def _probed_trace(
+    loss: Tensor, weights: list[Tensor], num_probes: int, generator: torch.Generator | None
+) -> Tensor:
+    """``(1/K) Σ_k v_kᵀ H v_k`` for the Hessian H of ``loss`` in ``weights``, differentiable."""
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise InvalidInputError(
             f"loss_fn must return a scalar (reduction 'mean' or 'sum'), got {shape}."
         )
     grads = torch.autograd.grad(loss, weights, create_graph=True)
-    total = inputs.new_zeros(())
+    total = loss.new_zeros(())
     for _ in range(num_probes):
         probes = [
             (2 * torch.randint(0, 2, w.shape, generator=generator) - 1).to(w) for w in weights
