@@ -151,6 +151,15 @@ def bad_models():
             "'0.weight' is not initialised yet \\(a lazy module\\)",
         ),
         "TorchScript submodule": (scripted, "module 2 is TorchScript"),  # AttributeError before
+        "BatchNorm without running statistics": (  # "fails on a batch of one" before
+            nn.Sequential(
+                nn.Linear(64, 8),
+                nn.BatchNorm1d(8, track_running_stats=False),
+                nn.Tanh(),
+                nn.Linear(8, 10),
+            ).double(),  # fmt: skip
+            "module 1 is a BatchNorm without running statistics",
+        ),
         # silent wrong numbers before: noise drawn on every product, input scaled on every pass
         "random forward": (
             Wrapped(lambda x, net: net(x + 0.1 * torch.randn_like(x))),
@@ -920,6 +929,27 @@ def test_a_model_without_kronecker_layers_has_layerwise_refused_before_any_pass(
     with pytest.raises(UnsupportedError, match="no Linear or Conv2d layer"):
         curvkit.analyze(tiny_model(), data, **kwargs)
     assert data.passes == before + 1  # the scan, and no product pass
+
+
+class Bagged(nn.Module):
+    """Pixel intensities as tokens of an EmbeddingBag, whose backward torch cannot
+    differentiate (a raw NotImplementedError on every backend before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag, self.head = nn.EmbeddingBag(17, 4), nn.Linear(4, 10)
+        self.double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.bag((16 * x).round().long())))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_forward_without_second_derivatives_is_refused_before_any_pass(name):
+    with pytest.raises(UnsupportedError, match="cannot differentiate the model's forward pass"):
+        curvkit.analyze(Bagged(), digits_batches(), name, ["ggn"], top_k=2, progress=False,
+                        skip_unsupported=True, options=QUICK)  # fmt: skip
 
 
 def test_backpack_names_the_rule_that_fails_in_float64():

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.nn.utils import parametrize
 
-from curvkit.errors import first_line
+from curvkit.errors import UnsupportedError, first_line
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
@@ -129,28 +130,14 @@ def _second_order_faults(model: nn.Module, example: Tensor) -> dict[str, str]:
     def flat(products: dict[str, Tensor]) -> Tensor:
         return torch.cat([products[n].reshape(2, -1) for n in params], dim=1)
 
-    with torch.enable_grad():
-        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
-        gradient = torch.autograd.grad(
-            objective(leaves), list(leaves.values()), create_graph=True, allow_unused=True
-        )
-        first = next(iter(params.values()))
-        exact = first.new_zeros(2, sum(p.numel() for p in params.values()))
-        for i in range(2):
-            inner = sum(  # ⟨∇, t_i⟩ over the gradients that depend on the parameters
-                (g * tangents[n][i]).sum()
-                for n, g in zip(leaves, gradient)
-                if g is not None and g.requires_grad
-            )
-            if isinstance(inner, Tensor):
-                rows = torch.autograd.grad(
-                    inner,
-                    list(leaves.values()),
-                    retain_graph=True,
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
+    try:
+        exact = _double_backward(objective, params, tangents)
+    except (NotImplementedError, RuntimeError) as error:
+        raise UnsupportedError(
+            "torch cannot differentiate the model's forward pass twice "
+            f"({first_line(error)[:160].rstrip('.')}), as every curvature product needs; "
+            "replace that operation by one torch differentiates twice."
+        ) from error
     compositions = {
         "jvp_of_jacrev": torch.func.jacrev(objective),
         "jvp_of_grad": torch.func.grad(objective),
@@ -201,6 +188,38 @@ def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tenso
         for handle in handles:
             handle.remove()
     return calls, output
+
+
+def _double_backward(
+    objective: Callable[[dict[str, Tensor]], Tensor],
+    params: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+) -> Tensor:
+    """The Hessian of ``objective`` at ``params`` times each of the tangents' two rows, by
+    autograd's double backward (the reference the compositions are held to), as (2, P)."""
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        gradient = torch.autograd.grad(
+            objective(leaves), list(leaves.values()), create_graph=True, allow_unused=True
+        )
+        first = next(iter(params.values()))
+        exact = first.new_zeros(2, sum(p.numel() for p in params.values()))
+        for i in range(2):
+            inner = sum(  # ⟨∇, t_i⟩ over the gradients that depend on the parameters
+                (g * tangents[n][i]).sum()
+                for n, g in zip(leaves, gradient)
+                if g is not None and g.requires_grad
+            )
+            if isinstance(inner, Tensor):
+                rows = torch.autograd.grad(
+                    inner,
+                    list(leaves.values()),
+                    retain_graph=True,
+                    allow_unused=True,
+                    materialize_grads=True,
+                )
+                exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
+    return exact
 
 
 def _shared(model: nn.Module, example: Tensor) -> str:

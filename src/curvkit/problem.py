@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.jit import ScriptModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvkit.distributed import (
     Group,
@@ -622,6 +623,16 @@ def check_module(model: object) -> None:
             f"module {scripted[0]} is TorchScript (torch.jit.script or trace), whose forward "
             "torch.func and the curvature libraries cannot transform or hook; analyse the "
             "Python nn.Module it was made from."
+        )
+    batch_statistics = [
+        n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.running_mean is None
+    ]
+    if batch_statistics:
+        raise InvalidInputError(
+            f"module {batch_statistics[0]} is a BatchNorm without running statistics "
+            "(track_running_stats=False), which normalises over the batch in eval mode too, so "
+            "each example's output depends on the others; analyse the model with running "
+            "statistics (estimated on the training data)."
         )
     tensors = [*model.named_parameters(), *model.named_buffers()]
     lazy = [n for n, t in tensors if isinstance(t, nn.parameter.UninitializedTensorMixin)]
