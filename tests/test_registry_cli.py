@@ -104,6 +104,8 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
         (["analyze", "--seed", "-1"], "seed must be an integer in"),
         (["analyze", "--backend", "BackPACK"], "unknown backend 'BackPACK'"),
         (["compare", "--backends", "torchfunc,nope"], "unknown backend 'nope'"),
+        (["compare", "--backends", "torchfunc"], "compare needs at least two backends"),
+        (["compare", "--rtol", "-1"], "rtol must be a finite number ≥ 0"),
         (["bench", "--quantities", "hessian", "hessain"], "unknown quantities"),
     ],
 )

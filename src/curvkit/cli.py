@@ -305,8 +305,10 @@ def _bench(args: argparse.Namespace, config: dict) -> int:
 
 
 def _compare(args: argparse.Namespace, config: dict) -> int:
-    from curvkit.comparison import QUICK_SETTINGS, compare
+    from curvkit.comparison import QUICK_SETTINGS, checked_tolerances, compare, compared_backends
 
+    compared_backends(args.backends)  # before training the model
+    checked_tolerances(rtol=args.rtol, atol=args.atol, sigmas=args.sigmas)
     data_config = config["data"]
     if not args.thorough and data_config["name"] == "digits" and not data_config["factory"]:
         data_config["samples_per_class"] = data_config["samples_per_class"] or 30

@@ -205,16 +205,10 @@ def compare(
     if not thorough:
         top_k = QUICK_TOP_K if top_k is None else top_k
         options = {**QUICK_OPTIONS, **(options_mapping(options) or {})}
-    tolerances = _checked_tolerances(
+    tolerances = checked_tolerances(
         rtol=rtol, atol=atol, sigmas=sigmas, subspace_atol=subspace_atol, density_tol=density_tol
     )
-    names = backend_list(backends)
-    if "torchfunc" in names:  # the reference backend goes first
-        names.insert(0, names.pop(names.index("torchfunc")))
-    if len(names) < 2:
-        raise InvalidInputError(
-            f"compare needs at least two backends, got {names}; installed: {installed_backends()}."
-        )
+    names = compared_backends(backends)
     reports = {
         name: analyze(
             model,
@@ -240,6 +234,19 @@ def compare(
     return Comparison(reference, reports, checks, skipped)
 
 
+def compared_backends(backends: Sequence[str] | None) -> list[str]:
+    """The backends to compare (default: all installed), the reference first: torchfunc when
+    it is among them; at least two."""
+    names = backend_list(backends)
+    if "torchfunc" in names:
+        names.insert(0, names.pop(names.index("torchfunc")))
+    if len(names) < 2:
+        raise InvalidInputError(
+            f"compare needs at least two backends, got {names}; installed: {installed_backends()}."
+        )
+    return names
+
+
 def assert_backends_agree(
     model: nn.Module, data: Iterable, backends: Sequence[str] | None = None, **kwargs: Any
 ) -> Comparison:
@@ -251,7 +258,7 @@ def assert_backends_agree(
 
 
 # -- running ------------------------------------------------------------------------------------
-def _checked_tolerances(**tolerances: Any) -> dict[str, float]:
+def checked_tolerances(**tolerances: Any) -> dict[str, float]:
     """The tolerances as given, each a finite number ≥ 0 (0: exact agreement)."""
     for name, value in tolerances.items():
         if (
