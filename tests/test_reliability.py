@@ -864,7 +864,7 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     advising backends that can; the model comes back with the same objects and values."""
     model, plain = featured_models()[case]
     data = digits_batches()
-    with model_guard(plain):
+    with model_guard(plain), differentiable_kernels():  # attention: as analyze runs it
         exact = float(torch.trace(get_backend("torchfunc")(Problem(plain, data)).dense_ggn()))
         lam = float(
             torch.linalg.eigvalsh(get_backend("torchfunc")(Problem(plain, data)).dense_ggn())[-1]

@@ -14,12 +14,16 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   (``torch.utils.checkpoint``'s saved-tensor hooks, a buffer updated in place), found by
   trying ``torch.func.grad`` on the example;
 - ``per_example_transforms``: a forward pass that ``vmap`` over the examples cannot batch
-  (Python control flow on the input's values), found by trying it on the example;
+  (Python control flow on the input's values, PReLU's batching rule), found by trying it on
+  copies of the example;
 - ``jvp_of_jacrev`` / ``jvp_of_grad``: a forward pass whose Hessian-vector products these
   compositions of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
   route) cannot take (no forward-mode derivative of ``silu_backward``) or get wrong (torch's
   ``layer_norm`` with affine weights, 3–8 % off: pytorch/pytorch#196700), found by comparing two
   products on the example with autograd's double backward.
+
+A forward pass that autograd itself cannot differentiate twice (``EmbeddingBag``) is no
+feature but a refusal: every backend's products need second derivatives.
 """
 
 from __future__ import annotations
@@ -169,27 +173,6 @@ def _second_order_faults(model: nn.Module, example: Tensor) -> dict[str, str]:
     return faults
 
 
-def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tensor]:
-    """How often each module holding parameters runs in a forward pass on ``example``, with
-    gradients on every parameter (the guard around the features restores requires_grad), and
-    the output."""
-    calls: Counter[str] = Counter()
-    handles = [
-        m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
-        for name, m in model.named_modules()
-        if next(m.parameters(recurse=False), None) is not None
-    ]
-    try:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        with torch.enable_grad():
-            output = model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls, output
-
-
 def _double_backward(
     objective: Callable[[dict[str, Tensor]], Tensor],
     params: dict[str, Tensor],
@@ -220,6 +203,27 @@ def _double_backward(
                 )
                 exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
     return exact
+
+
+def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tensor]:
+    """How often each module holding parameters runs in a forward pass on ``example``, with
+    gradients on every parameter (the guard around the features restores requires_grad), and
+    the output."""
+    calls: Counter[str] = Counter()
+    handles = [
+        m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+        for name, m in model.named_modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            output = model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, output
 
 
 def _shared(model: nn.Module, example: Tensor) -> str:
