@@ -418,8 +418,8 @@ class Problem:
                     self.sample = (x[:2].clone(), y[:2].clone())
                 if cache is not None:
                     budget -= x.nbytes + y.nbytes
-                    if budget >= 0:
-                        cache.append((x, y))
+                    if budget >= 0:  # copies: a loader may refill one buffer every batch
+                        cache.append((x.clone(), y.clone()))
                     else:
                         cache = None
                 if x.dtype.is_floating_point and not torch.isfinite(x).all():
