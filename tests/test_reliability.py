@@ -964,6 +964,42 @@ def test_backpack_names_the_rule_that_fails_in_float64():
     assert "fails in float64 on this model (its embedding rule" in report.skipped["classmeans"]
 
 
+class NoGradBackbone(nn.Module):
+    """A feature layer run under torch.no_grad() (a frozen backbone): autograd sees no
+    dependence on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        with torch.no_grad():
+            hidden = torch.tanh(self.net[0](x))
+        return self.net[2](hidden)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_backbone_under_no_grad_is_left_out_and_the_head_analysed(name):
+    """The backbone is left out with a warning that says why (it said "does not depend on them
+    (zero curvature)", which is false). The model features are checked in the selected
+    parameters: forward-mode AD ignores torch.no_grad(), so the check in every parameter found
+    jvp of jacrev "wrong" and curvlinops refused the Hessian of the head it gets right. λ₁ to
+    1e-6 (PyHessian 1e-4) and the trace to 4 standard errors against the dense Hessian, whose
+    backbone rows are zero."""
+    model, data = NoGradBackbone(), digits_batches()
+    dense = reference.dense_hessian(model, *reference.all_data(data))
+    with pytest.warns(UserWarning, match="net.0.bias: .* only under torch.no_grad"):
+        report = curvkit.analyze(model, data, name, ["hessian"], top_k=2, progress=False,
+                                 options=FEATURE_OPTIONS)  # fmt: skip
+    assert report.model.num_params == 90
+    lam = float(torch.linalg.eigvalsh(dense)[-1])
+    assert report.hessian.top_eigenvalues[0] == pytest.approx(
+        lam, rel=1e-4 if name == "pyhessian" else 1e-6
+    )
+    exact = float(torch.trace(dense))
+    assert abs(report.hessian.trace - exact) <= 4 * report.hessian.trace_stderr + 1e-8 * exact
+
+
 class ChangingData:
     """The digits batches on the first pass and ``later`` (a list of batches) on every other."""
 

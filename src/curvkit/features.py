@@ -43,7 +43,9 @@ FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 
 
-def model_features(model: nn.Module, example: Tensor) -> dict[str, str]:
+def model_features(
+    model: nn.Module, example: Tensor, selected: list[str] | None = None
+) -> dict[str, str]:
     """The features of ``model`` among those above, each with the words that say where; one
     forward pass on ``example`` (a batch of one, without gradients) counts module calls."""
     features = {}
@@ -62,21 +64,27 @@ def model_features(model: nn.Module, example: Tensor) -> dict[str, str]:
     ]
     if parametrized:
         features["parametrizations"] = f"parametrized module(s) {', '.join(parametrized)}"
-    refused = _untransformable(model, example)
+    # the transforms are tried in the selected parameters (default: all), the products the
+    # backends take: derivatives in the other parameters are never asked for
+    params = {
+        name: p.detach()
+        for name, p in model.named_parameters()
+        if selected is None or name in selected
+    }
+    refused = _untransformable(model, example, params)
     if refused and "backward_hooks" not in features:  # those are refused for their own reason
         features["functional_transforms"] = refused
     if not refused and "backward_hooks" not in features:
-        features.update(_second_order_faults(model, example))
-        unbatchable = _unbatchable(model, example)
+        features.update(_second_order_faults(model, example, params))
+        unbatchable = _unbatchable(model, example, params)
         if unbatchable:
             features["per_example_transforms"] = unbatchable
     return features
 
 
-def _untransformable(model: nn.Module, example: Tensor) -> str:
+def _untransformable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -> str:
     """Why torch.func cannot differentiate the model's forward pass ("" when it can): the
     gradient of the summed logits through ``functional_call``, as torch.func backends take it."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
 
     def total(values: dict[str, Tensor]) -> Tensor:
         return torch.func.functional_call(model, values, (example,)).sum()
@@ -89,14 +97,13 @@ def _untransformable(model: nn.Module, example: Tensor) -> str:
     return ""
 
 
-def _unbatchable(model: nn.Module, example: Tensor) -> str:
+def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -> str:
     """Why torch.func cannot batch per-example derivatives (``vmap`` over the examples of
     ``jacrev``, as torchfunc's per-example Jacobians for the class sums and Kronecker factors;
     "" when it can): e.g. Python control flow on the input's values, or an operation whose
     batching rule mixes the two vmapped axes (PReLU's backward). Tried on three copies of the
     example and two random combinations of the logits (6 P numbers, where the Jacobians would
     take B·C·P), so that the two axes differ in size."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
     generator = torch.Generator(device=example.device).manual_seed(0)
     with torch.no_grad():
         out = torch.func.functional_call(model, params, (example,))
@@ -116,11 +123,12 @@ def _unbatchable(model: nn.Module, example: Tensor) -> str:
     return ""
 
 
-def _second_order_faults(model: nn.Module, example: Tensor) -> dict[str, str]:
+def _second_order_faults(
+    model: nn.Module, example: Tensor, params: dict[str, Tensor]
+) -> dict[str, str]:
     """The compositions of torch.func's transforms whose products with the Hessian of
     ``½‖f‖² + Σf`` on the example (second derivatives of every operation of the forward pass)
     fail, or differ from autograd's double backward beyond rounding."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
     generator = torch.Generator(device=example.device).manual_seed(0)
     tangents = {
         n: torch.randn((2, *p.shape), generator=generator, dtype=p.dtype, device=p.device)

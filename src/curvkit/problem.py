@@ -146,9 +146,10 @@ class Problem:
         summed over examples needs one fixed function of the parameters per example: a forward
         that fails on one example, changes its input in place (every pass would see other data)
         or its parameters, draws random numbers in eval mode, or mixes the examples of a batch
-        is refused. Parameters the logits do not depend on (a head not called in ``forward``)
-        have zero curvature and no gradient at all, which the libraries cannot take: left out
-        of the default selection with a warning, refused when named in ``params``."""
+        is refused. Parameters the logits do not depend on for autograd (a head not called in
+        ``forward``, a backbone run under ``torch.no_grad()``) have no gradient at all, which
+        the libraries cannot take: left out of the default selection with a warning, refused
+        when named in ``params``."""
         pair = self.sample[0]  # the first one or two examples
         example, given = pair[:1], pair[:1].clone()
         with model_guard(self.model):
@@ -205,15 +206,17 @@ class Problem:
         if not unused:
             return
         listed = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        them = "it" if len(unused) == 1 else "them"
+        hidden = (  # a module forward never calls, or a dependence autograd is not told of
+            f"(forward never uses {them}, or only under torch.no_grad() or after .detach(), "
+            "which hide the dependence from autograd)"
+        )
         if chosen:
             raise InvalidInputError(
-                f"the model's output does not depend on {listed}; leave "
-                f"{'it' if len(unused) == 1 else 'them'} out of params."
+                f"the model's output does not depend on {listed} {hidden}; leave {them} out of "
+                "params."
             )
-        warn(
-            f"curvkit leaves out {listed}: the model's output does not depend on "
-            f"{'it' if len(unused) == 1 else 'them'} (zero curvature)."
-        )
+        warn(f"curvkit leaves out {listed}: the model's output does not depend on {them} {hidden}.")
         kept = [(n, p) for n, p, g in zip(self.names, self.params, grads) if g is not None]
         self.names, self.params = [n for n, _ in kept], [p for _, p in kept]
 
@@ -544,7 +547,7 @@ class Problem:
         found in eval mode (BatchNorm refuses one example in training mode, and would update
         its running statistics) on the model, which comes back as it was."""
         with model_guard(self.model):
-            return model_features(self.model, self.sample[0][:1])
+            return model_features(self.model, self.sample[0][:1], self.names)
 
     @functools.cached_property
     def module_calls(self) -> Counter[str]:
