@@ -142,6 +142,17 @@ def test_a_report_with_nan_traces_is_strict_json_and_reads_back(digits_problem, 
     assert loaded.hessian.top_eigenvalues == report.hessian.top_eigenvalues
 
 
+def test_the_summary_says_off_for_class_mean_terms_without_tr_g(digits_problem):
+    """On the gradient route tr G comes from Hutch++, so with traces off the within term is
+    NaN: the summary said "within nan (nan%)" and "(nan%)" after every term."""
+    model, loader = digits_problem
+    report = curvkit.analyze(model, loader, quantities=["classmeans"], top_k=2, progress=False,
+                             options={"trace_matvecs": 0, "density_probes": 0,
+                                      "class_sums": "gradients"})  # fmt: skip
+    line = next(line for line in str(report).splitlines() if line.startswith("class means"))
+    assert line.endswith("+ within off") and "nan" not in line, line
+
+
 def test_save_rejects_unknown_suffix_and_leaves_no_file(report, tmp_path):
     with pytest.raises(InvalidInputError, match="yaml"):
         report.save(tmp_path / "r.txt")

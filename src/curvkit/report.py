@@ -277,11 +277,16 @@ class Report:
             lines += _table(rows)
         if self.classmeans is not None:
             t = self.classmeans.trace
-            share = {k: t[k] / t["total"] if t["total"] else float("nan") for k in t}
+
+            def term(k: str) -> str:  # tr G off (trace_matvecs 0): the within term and shares
+                if math.isnan(t[k]):
+                    return f"{k} off"
+                share = t[k] / t["total"] if t["total"] else math.nan
+                return f"{k} {_g(t[k])}" + ("" if math.isnan(share) else f" ({share:.0%})")
+
             lines += [
                 "",
-                "class means (Papyan): tr G = "
-                + " + ".join(f"{k} {_g(t[k])} ({share[k]:.0%})" for k in t if k != "total"),
+                "class means (Papyan): tr G = " + " + ".join(term(k) for k in t if k != "total"),
                 "overlap of span{δ_c} with top-C eigenspace: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),
             ]
