@@ -235,7 +235,11 @@ def test_same_seed_same_report(digits_problem):
         ({"options": {"lanczos_tolerance": 1}}, InvalidInputError, "lanczos_tol"),
         ({"loss": "mse"}, curvkit.UnsupportedError, "cross_entropy"),
         ({"params": ["0.nope"]}, InvalidInputError, "0.weight"),
-        ({"params": ["2.bias", "0.weight", "2.bias"]}, InvalidInputError, "2.bias more than once"),
+        (
+            {"params": ["2.bias", "0.weight", "2.bias"]},
+            InvalidInputError,
+            "the Parameter 2.bias more than once",
+        ),
     ],
 )
 def test_bad_requests_raise_clear_errors(digits_problem, kwargs, error, match):

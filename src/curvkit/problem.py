@@ -691,7 +691,9 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
         names = [aliases[n] for n in given]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
-            spelled = [" = ".join(g for g in given if aliases[g] == n) for n in repeated]
+            spelled = [
+                " = ".join(dict.fromkeys(g for g in given if aliases[g] == n)) for n in repeated
+            ]
             raise InvalidInputError(
                 f"params names the Parameter {', '.join(spelled)} more than once; name each "
                 "parameter once (a repeated one would count twice in P and in every product)."
