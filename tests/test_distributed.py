@@ -167,6 +167,11 @@ def _bad_sharding_worker(rank: int, world: int, init: str, folder: str) -> None:
             except curvkit.InvalidInputError as error:
                 message = str(error)
             Path(folder, f"{case}-{rank}.txt").write_text(message)
+        # the same selection in another order (a set's order differs between processes)
+        params = [["0.weight", "2.bias"], ["2.bias", "0.weight"]][rank]
+        report = curvkit.analyze(digits_mlp(), loader, quantities=["hessian"], top_k=2,
+                                 params=params, progress=False, options={"trace_matvecs": 6})  # fmt: skip
+        Path(folder, f"reordered-{rank}.json").write_text(json.dumps(report.to_dict()))
     finally:
         dist.destroy_process_group()
 
@@ -277,6 +282,11 @@ def _mismatch_worker(rank: int, world: int, init: str, folder: str) -> None:
             except curvkit.CurvkitError as error:
                 message = f"{type(error).__name__}: {error}"
             Path(folder, f"{case}-{rank}.txt").write_text(message)
+        # the same selection in another order (a set's order differs between processes)
+        params = [["0.weight", "2.bias"], ["2.bias", "0.weight"]][rank]
+        report = curvkit.analyze(digits_mlp(), loader, quantities=["hessian"], top_k=2,
+                                 params=params, progress=False, options={"trace_matvecs": 6})  # fmt: skip
+        Path(folder, f"reordered-{rank}.json").write_text(json.dumps(report.to_dict()))
     finally:
         dist.destroy_process_group()
 
@@ -286,7 +296,9 @@ def test_ranks_called_with_different_arguments_all_stop_with_the_reason(tmp_path
     different seeds gave each rank its own wrong λ₁ (1.3700 and 1.3672 for 1.3691), different
     quantities a λ₁ of neither matrix (1.517), a different top_k made gloo abort the process,
     a bad argument on one rank left the other waiting for the group's timeout, and a Parameter
-    frozen on one rank was reported as different weights."""
+    frozen on one rank was reported as different weights. One selection named in two orders
+    (a set's differs between processes) is the same selection: it was refused as different
+    weights."""
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_mismatch_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
     for case, (_, _, match) in MISMATCHES.items():
@@ -297,6 +309,9 @@ def test_ranks_called_with_different_arguments_all_stop_with_the_reason(tmp_path
                 rank,
                 message,
             )
+    reordered = [json.loads((tmp_path / f"reordered-{r}.json").read_text()) for r in (0, 1)]
+    assert _differences(reordered[1], reordered[0]) == []
+    assert reordered[0]["config"]["params"] == ["0.weight", "2.bias"]  # the model's order
 
 
 def test_without_a_process_group_nothing_is_sharded(digits_problem):

@@ -395,6 +395,8 @@ def test_a_shared_parameter_is_named_by_any_of_its_names_once():
     one = curvkit.analyze(model, data, params=["third.weight", "head.bias"], **kwargs)
     two = curvkit.analyze(model, data, params=["second.weight", "head.bias"], **kwargs)
     assert one.config["params"] == ["second.weight", "head.bias"]
+    reordered = curvkit.analyze(model, data, params={"head.bias", "third.weight"}, **kwargs)
+    assert reordered.config["params"] == ["second.weight", "head.bias"]  # the model's order
     assert one.ggn.top_eigenvalues == two.ggn.top_eigenvalues
     with pytest.raises(InvalidInputError, match="second.weight = third.weight more than once"):
         curvkit.analyze(model, data, params=["second.weight", "third.weight"], **kwargs)

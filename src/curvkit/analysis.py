@@ -170,11 +170,14 @@ def analyze(
             raise InvalidInputError(f"choice_file must be a path, got {shown(choice_file)}.")
     if isinstance(params, Iterator):  # a generator, read once
         params = list(params)
+    selection = params  # compared as a set of names: the selection takes the model's order
+    if params is not None and not isinstance(params, str) and isinstance(params, Iterable):
+        selection = sorted(params, key=str)
     # the ranks' products are summed: every rank must compute the same thing
     same_on_every_rank(
         "analyze",
         {"backend": backend, "quantities": names, "top_k": top_k, "seed": seed, "loss": loss,
-         "params": params, "options": options, "skip_unsupported": skip_unsupported},
+         "params": selection, "options": options, "skip_unsupported": skip_unsupported},
         group,
     )  # fmt: skip
     progress = progress and rank(group) == 0

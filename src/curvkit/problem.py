@@ -653,8 +653,10 @@ def check_module(model: object) -> None:
 
 
 def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[str], list[Tensor]]:
-    """The selected parameters under their first names (``model.named_parameters()``); a
-    Parameter held by several modules may be named by any of its names, but only once."""
+    """The selected parameters under their first names (``model.named_parameters()``), in the
+    model's order (a set's order differs between processes, which under torch.distributed
+    would lay the ranks' vectors out differently); a Parameter held by several modules may be
+    named by any of its names, but only once."""
     named = dict(model.named_parameters())
     if isinstance(names, str):
         raise InvalidInputError(
@@ -698,6 +700,7 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
                 f"params names the Parameter {', '.join(spelled)} more than once; name each "
                 "parameter once (a repeated one would count twice in P and in every product)."
             )
+        names = [n for n in named if n in names]  # in the model's order, whatever was given
     params = [named[n] for n in names]
     if len({(p.device, p.dtype) for p in params}) > 1:
         raise InvalidInputError(
