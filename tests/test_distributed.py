@@ -167,11 +167,6 @@ def _bad_sharding_worker(rank: int, world: int, init: str, folder: str) -> None:
             except curvkit.InvalidInputError as error:
                 message = str(error)
             Path(folder, f"{case}-{rank}.txt").write_text(message)
-        # the same selection in another order (a set's order differs between processes)
-        params = [["0.weight", "2.bias"], ["2.bias", "0.weight"]][rank]
-        report = curvkit.analyze(digits_mlp(), loader, quantities=["hessian"], top_k=2,
-                                 params=params, progress=False, options={"trace_matvecs": 6})  # fmt: skip
-        Path(folder, f"reordered-{rank}.json").write_text(json.dumps(report.to_dict()))
     finally:
         dist.destroy_process_group()
 
