@@ -309,6 +309,35 @@ def test_ranks_called_with_different_arguments_all_stop_with_the_reason(tmp_path
     assert reordered[0]["config"]["params"] == ["0.weight", "2.bias"]  # the model's order
 
 
+def _budget_worker(rank: int, world: int, init: str, folder: str) -> None:
+    torch.set_num_threads(1)
+    if rank == 1:  # a machine with less memory
+        os.environ["CURVKIT_MEMORY_MB"] = "6"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    x, y = digits_tensors(samples_per_class=4)
+    report = curvkit.analyze(digits_mlp(), [(x[rank::2], y[rank::2])], quantities=["ggn",
+                             "classmeans"], top_k=2, progress=False)  # fmt: skip
+    Path(folder, f"{rank}.json").write_text(json.dumps(report.to_dict()))
+    dist.destroy_process_group()
+
+
+def test_ranks_with_different_memory_take_the_same_routes(tmp_path):
+    """Rank 1's half budget (3 MiB) holds the class sums' gradient route (2.5 MiB), not the
+    per-example one (9.5 MiB at 20 examples), nor Hutch++'s 198 vectors of P = 2410 float64
+    (3.6 MiB); rank 0's is ample. Every rank takes the route the smallest budget allows, so both
+    hold the same report. Before, each rank chose its own class-sums route and gloo aborted
+    both processes (SIGABRT) on the mismatched collectives."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_budget_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert _differences(reports[1], reports[0]) == []
+    for report in reports:
+        provenance = report["classmeans"]["provenance"]
+        assert provenance["deltas"]["routine"] == "weighted gradient passes"
+        assert report["ggn"]["provenance"]["trace"]["routine"] == "curvkit.hutchinson"
+
+
 def test_without_a_process_group_nothing_is_sharded(digits_problem):
     _, loader = digits_problem
     assert not dist.is_initialized() and os.environ.get("WORLD_SIZE") is None

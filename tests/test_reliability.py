@@ -618,7 +618,7 @@ def test_memory_budget_refuses_class_means_and_skips_large_kronecker_factors(mon
     model, data = tiny_model(), digits_batches()
     monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.2")
     with pytest.raises(UnsupportedError, match="class means for C = 10.*no installed backend"):
-        curvkit.analyze(model, data, quantities=["hessian", "classmeans"], progress=False)
+        curvkit.analyze(model, data, quantities=["classmeans"], top_k=2, progress=False)
     for name, row in curvkit.backends().items():
         if not row["installed"] or "kronecker_factors" not in row["capabilities"]:
             continue
@@ -638,6 +638,80 @@ def test_memory_budget_refuses_class_means_and_skips_large_kronecker_factors(mon
         assert kept["top_eigenvalues"] == pytest.approx(full["top_eigenvalues"], rel=1e-12)
         assert kept["A_top_share"] == pytest.approx(full["A_top_share"], rel=1e-12)
         assert tight["2"].overlap == pytest.approx(ample["2"].overlap, rel=1e-12)
+
+
+def test_krylov_routines_fit_half_the_memory_budget(monkeypatch):
+    """The tiny MLP's Hessian (P = 610, float64: 4880 bytes a vector) with a budget whose half
+    (0.28 MiB) holds 60 vectors: Lanczos's basis is capped at 51 (60 less the 4 Ritz vectors
+    and 5 for a block's products) and converges within it (25 products); Hutch++'s 99
+    products would hold 198 vectors, so the trace streams Hutchinson's probes 20 at a time;
+    SLQ's 3 probes of 30 steps would hold 102, so they run one at a time. The eigenvalues and
+    the density are those of the run without a budget (SLQ draws the probes as before, so only
+    rounding differs) and the trace lies within 3 standard errors of the dense one; the
+    provenance says what the budget changed. Before, nothing asked the budget: a 2 M-parameter
+    MLP's Hessian under a 6 GB limit ended after 30 s in a raw RuntimeError from torch's
+    allocator."""
+    model, data = tiny_model(), digits_batches()
+    ample = curvkit.analyze(model, data, "torchfunc", ["hessian"], top_k=4, progress=False)
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.56")
+    tight = curvkit.analyze(model, data, "torchfunc", ["hessian"], top_k=4, progress=False)
+    ample, tight = ample.hessian, tight.hessian
+    provenance = tight.provenance
+    assert "Lanczos's basis capped at 51 vectors" in provenance["top_eigenvalues"].note
+    assert provenance["trace"].routine == "curvkit.hutchinson"
+    assert "Hutchinson in chunks of 20 probes" in provenance["trace"].note
+    assert "SLQ's probes 1 at a time" in provenance["density"].note
+    assert tight.converged
+    assert tight.top_eigenvalues == pytest.approx(ample.top_eigenvalues, rel=1e-12)
+    peak = max(ample.density["values"])
+    assert tight.density["values"] == pytest.approx(ample.density["values"], abs=1e-12 * peak)
+    x, y = reference.all_data(data)
+    exact = float(reference.dense_hessian(model, x, y).trace())
+    assert abs(tight.trace - exact) < 3 * tight.trace_stderr
+
+
+def test_a_basis_capped_by_the_memory_budget_says_so(monkeypatch):
+    """At a budget whose half holds 32 vectors the basis is capped at 23 products, short of the
+    25 the top 4 need: the report says not converged and the warning names the cap and what
+    helps (not lanczos_max_iter, which the cap overrides)."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.3")
+    with pytest.warns(UserWarning, match="capped at 23 vectors by half the memory budget.*"
+                      "select fewer parameters"):  # fmt: skip
+        report = curvkit.analyze(tiny_model(), digits_batches(), "torchfunc", ["hessian"],
+                                 top_k=4, options={"density_steps": 10}, progress=False)  # fmt: skip
+    assert not report.hessian.converged
+
+
+class CountingLoader:
+    """The digits batches, counting those read."""
+
+    def __init__(self) -> None:
+        self.batches, self.read = digits_batches(), 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.read += 1
+            yield batch
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_krylov_routines_beyond_the_memory_budget_are_refused_before_computing(
+    monkeypatch, name
+):
+    """Half of a 0.05 MiB budget holds 5 vectors of P = 610, fewer than the 14 that Lanczos
+    needs for the top 4 (its basis of 5 beside 4 Ritz vectors and a block's products) or one
+    SLQ probe of 10 steps: every backend is refused after the scan, before any product, with the
+    reason and what helps; with skip_unsupported the report says so."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.05")
+    loader = CountingLoader()
+    with pytest.raises(UnsupportedError, match=r"^hessian needs at least 0\.07 MiB .*14 vectors "
+                       r"of 610 numbers.*beyond half the memory budget, 0\.02 MiB; lower top_k"):  # fmt: skip
+        curvkit.analyze(tiny_model(), loader, name, ["hessian"], top_k=4, progress=False,
+                        options={"density_steps": 10}, cache_mb=0)  # fmt: skip
+    assert loader.read == len(loader.batches)  # the scan only
+    report = curvkit.analyze(tiny_model(), loader, name, ["hessian"], top_k=4, progress=False,
+                             options={"density_steps": 10}, skip_unsupported=True)  # fmt: skip
+    assert report.hessian is None and "14 vectors" in report.skipped["hessian"]
 
 
 class SharedWeight(nn.Module):

@@ -23,9 +23,10 @@ from curvkit.distributed import (
     same_on_every_rank,
     stop_all_on_failure,
 )
-from curvkit.errors import InvalidInputError, UnsupportedError, shown, warn
+from curvkit.errors import InvalidInputError, UnsupportedError, memory_text, shown, warn
+from curvkit.layers import kronecker_layers
 from curvkit.linalg import Options
-from curvkit.linalg.operator import flag, integer, trace
+from curvkit.linalg.operator import flag, integer, least_vectors, trace
 from curvkit.problem import (
     DEFAULT_CACHE_MB,
     Problem,
@@ -246,7 +247,11 @@ def analyze(
             reasons = all_gather_objects(engine.refusal(name), problem.group)
             reason = next((r for r in reasons if r), None)
             if reason:
-                error = UnsupportedError(f"{reason}; {advice(problem, name, backend)}.")
+                reason = f"{reason}; {advice(problem, name, backend)}"
+            else:  # the same on every rank: the smallest budget decides
+                reason = memory_shortfall(engine, name, k)
+            if reason:
+                error = UnsupportedError(f"{reason}.")
                 if not skip_unsupported:
                     raise error
                 report.skipped[name] = str(error)
@@ -320,6 +325,32 @@ def _ggn_trace(engine: Backend, report: Report, seed: int) -> None:
     g.trace, g.trace_stderr = float(estimate.value), float(estimate.stderr)
     report.matvecs["ggn"] += g.provenance["trace"].matvecs
     report.timings["ggn"] += g.provenance["trace"].seconds
+
+
+def memory_shortfall(engine: Backend, quantity: str, k: int) -> str | None:
+    """Why ``quantity`` cannot run in half the memory budget (None when it can), found before
+    anything is computed: the fewest vectors that curvkit's routines hold at once
+    (``least_vectors``; a density for the spectra, and for layerwise when asked) of its
+    largest operator (a layer's block for layerwise, unless it adds the full Hessian's
+    density). Every backend is held to it: the libraries' own iterations hold a similar
+    number (curvlinops' ARPACK 2k + 1 in float64)."""
+    problem, options = engine.problem, engine.options
+    size, density = problem.num_params, quantity in MATRICES
+    if quantity == "layerwise":
+        density = options.layer_density
+        if not density:
+            size = max(problem.size_of(f"{n}.weight") for n in kronecker_layers(problem))
+    least = least_vectors(k, size, options, density)
+    need, budget = least * size * problem.dtype.itemsize, engine.memory_budget()
+    if budget is None or need <= budget:
+        return None
+    return (
+        f"{quantity} needs at least {memory_text(need)} for curvkit's Krylov routines "
+        f"({least} vectors of {size} numbers: Lanczos's basis for the top {min(k, size)} "
+        f"beside its Ritz vectors, or one SLQ probe), beyond half the memory budget, "
+        f"{memory_text(budget)}; lower top_k or density_steps, or select fewer parameters "
+        "with params=[...]"
+    )
 
 
 def advice(problem: Problem, quantity: str, failed: str) -> str:

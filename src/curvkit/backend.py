@@ -43,9 +43,10 @@ from curvkit.errors import (
     MissingDependencyError,
     UnsupportedError,
     finite,
+    memory_text,
     shown,
 )
-from curvkit.layers import kronecker_layers, kronecker_plan, memory_text
+from curvkit.layers import kronecker_layers, kronecker_plan
 from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
@@ -238,10 +239,16 @@ class Backend:
         reason (curvkit.layers.kronecker_plan, against half the memory budget: the smallest
         budget of all ranks, so that every rank keeps the same layers). Decided once."""
         if self._kronecker_plan is None:
-            budgets = all_gather_objects(free_memory(self.problem.device), self.problem.group)
-            known = [b for b in budgets if b is not None]
-            self._kronecker_plan = kronecker_plan(self.problem, min(known) / 2 if known else None)
+            self._kronecker_plan = kronecker_plan(self.problem, self.memory_budget())
         return self._kronecker_plan
+
+    def memory_budget(self) -> float | None:
+        """Half the memory budget now (curvkit.problem.free_memory), in bytes, the smallest of
+        all ranks' so that every rank takes the same route (a collective: every rank calls it
+        at the same point); None when unknown."""
+        budgets = all_gather_objects(free_memory(self.problem.device), self.problem.group)
+        known = [b for b in budgets if b is not None]
+        return min(known) / 2 if known else None
 
     def class_sums_route(self) -> tuple[str | None, str]:
         """The route of Papyan's class sums (see CLASS_SUMS_ROUTES) and a sentence saying why,
@@ -385,7 +392,10 @@ class Backend:
         if "class_deltas" not in self.capabilities:
             raise self.unsupported("class_deltas")
         self.require("class_deltas")
-        route, why = self.class_sums_route()
+        # every rank takes the least complete route that any rank can take (memory differs)
+        order = [*CLASS_SUMS_ROUTES, None]
+        chosen = all_gather_objects(self.class_sums_route(), self.problem.group)
+        route, why = max(chosen, key=lambda choice: order.index(choice[0]))
         if route is None:
             raise UnsupportedError(why + ".")
         c, p, dtype, device = (
@@ -495,6 +505,7 @@ class Backend:
                 derived=self.capabilities.get(primitive) == "derived",
                 passes=lambda: self.passes,
                 note=lambda: self.product_note(matrix),
+                budget=self.memory_budget,
             )
         else:
             raise ValueError(f"unknown matrix {matrix!r}; use one of {MATRICES}")

@@ -24,6 +24,11 @@ def shown(value: Any) -> str:
     return short.repr(value)
 
 
+def memory_text(count: float) -> str:
+    """A number of bytes in GiB, or in MiB below one GiB."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
+
+
 def warn(message: str) -> None:
     """A UserWarning attributed to the first caller outside curvkit (a fixed stacklevel would
     point into curvkit or contextlib, depending on the route that raised it)."""

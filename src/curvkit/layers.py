@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from curvkit.errors import memory_text
+
 if TYPE_CHECKING:
     from curvkit.problem import Problem
 
@@ -97,11 +99,6 @@ def _unusual_convolution(module: torch.nn.Module) -> str:
         "factors of curvkit's definition (groups=1, zero padding); the exact block is analysed "
         "without them"
     )
-
-
-def memory_text(count: float) -> str:
-    """A number of bytes in GiB, or in MiB below one GiB."""
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.2f} MiB"
 
 
 def kronecker_shape(module: torch.nn.Module) -> tuple[int, int]:

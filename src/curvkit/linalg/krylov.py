@@ -30,6 +30,7 @@ class EigenResult:
     residuals: Tensor  # (k,) ‖A u − λ u‖
     matvecs: int
     converged: bool
+    stopped_by: str = ""  # what ended the iteration before convergence, when not max_iter
 
 
 @dataclass
@@ -249,8 +250,7 @@ def lanczos(
     """
     if not 1 <= k <= dim:
         raise ValueError(f"k must lie in [1, {dim}], got {k}")
-    default = max(6 * k + 40, 100) * (4 + block) // 4  # blocks need more products
-    max_iter = min(dim, max_iter if max_iter is not None else default)
+    max_iter = min(dim, max_iter if max_iter is not None else default_max_iter(k, block))
     max_iter = max(max_iter, k)
     block = max(1, min(block, k, max_iter))
     generator = torch.Generator().manual_seed(seed)
@@ -277,6 +277,21 @@ def lanczos(
     return EigenResult(theta.to(dtype=dtype), vectors, bound.to(dtype), krylov.matvecs, converged)
 
 
+def default_max_iter(k: int, block: int) -> int:
+    """Lanczos's default bound on the products for the top ``k`` (blocks need more)."""
+    return max(6 * k + 40, 100) * (4 + block) // 4
+
+
+def lanczos_extra_vectors(k: int, block: int) -> int:
+    """Vectors of the operator's size a Lanczos run holds beside its basis: the k Ritz vectors
+    and, per block column, the product, its orthogonalised remainder and the basis's growth
+    by two blocks beyond its capacity."""
+    return k + 5 * block
+
+
+SLQ_EXTRA_VECTORS = 4  # per probe, beside its basis: its growth by 2, the product, its remainder
+
+
 def slq_density(
     matmat: Matmat,
     dim: int,
@@ -290,6 +305,7 @@ def slq_density(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    group: int | None = None,
 ) -> Density:
     """Spectral density by stochastic Lanczos quadrature with Gaussian broadening.
 
@@ -297,27 +313,31 @@ def slq_density(
     weights τ_j = (e₁ᵀ s_j)² give the quadrature ``vᵀ f(A) v ≈ Σ_j τ_j f(θ_j)``, so the density is
     ``φ(t) ≈ (1/probes) Σ_probes Σ_j τ_j N(t; θ_j, σ²)``. ``σ`` defaults to ``relative_sigma`` times
     the width of the Ritz range. The grid extends 5σ beyond the extreme Ritz values, so φ
-    integrates to 1. ``values_stderr`` is the standard error over probes. The probes' recurrences
-    run in lockstep: each step is one product with a block of ``num_probes`` vectors.
+    integrates to 1. ``values_stderr`` is the standard error over probes. The recurrences of
+    ``group`` probes (default: all) run in lockstep, each step one product with their block;
+    each probe holds its basis of ``num_steps`` vectors (``SLQ_EXTRA_VECTORS`` more at its
+    peak) until its group is done.
     """
     steps = min(num_steps, dim)
+    group = group or num_probes
     generator = torch.Generator().manual_seed(seed)
-    probes = [
-        _Krylov(random_rademacher((dim, 1), generator, dtype, device), steps, generator)
-        for _ in range(num_probes)
-    ]
+    nodes, weights, matvecs = [], [], 0
     with progress_bar(total=num_probes * steps, desc="SLQ products", enabled=progress) as bar:
-        for _ in range(steps):
-            products = matmat(torch.cat([krylov.newest() for krylov in probes], 1))
-            for krylov, product in zip(probes, products.T):
-                krylov.extend(product[:, None])
-            bar.update(num_probes)
-    nodes, weights = [], []
-    for krylov in probes:
-        theta, s = torch.linalg.eigh(krylov.projected[:steps, :steps])
-        nodes.append(theta)
-        weights.append(s[0] ** 2)
-    matvecs = sum(krylov.matvecs for krylov in probes)
+        for first in range(0, num_probes, group):
+            probes = [
+                _Krylov(random_rademacher((dim, 1), generator, dtype, device), steps, generator)
+                for _ in range(min(group, num_probes - first))
+            ]
+            for _ in range(steps):
+                products = matmat(torch.cat([krylov.newest() for krylov in probes], 1))
+                for krylov, product in zip(probes, products.T):
+                    krylov.extend(product[:, None])
+                bar.update(len(probes))
+            for krylov in probes:
+                theta, s = torch.linalg.eigh(krylov.projected[:steps, :steps])
+                nodes.append(theta)
+                weights.append(s[0] ** 2)
+                matvecs += krylov.matvecs
     return broadened_density(
         torch.stack(nodes), torch.stack(weights), matvecs, grid_size, sigma, relative_sigma
     )

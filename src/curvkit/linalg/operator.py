@@ -20,10 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import InvalidInputError, shown
-from curvkit.linalg.krylov import Density, EigenResult, lanczos, slq_density
+from curvkit.errors import InvalidInputError, UnsupportedError, memory_text, shown
+from curvkit.linalg.krylov import (
+    SLQ_EXTRA_VECTORS,
+    Density,
+    EigenResult,
+    default_max_iter,
+    lanczos,
+    lanczos_extra_vectors,
+    slq_density,
+)
 from curvkit.linalg.subspace import long_matmul
-from curvkit.linalg.trace import METHODS, TraceEstimate, estimate_trace
+from curvkit.linalg.trace import HELD_PER_MATVEC, METHODS, TraceEstimate, estimate_trace
 from curvkit.report import Provenance
 
 
@@ -163,9 +171,26 @@ class Operator:
     native: dict[str, Callable[..., Any]] = field(default_factory=dict)
     passes: Callable[[], int] = lambda: 0
     note: Callable[[], str] = lambda: ""
+    # the bytes curvkit's routines may hold now (None: no limit known); a backend's operators
+    # give half the memory budget, the same on every rank (Backend.memory_budget)
+    budget: Callable[[], float | None] = lambda: None
 
     def matvec(self, v: Tensor) -> Tensor:
         return self.matmat(v[:, None])[:, 0]
+
+    def room(self) -> tuple[int | None, float | None]:
+        """How many vectors of this operator's size fit in ``budget()`` now, and the budget
+        (None, None when no limit is known)."""
+        budget = self.budget()
+        if budget is None:
+            return None, None
+        return int(budget // (self.size * self.dtype.itemsize)), budget
+
+    def vectors_text(self, count: int) -> str:
+        return f"{count} vectors of {self.size} numbers ({self.memory(count)})"
+
+    def memory(self, count: int) -> str:
+        return memory_text(count * self.size * self.dtype.itemsize)
 
     def minus(self, other: Operator) -> Operator:
         """``self − other``, with curvkit's routines (a native routine is for one matrix)."""
@@ -213,20 +238,59 @@ def top_eigen(
     """The k algebraically largest eigenpairs: the native routine, else curvkit's Lanczos."""
     if native and "top_eigen" in op.native:
         return op.native["top_eigen"](k, options, seed)
+    block = lanczos_block(k, options)
+    max_iter = min(op.size, options.lanczos_max_iter or default_max_iter(k, block))
+    room, budget = op.room()
+    capped = ""
+    if room is not None:
+        fits = room - lanczos_extra_vectors(k, block)  # the basis that fits beside the rest
+        if fits < k + block:  # analyze refuses this before computing (least_vectors)
+            raise UnsupportedError(
+                f"Lanczos for the top {k} eigenpairs needs at least "
+                f"{op.vectors_text(k + block + lanczos_extra_vectors(k, block))}, beyond "
+                f"half the memory budget, {memory_text(budget)}; lower top_k or select fewer "
+                "parameters with params=[...]."
+            )
+        if fits < max_iter:
+            max_iter = fits
+            capped = (
+                f"Lanczos's basis capped at {fits} vectors by half the memory budget, "
+                f"{memory_text(budget)}"
+            )
     started = op.clock()
     result = lanczos(
         op.matmat,
         op.size,
         k,
         tol=options.lanczos_tol,
-        max_iter=options.lanczos_max_iter,
-        block=options.lanczos_block or min(4, -(-k // 4)),
+        max_iter=max_iter,
+        block=block,
         seed=seed,
         dtype=op.dtype,
         device=op.device,
         progress=options.progress,
     )
-    return result, op.provenance("curvkit.lanczos", result.matvecs, started)
+    if capped and not result.converged:
+        result.stopped_by = f"{capped}; select fewer parameters with params=[...] or free memory"
+    return result, op.provenance("curvkit.lanczos", result.matvecs, started, capped)
+
+
+def lanczos_block(k: int, options: Options) -> int:
+    """The block size of curvkit's Lanczos for the top ``k``."""
+    return options.lanczos_block or min(4, -(-k // 4))
+
+
+def least_vectors(k: int, size: int, options: Options, density: bool = True) -> int:
+    """The fewest vectors of an operator's ``size`` that curvkit's routines need at once for
+    its top ``k`` eigenpairs, trace and (when asked) density: Lanczos's basis of k + block
+    vectors beside the Ritz vectors and products, and one SLQ probe's basis. The trace's
+    probes and the density's further probes stream through what is left."""
+    k = min(k, size)
+    block = lanczos_block(k, options)
+    least = k + block + lanczos_extra_vectors(k, block)
+    if density and options.density_probes:
+        least = max(least, min(options.density_steps, size) + SLQ_EXTRA_VECTORS)
+    return least
 
 
 def trace(
@@ -236,17 +300,36 @@ def trace(
     with ``trace_matvecs`` products (exact when the operator is no larger than that)."""
     if native and "trace" in op.native:
         return op.native["trace"](options, seed)
+    method, products = options.trace_method, options.trace_matvecs
+    room, budget = op.room()
+    chunk, note = None, ""
+    if room is not None and HELD_PER_MATVEC[method] * products > room:
+        # Hutchinson streams: its probes a chunk at a time, the estimate the same
+        chunk = room // HELD_PER_MATVEC["hutchinson"]
+        if chunk < 1:
+            raise UnsupportedError(
+                f"a trace estimate needs at least {op.vectors_text(3)}, beyond half the "
+                f"memory budget, {memory_text(budget)}; select fewer parameters with "
+                "params=[...]."
+            )
+        note = (
+            f"Hutchinson in chunks of {chunk} probes: {method} with {products} products "
+            f"would hold {op.memory(HELD_PER_MATVEC[method] * products)}, beyond half the "
+            f"memory budget, {memory_text(budget)}"
+        )
+        method = "hutchinson"
     started = op.clock()
     result = estimate_trace(
         op.matmat,
         op.size,
-        options.trace_matvecs,
-        method=options.trace_method,
+        products,
+        method=method,
         seed=seed,
         dtype=op.dtype,
         device=op.device,
+        chunk=chunk,
     )
-    return result, op.provenance(f"curvkit.{result.method}", result.matvecs, started)
+    return result, op.provenance(f"curvkit.{result.method}", result.matvecs, started, note)
 
 
 def density(
@@ -255,6 +338,23 @@ def density(
     """The spectral density by SLQ: the native routine, else curvkit's."""
     if native and "density" in op.native:
         return op.native["density"](options, seed)
+    probes, steps = options.density_probes, min(options.density_steps, op.size)
+    room, budget = op.room()
+    group, note = probes, ""
+    if room is not None and probes * (steps + SLQ_EXTRA_VECTORS) > room:
+        group = room // (steps + SLQ_EXTRA_VECTORS)
+        if group < 1:
+            raise UnsupportedError(
+                f"one SLQ probe of {steps} steps needs "
+                f"{op.vectors_text(steps + SLQ_EXTRA_VECTORS)}, beyond half the memory "
+                f"budget, {memory_text(budget)}; lower density_steps or select fewer "
+                "parameters with params=[...]."
+            )
+        note = (
+            f"SLQ's probes {group} at a time: all {probes} at once would hold "
+            f"{op.memory(probes * (steps + SLQ_EXTRA_VECTORS))}, beyond half the memory "
+            f"budget, {memory_text(budget)}"
+        )
     started = op.clock()
     result = slq_density(
         op.matmat,
@@ -267,8 +367,9 @@ def density(
         dtype=op.dtype,
         device=op.device,
         progress=options.progress,
+        group=group,
     )
-    return result, op.provenance("curvkit.slq", result.matvecs, started)
+    return result, op.provenance("curvkit.slq", result.matvecs, started, note)
 
 
 def instead(
@@ -281,7 +382,8 @@ def instead(
     """curvkit's own ``routine`` (top_eigen, trace or density) on ``op``'s products where the
     backend's native one cannot serve; provenance says ``why`` (and ``derived`` if given)."""
     result, provenance = routine(op, *args, native=False)
-    provenance.note = why
+    own = provenance.note.removesuffix(op.note()).rstrip("; ")  # e.g. a cap by the memory budget
+    provenance.note = "; ".join(filter(None, [why, own]))
     if derived is not None:
         provenance.derived = derived
     return result, provenance

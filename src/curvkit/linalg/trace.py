@@ -57,6 +57,12 @@ def quadratic_forms(matmat: Matmat, probes: Tensor) -> list[float]:
     return (probes * matmat(probes)).sum(0).tolist()
 
 
+# vectors of the operator's size each estimator holds at its peak, per product: Hutchinson's
+# probes, their products and the elementwise product of the two; Hutch++ (m/3 each) its
+# sketch, basis Q, probes, projected probes and their products
+HELD_PER_MATVEC = {"hutchinson": 3, "hutch++": 2}
+
+
 def hutchinson(
     matmat: Matmat,
     dim: int,
@@ -65,11 +71,17 @@ def hutchinson(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device="cpu",
+    chunk: int | None = None,
 ) -> TraceEstimate:
-    """``tr A ≈ (1/m) Σ_k v_kᵀ A v_k`` with Rademacher probes v_k; variance 2(‖A‖_F² − Σ A_ii²)/m."""
+    """``tr A ≈ (1/m) Σ_k v_kᵀ A v_k`` with Rademacher probes v_k; variance 2(‖A‖_F² − Σ A_ii²)/m.
+    The probes are drawn and applied ``chunk`` at a time (default: all at once)."""
     generator = torch.Generator().manual_seed(seed)
-    probes = random_rademacher((dim, num_matvecs), generator, dtype, device)
-    mean, stderr = mean_and_stderr(quadratic_forms(matmat, probes))
+    chunk = chunk or num_matvecs
+    forms = []
+    for start in range(0, num_matvecs, chunk):
+        width = min(chunk, num_matvecs - start)
+        forms += quadratic_forms(matmat, random_rademacher((dim, width), generator, dtype, device))
+    mean, stderr = mean_and_stderr(forms)
     return TraceEstimate(mean, stderr, num_matvecs, "hutchinson")
 
 
@@ -93,8 +105,7 @@ def hutch_plus_plus(
     generator = torch.Generator().manual_seed(seed)
     n_sketch = num_matvecs // 3
     n_probe = num_matvecs - 2 * n_sketch
-    sketch = random_rademacher((dim, n_sketch), generator, dtype, device)
-    q, _ = torch.linalg.qr(matmat(sketch))
+    q, _ = torch.linalg.qr(matmat(random_rademacher((dim, n_sketch), generator, dtype, device)))
     low_rank = math.fsum(quadratic_forms(matmat, q))
     probes = random_rademacher((dim, n_probe), generator, dtype, device)
     mean, stderr = mean_and_stderr(quadratic_forms(matmat, probes - q @ long_matmul(q.T, probes)))
@@ -110,12 +121,16 @@ def estimate_trace(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device="cpu",
+    chunk: int | None = None,
 ) -> TraceEstimate:
-    """Trace by ``method``; exact (dim unit vectors) whenever dim ≤ num_matvecs."""
+    """Trace by ``method``; exact (dim unit vectors) whenever dim ≤ num_matvecs. Hutchinson
+    applies its probes ``chunk`` at a time."""
     if dim <= num_matvecs:
         return exact_trace(matmat, dim, dtype, device)
     if method == "hutch++":
         return hutch_plus_plus(matmat, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
     if method == "hutchinson":
-        return hutchinson(matmat, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
+        return hutchinson(
+            matmat, dim, num_matvecs, seed=seed, dtype=dtype, device=device, chunk=chunk
+        )
     raise ValueError(f"unknown trace method {method!r}; use one of {METHODS}")

@@ -50,10 +50,12 @@ def spectrum(
     op, options = backend.operator(matrix), backend.options
     eigen, eigen_prov = top_eigen(op, top_k, options, seed)
     if not eigen.converged:
+        advice = eigen.stopped_by or (
+            "raise lanczos_max_iter, or the backend's own iteration limit"
+        )
         warn(
             f"{eigen_prov.routine} for the {matrix} did not converge in {eigen.matvecs} "
-            "products; the top eigenvalues are approximate (raise lanczos_max_iter, or the "
-            "backend's own iteration limit)."
+            f"products; the top eigenvalues are approximate ({advice})."
         )
     provenance = {"top_eigenvalues": eigen_prov}
     value, stderr = math.nan, math.nan
