@@ -695,9 +695,7 @@ class CountingLoader:
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_krylov_routines_beyond_the_memory_budget_are_refused_before_computing(
-    monkeypatch, name
-):
+def test_krylov_routines_beyond_the_memory_budget_are_refused_before_computing(monkeypatch, name):
     """Half of a 0.05 MiB budget holds 5 vectors of P = 610, fewer than the 14 that Lanczos
     needs for the top 4 (its basis of 5 beside 4 Ritz vectors and a block's products) or one
     SLQ probe of 10 steps: every backend is refused after the scan, before any product, with the
