@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from curvkit.linalg import estimate_trace, hutch_plus_plus, hutchinson, lanczos, slq_density
+from curvkit.linalg.krylov import broadened_density
+from curvkit.linalg.operator import Operator, Options, density, top_eigen, trace
 
 N = 200
 
@@ -113,6 +117,42 @@ def test_trace_is_exact_when_budget_covers_dimension():
     estimate = estimate_trace(lambda v: a @ v, N, N)
     assert estimate.method == "exact" and estimate.stderr == 0
     assert estimate.value == pytest.approx(float(torch.trace(a)), rel=1e-12)
+
+
+def test_the_operators_routines_stream_through_a_small_budget():
+    """An operator whose budget holds 40 vectors of N = 200: the exact trace (N ≤ 250
+    products; 2N vectors at once) takes its unit vectors 13 at a time and stays exact; SLQ's 4
+    probes of 20 steps (96 vectors) run one at a time and give the density of the unlimited
+    run (the same probes; rounding apart); Lanczos's basis is capped at 40 − (3 + 5) = 32."""
+    a = symmetric(spectra()["outliers"])
+    free = Operator(N, lambda v: a @ v, torch.float64, torch.device("cpu"))
+    tight = dataclasses.replace(free, budget=lambda: 40 * N * 8)
+    options = Options(trace_matvecs=250, density_probes=4, density_steps=20)
+    exact = trace(tight, options, 0)
+    assert exact[0].method == "exact" and "exact in chunks of 13 vectors" in exact[1].note
+    assert exact[0].value == pytest.approx(float(torch.trace(a)), rel=1e-12)
+    streamed, provenance = density(tight, options, 0)
+    assert "SLQ's probes 1 at a time" in provenance.note
+    assert streamed.values.tolist() == pytest.approx(density(free, options, 0)[0].values.tolist(),
+                                                     abs=1e-12 * float(streamed.values.max()))  # fmt: skip
+    eigen, provenance = top_eigen(tight, 3, options, 0)
+    assert "capped at 32 vectors" in provenance.note and eigen.matvecs <= 32 + 1
+
+
+def test_the_broadened_density_is_computed_in_chunks_of_the_grid():
+    """A grid of 10⁵ points over 90 nodes takes three kernel chunks (2²² numbers each); every
+    point equals the density's formula."""
+    g = torch.Generator().manual_seed(0)
+    nodes = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    weights = torch.rand(3, 30, generator=g, dtype=torch.float64)
+    weights /= weights.sum(1, keepdim=True)
+    density = broadened_density(nodes, weights, 90, grid_size=100_000, sigma=0.1)
+    for i in (0, 46_602, 46_603, 99_999):  # both sides of a chunk's edge
+        kernel = torch.exp(-0.5 * ((density.grid[i] - nodes) / 0.1) ** 2) / (
+            0.1 * (2 * np.pi) ** 0.5
+        )
+        assert float(density.values[i]) == pytest.approx(float((weights * kernel).sum(1).mean()),
+                                                         rel=1e-12, abs=1e-300)  # fmt: skip
 
 
 def test_slq_density_integrates_to_one_and_matches_histogram():

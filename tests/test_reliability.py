@@ -659,7 +659,7 @@ def test_krylov_routines_fit_half_the_memory_budget(monkeypatch):
     provenance = tight.provenance
     assert "Lanczos's basis capped at 51 vectors" in provenance["top_eigenvalues"].note
     assert provenance["trace"].routine == "curvkit.hutchinson"
-    assert "Hutchinson in chunks of 20 probes" in provenance["trace"].note
+    assert "Hutchinson in chunks of 20 vectors" in provenance["trace"].note
     assert "SLQ's probes 1 at a time" in provenance["density"].note
     assert tight.converged
     assert tight.top_eigenvalues == pytest.approx(ample.top_eigenvalues, rel=1e-12)

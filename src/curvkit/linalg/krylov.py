@@ -362,9 +362,14 @@ def broadened_density(
     if sigma is None:
         sigma = relative_sigma * max(high - low, abs(high), 1e-12)
     grid = torch.linspace(low - 5 * sigma, high + 5 * sigma, grid_size, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * ((grid[None, None, :] - nodes_t[..., None]) / sigma) ** 2)
-    kernel = kernel / (sigma * math.sqrt(2 * math.pi))
-    per_probe = (weights_t[..., None] * kernel).sum(dim=1)  # (probes, grid)
+    chunk = max(1, 2**22 // nodes_t.numel())  # grid points per kernel of probes × steps × chunk
+    per_probe = torch.cat(  # (probes, grid)
+        [
+            (weights_t[..., None] * _gaussian(grid[i : i + chunk], nodes_t, sigma)).sum(dim=1)
+            for i in range(0, grid_size, chunk)
+        ],
+        dim=1,
+    )
     values = per_probe.mean(0)
     stderr = (
         per_probe.std(0, unbiased=True) / math.sqrt(num_probes)
@@ -372,6 +377,12 @@ def broadened_density(
         else torch.full_like(values, float("nan"))
     )
     return Density(grid, values, stderr, nodes_t, weights_t, float(sigma), matvecs)
+
+
+def _gaussian(grid: Tensor, nodes: Tensor, sigma: float) -> Tensor:
+    """N(t; θ, σ²) for every node θ (any shape) and grid point t (last axis)."""
+    kernel = torch.exp(-0.5 * ((grid - nodes[..., None]) / sigma) ** 2)
+    return kernel / (sigma * math.sqrt(2 * math.pi))
 
 
 def normalised_w1(

@@ -301,10 +301,12 @@ def trace(
     if native and "trace" in op.native:
         return op.native["trace"](options, seed)
     method, products = options.trace_method, options.trace_matvecs
+    exact = op.size <= products  # unit vectors and their products
+    need = 2 * op.size if exact else HELD_PER_MATVEC[method] * products
     room, budget = op.room()
     chunk, note = None, ""
-    if room is not None and HELD_PER_MATVEC[method] * products > room:
-        # Hutchinson streams: its probes a chunk at a time, the estimate the same
+    if room is not None and need > room:
+        # Hutchinson and the exact trace stream: their vectors a chunk at a time
         chunk = room // HELD_PER_MATVEC["hutchinson"]
         if chunk < 1:
             raise UnsupportedError(
@@ -312,10 +314,11 @@ def trace(
                 f"memory budget, {memory_text(budget)}; select fewer parameters with "
                 "params=[...]."
             )
+        done = "unit vectors" if exact else f"{method} with {products} products"
         note = (
-            f"Hutchinson in chunks of {chunk} probes: {method} with {products} products "
-            f"would hold {op.memory(HELD_PER_MATVEC[method] * products)}, beyond half the "
-            f"memory budget, {memory_text(budget)}"
+            f"{'exact' if exact else 'Hutchinson'} in chunks of {chunk} vectors: {done} at "
+            f"once would hold {op.memory(need)}, beyond half the memory budget, "
+            f"{memory_text(budget)}"
         )
         method = "hutchinson"
     started = op.clock()

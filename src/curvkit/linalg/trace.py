@@ -46,10 +46,19 @@ def batch_stderr(per_batch: list[tuple[int, float]]) -> float:
     return math.sqrt(variance / (len(per_batch) - 1) / n)
 
 
-def exact_trace(matmat: Matmat, dim: int, dtype: torch.dtype, device) -> TraceEstimate:
-    """Σ_i e_iᵀ A e_i with dim products: exact, for operators smaller than the probe budget."""
-    identity = torch.eye(dim, dtype=dtype, device=device)
-    return TraceEstimate(float(matmat(identity).diagonal().sum()), 0.0, dim, "exact")
+def exact_trace(
+    matmat: Matmat, dim: int, dtype: torch.dtype, device, chunk: int | None = None
+) -> TraceEstimate:
+    """Σ_i e_iᵀ A e_i with dim products, ``chunk`` unit vectors at a time (default: all):
+    exact, for operators no larger than the probe budget."""
+    chunk = chunk or dim
+    total = 0.0
+    for start in range(0, dim, chunk):
+        width = min(chunk, dim - start)
+        columns = torch.zeros(dim, width, dtype=dtype, device=device)
+        columns[start : start + width].fill_diagonal_(1)
+        total += float(matmat(columns)[start : start + width].diagonal().sum())
+    return TraceEstimate(total, 0.0, dim, "exact")
 
 
 def quadratic_forms(matmat: Matmat, probes: Tensor) -> list[float]:
@@ -124,9 +133,9 @@ def estimate_trace(
     chunk: int | None = None,
 ) -> TraceEstimate:
     """Trace by ``method``; exact (dim unit vectors) whenever dim ≤ num_matvecs. Hutchinson
-    applies its probes ``chunk`` at a time."""
+    and the exact trace apply their vectors ``chunk`` at a time."""
     if dim <= num_matvecs:
-        return exact_trace(matmat, dim, dtype, device)
+        return exact_trace(matmat, dim, dtype, device, chunk)
     if method == "hutch++":
         return hutch_plus_plus(matmat, dim, num_matvecs, seed=seed, dtype=dtype, device=device)
     if method == "hutchinson":
