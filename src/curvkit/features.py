@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from curvkit.errors import UnsupportedError, first_line
 
@@ -211,6 +213,39 @@ def _double_backward(
                 )
                 exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
     return exact
+
+
+class _LowPrecisionOps(TorchDispatchMode):
+    """Records the first operation that returns a float16 or bfloat16 tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        if not self.found:
+            low = [
+                t.dtype
+                for t in tree_leaves(out)
+                if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+            ]
+            if low:
+                self.found = f"{func} returns {low[0]}"
+        return out
+
+
+def low_precision(model: nn.Module, example: Tensor) -> str:
+    """The first operation of a forward pass on ``example`` that computes in float16 or
+    bfloat16 (autocast inside forward, or ``.half()`` on an activation), "" when none does or
+    the pass cannot be watched."""
+    watcher = _LowPrecisionOps()
+    try:
+        with torch.no_grad(), watcher:
+            model(example)
+    except Exception:  # noqa: BLE001 (a forward the mode cannot watch: nothing found)
+        return ""
+    return watcher.found
 
 
 def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tensor]:

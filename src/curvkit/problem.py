@@ -34,7 +34,7 @@ from curvkit.distributed import (
     current_group,
 )
 from curvkit.errors import CurvkitError, InvalidInputError, first_line, shown, warn
-from curvkit.features import model_features, module_calls
+from curvkit.features import low_precision, model_features, module_calls
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
 
@@ -180,6 +180,14 @@ class Problem:
             raise InvalidInputError(
                 f"the model's forward pass changes its parameters ({', '.join(changed[:3])}); "
                 "curvature needs a fixed function: move the update out of forward."
+            )
+        with model_guard(self.model):
+            low = low_precision(self.model, given.clone())
+        if low:
+            raise InvalidInputError(
+                f"the model's forward pass computes in half precision ({low}: autocast or "
+                ".half() inside forward), whose rounding (≥ 1e-3) swamps the curvature's small "
+                "eigenvalues and traces; analyse it with float32 or float64 throughout."
             )
         # beyond rounding: 1e3 ulps in float64; in float32 1e-2, as a GPU's TF32 convolutions
         # (on by default) round to 1e-3 and may differ between batch sizes
