@@ -222,6 +222,22 @@ BAD_ARGUMENTS = {
     "block": ({"ggn": {"block_size": -2}}, "option 'block_size' must be an integer ≥ 1"),
     "tolerance": ({"lanczos_tol": -1}, "option 'lanczos_tol' must be a number > 0"),
     "not a mapping": ([1, 2], "options must map option names to values"),
+    # before: a raw ValueError (math domain error) from PyHessian's convergence test
+    "tolerance of a backend": (
+        {"backend": {"pyhessian": {"power_tol": -1}}},
+        "setting 'power_tol' of backend 'pyhessian' must be a number > 0, got -1",
+    ),
+    # before: int(2.5) ran 2 samples without a word
+    "count of a backend": (
+        {"backend": {"backpack": {"mc_samples": 2.5}}},
+        "setting 'mc_samples' of backend 'backpack' must be an integer ≥ 1, got 2.5",
+    ),
+    # before: checked only when the quantity ran (every backend's settings are checked now,
+    # whichever backend runs, and every quantity's section)
+    "an unasked quantity's section": (
+        {"layerwise": {"layer_density": "yes"}},
+        "option 'layer_density' must be true or false, got 'yes'",
+    ),
 }
 
 

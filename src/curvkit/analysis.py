@@ -23,7 +23,14 @@ from curvkit.distributed import (
     same_on_every_rank,
     stop_all_on_failure,
 )
-from curvkit.errors import InvalidInputError, UnsupportedError, memory_text, shown, warn
+from curvkit.errors import (
+    InvalidInputError,
+    MissingDependencyError,
+    UnsupportedError,
+    memory_text,
+    shown,
+    warn,
+)
 from curvkit.layers import kronecker_layers
 from curvkit.linalg import Options
 from curvkit.linalg.operator import flag, integer, least_vectors, trace
@@ -87,6 +94,11 @@ def make_options(
             f"option 'backend' has settings for unknown backend(s) {', '.join(strangers[:5])}; "
             f"the registered backends are {', '.join(backend_names())}."
         )
+    for name in made.backend:  # every installed backend's settings, used now or not
+        try:
+            get_backend(name).settings(made)
+        except MissingDependencyError:  # its settings are checked once it is installed
+            continue
     return made
 
 
@@ -119,7 +131,8 @@ def check_arguments(
         top_k = integer("top_k", top_k, 1)
     seed = integer("seed", seed, 0, 2**63 - 1)  # torch's generators take a signed 64-bit seed
     options = options_mapping(options)
-    make_options(options, progress=False)
+    for quantity in [None, *QUANTITIES]:  # also the sections of quantities not asked for
+        make_options(options, False, quantity)
     if backend not in (None, "auto"):
         get_backend(backend)
     return names, top_k, seed, options

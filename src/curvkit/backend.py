@@ -47,7 +47,13 @@ from curvkit.errors import (
     shown,
 )
 from curvkit.layers import kronecker_layers, kronecker_plan
-from curvkit.linalg.operator import CLASS_SUMS_ROUTES, Operator, Options
+from curvkit.linalg.operator import (
+    CLASS_SUMS_ROUTES,
+    Operator,
+    Options,
+    integer,
+    positive_number,
+)
 from curvkit.problem import Problem, free_memory
 from curvkit.report import Provenance
 
@@ -150,30 +156,36 @@ class Backend:
 
     def configure(self, options: Options) -> None:
         """Use ``options`` from now on; this backend's settings are validated and read anew."""
-        defaults = self.default_settings
-        given = dict(options.backend.get(self.name) or {})
+        self.options, self.config = options, self.settings(options)
+
+    @classmethod
+    def settings(cls, options: Options) -> dict[str, Any]:
+        """This backend's settings in ``options.backend``, over its defaults, each checked."""
+        defaults = cls.default_settings
+        given = dict(options.backend.get(cls.name) or {})
         unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise InvalidInputError(
-                f"unknown setting(s) {', '.join(unknown)} for backend {self.name!r}; its settings "
+                f"unknown setting(s) {', '.join(unknown)} for backend {cls.name!r}; its settings "
                 f"are {', '.join(sorted(defaults)) or 'none'}."
             )
         config = dict(defaults)
         for key, value in given.items():
-            try:
-                config[key] = type(defaults[key])(value)
-            except (TypeError, ValueError) as error:
-                raise InvalidInputError(
-                    f"setting {key!r} of backend {self.name!r} must be of type "
-                    f"{type(defaults[key]).__name__}, got {shown(value)}."
-                ) from error
-            allowed = self.choices.get(key)
+            what = f"setting {key!r} of backend {cls.name!r}"
+            if isinstance(defaults[key], int):  # counts: iterations, samples
+                config[key] = integer(what, value, 1)
+            elif isinstance(defaults[key], float):  # tolerances
+                config[key] = positive_number(what, value, 0.0)
+            elif not isinstance(value, str):
+                raise InvalidInputError(f"{what} must be a string, got {shown(value)}.")
+            else:
+                config[key] = value
+            allowed = cls.choices.get(key)
             if allowed is not None and config[key] not in allowed:
                 raise InvalidInputError(
-                    f"setting {key!r} of backend {self.name!r} must be one of "
-                    f"{', '.join(map(str, allowed))}, got {value!r}."
+                    f"{what} must be one of {', '.join(map(str, allowed))}, got {shown(value)}."
                 )
-        self.options, self.config = options, config
+        return config
 
     # -- availability ---------------------------------------------------------------------------
     @classmethod

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from curvkit.backend import Backend, KroneckerFactors
 from curvkit.distributed import all_gather_objects
-from curvkit.errors import InvalidInputError, UnsupportedError
+from curvkit.errors import UnsupportedError
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
@@ -65,11 +65,6 @@ class BackPACKBackend(Backend):
 
     _extended_copy: tuple[nn.Module, list[Tensor], nn.Module] | None = None
     _positions: dict[str, int] | None = None
-
-    def configure(self, options: Options) -> None:
-        super().configure(options)
-        if self.config["mc_samples"] < 1:
-            raise InvalidInputError("setting 'mc_samples' of backend 'backpack' must be ≥ 1.")
 
     def refusal(self, quantity: str) -> str | None:
         """Also BackPACK's module coverage: the extension that ``quantity`` needs, tried on two

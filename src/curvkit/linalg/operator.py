@@ -64,7 +64,7 @@ class Options:
         """Every setting checked once, with one sentence for a bad value; a number written as
         a string (YAML reads ``1e-6`` as one) is read as the number."""
         for name, least in (("lanczos_tol", 0.0), ("density_relative_sigma", 0.0)):
-            setattr(self, name, positive_number(name, getattr(self, name), least))
+            setattr(self, name, positive_number(f"option {name!r}", getattr(self, name), least))
         for name, least in INTEGER_OPTIONS.items():
             value = getattr(self, name)
             if value is not None or name not in ("lanczos_max_iter", "lanczos_block"):
@@ -143,9 +143,7 @@ def positive_number(what: str, value: Any, least: float) -> float:
     except ValueError:
         number = math.nan
     if isinstance(value, bool) or not number > least or math.isinf(number):
-        raise InvalidInputError(
-            f"option {what!r} must be a number > {least:g}, got {shown(value)}."
-        )
+        raise InvalidInputError(f"{what} must be a number > {least:g}, got {shown(value)}.")
     return number
 
 
