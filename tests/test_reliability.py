@@ -286,6 +286,31 @@ def test_bad_arguments_get_one_short_sentence(arguments, match):
     assert len(str(caught.value)) < 400
 
 
+class RaisesOnOneExample(nn.Module):
+    """Raises an exception whose message is a megabyte long on a batch of one example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        if len(x) == 1:
+            raise ValueError("v" * 10**6)
+        return self.net(x)
+
+
+def test_a_huge_exception_from_the_users_code_is_quoted_cut_short():
+    """The model's or the loader's exception is quoted in curvkit's sentence, cut to 300
+    characters (before: whole, a message of a megabyte)."""
+    with pytest.raises(InvalidInputError, match="the model raised ValueError") as caught:
+        curvkit.analyze(RaisesOnOneExample(), digits_batches(), progress=False)
+    assert len(str(caught.value)) < 600
+    loader = RaisingLoader(OSError("o" * 10**6), at=1)
+    with pytest.raises(InvalidInputError, match="the data raised OSError") as caught:
+        curvkit.analyze(tiny_model(), loader, progress=False)
+    assert len(str(caught.value)) < 600
+
+
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")  # torch's, on entry
 @pytest.mark.parametrize("name", BACKENDS)
 def test_the_callers_autograd_context_changes_nothing(name):

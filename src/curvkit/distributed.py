@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from curvkit.errors import CurvkitError, InvalidInputError, PeerFailedError, shown
+from curvkit.errors import CurvkitError, InvalidInputError, PeerFailedError, first_line, shown
 
 Group = dist.ProcessGroup | None
 
@@ -119,7 +119,7 @@ def _wait(work: dist.Work) -> None:
     except RuntimeError as error:  # a peer's process ended: its connection closed
         raise PeerFailedError(
             "another rank stopped while this one waited for it in a collective "
-            f"({str(error).splitlines()[0][:160]}); that rank's error says why."
+            f"({first_line(error)}); that rank's error says why."
         ) from error
 
 

@@ -11,10 +11,14 @@ from typing import Any
 
 import torch
 
+QUOTED_CHARS = 300  # of another library's or the user's error, quoted in curvkit's
+
 
 def first_line(error: BaseException) -> str:
-    """The first line of an exception's message ("" when it has none), for quoting it."""
-    return next(iter(str(error).splitlines()), "")
+    """The first line of an exception's message ("" when it has none), cut to QUOTED_CHARS
+    characters, for quoting it (a user's exception may carry a megabyte of text)."""
+    line = next(iter(str(error).splitlines()), "")
+    return line if len(line) <= QUOTED_CHARS else line[:QUOTED_CHARS] + " …"
 
 
 def shown(value: Any) -> str:

@@ -261,7 +261,7 @@ class Problem:
             except Exception as error:
                 raise InvalidInputError(
                     f"the data raised {type(error).__name__} when asked for batch {index} "
-                    f"({error}); fix the loader."
+                    f"({first_line(error)}); fix the loader."
                 ) from error
             x, y = self._prepare(batch, index)
             if not y.numel():  # an empty batch adds nothing (and would break per-example shapes)

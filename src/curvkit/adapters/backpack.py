@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from curvkit.backend import Backend, KroneckerFactors
 from curvkit.distributed import all_gather_objects
-from curvkit.errors import UnsupportedError
+from curvkit.errors import UnsupportedError, first_line
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
@@ -139,7 +139,7 @@ class BackPACKBackend(Backend):
                 except Exception as error:
                     raise UnsupportedError(
                         f"BackPACK cannot convert the {type(self.problem.model).__name__} model to "
-                        f"a Sequential-like graph ({type(error).__name__}: {error})."
+                        f"a Sequential-like graph ({type(error).__name__}: {first_line(error)})."
                     ) from error
             else:
                 extend(model)
@@ -232,7 +232,7 @@ class BackPACKBackend(Backend):
     def _unsupported(self, error: Exception, extension: str) -> UnsupportedError:
         """Name the module BackPACK rejected: a path in the user's model, a module the converter
         inserted (e.g. ``SumModule`` for a residual connection), or BackPACK's own reason."""
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        message = first_line(error) or type(error).__name__
         message = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>:?\s*", "", message).strip(" .,")
         message = re.sub(r",? Extension:?$", "", message)
         named: dict[str, list[str]] = {}  # module type → names of the modules of that type

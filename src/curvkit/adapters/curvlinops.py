@@ -195,7 +195,7 @@ class CurvlinopsBackend(Backend):
         except ArpackNoConvergence as error:
             values, vectors, converged = error.eigenvalues, error.eigenvectors, False
         except ArpackError as error:  # e.g. "starting vector is zero": A v0 = 0
-            why = f"ARPACK failed ({error}): curvkit's Lanczos on curvlinops' products"
+            why = f"ARPACK failed ({first_line(error)}): curvkit's Lanczos on curvlinops' products"
             return instead(top_eigen, op, k, options, seed, why=why)
         if len(values) < k:  # unconverged, ARPACK returns only the converged pairs
             why = f"ARPACK converged {len(values)} of {k} eigenpairs: curvkit's Lanczos instead"

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError, UnsupportedError
+from curvkit.errors import InvalidInputError, UnsupportedError, first_line
 from curvkit.layers import unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -209,7 +209,7 @@ class TorchFuncBackend(Backend):
         except NotImplementedError as error:  # an operation without the derivative it needs
             raise UnsupportedError(
                 f"torch.func's {route} products fail on this model "
-                f"({str(error).splitlines()[0]}); set products: "
+                f"({first_line(error)}); set products: "
                 f"{'reverse-over-reverse' if route == ROUTES[0] else 'forward-over-reverse'} in "
                 "the torchfunc settings."
             ) from error
