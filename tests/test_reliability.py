@@ -752,6 +752,22 @@ def test_a_basis_capped_by_the_memory_budget_says_so(monkeypatch):
     assert not report.hessian.converged
 
 
+def test_transform_checks_beyond_the_memory_budget_count_as_broken(monkeypatch):
+    """Half of a 0.065 MiB budget holds 7 vectors of P = 610, fewer than the 8 that the
+    transform checks hold: they are not tried, and the routes they guard are refused with the
+    reason rather than trusted unchecked (torchfunc's per-example Kronecker factors); BackPACK,
+    which needs no transform, computes the layerwise quantity."""
+    monkeypatch.setenv("CURVKIT_MEMORY_MB", "0.065")
+    model, data = tiny_model(), digits_batches()
+    features = Problem(model, data).features
+    assert {"jvp_of_jacrev", "jvp_of_grad", "per_example_transforms"} <= set(features)
+    assert "could not check" in features["per_example_transforms"]
+    with pytest.raises(UnsupportedError, match="torchfunc.*kronecker_factors.*could not check"):
+        curvkit.analyze(model, data, "torchfunc", ["layerwise"], top_k=1, progress=False)
+    report = curvkit.analyze(model, data, "backpack", ["layerwise"], top_k=1, progress=False)
+    assert report.layerwise["2"].kronecker["top_eigenvalues"]
+
+
 class CountingLoader:
     """The digits batches, counting those read."""
 

@@ -23,7 +23,10 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   products on the example with autograd's double backward.
 
 A forward pass that autograd itself cannot differentiate twice (``EmbeddingBag``) is no
-feature but a refusal: every backend's products need second derivatives.
+feature but a refusal: every backend's products need second derivatives. The transform checks
+hold CHECK_VECTORS vectors of the parameters' size; when these do not fit half the memory
+budget the three transform features are set as unchecked, so the routes they guard are refused
+rather than trusted.
 """
 
 from __future__ import annotations
@@ -42,14 +45,23 @@ from torch.utils._pytree import tree_leaves
 from curvkit.errors import UnsupportedError, first_line
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
+UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "per_example_transforms")  # tried on the example
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 
 
+# vectors of the selected parameters' size that the transform checks hold at their peak:
+# two tangents, their exact products, the compositions' products and their flat copies
+CHECK_VECTORS = 8
+
+
 def model_features(
-    model: nn.Module, example: Tensor, selected: list[str] | None = None
+    model: nn.Module, example: Tensor, selected: list[str] | None = None, room: int | None = None
 ) -> dict[str, str]:
     """The features of ``model`` among those above, each with the words that say where; one
-    forward pass on ``example`` (a batch of one, without gradients) counts module calls."""
+    forward pass on ``example`` (a batch of one, without gradients) counts module calls.
+    ``room``: how many vectors of the selected parameters' size fit half the memory budget
+    (None: no limit known); with fewer than CHECK_VECTORS the transforms are not tried and
+    count as broken, so that no backend relies on them unchecked."""
     features = {}
     shared = _shared(model, example)
     if shared:
@@ -76,7 +88,13 @@ def model_features(
     refused = _untransformable(model, example, params)
     if refused and "backward_hooks" not in features:  # those are refused for their own reason
         features["functional_transforms"] = refused
-    if not refused and "backward_hooks" not in features:
+    if room is not None and room < CHECK_VECTORS:
+        unchecked = (
+            f"transforms curvkit could not check (the check's {CHECK_VECTORS} vectors of the "
+            "parameters' size exceed half the memory budget)"
+        )
+        features.update(dict.fromkeys(UNCHECKED, unchecked))
+    elif not refused and "backward_hooks" not in features:
         features.update(_second_order_faults(model, example, params))
         unbatchable = _unbatchable(model, example, params)
         if unbatchable:

@@ -554,8 +554,10 @@ class Problem:
         """The model's features that some libraries cannot handle (see curvkit.features),
         found in eval mode (BatchNorm refuses one example in training mode, and would update
         its running statistics) on the model, which comes back as it was."""
+        free = free_memory(self.device)
+        room = None if free is None else int(free / 2 // (self.num_params * self.dtype.itemsize))
         with model_guard(self.model):
-            return model_features(self.model, self.sample[0][:1], self.names)
+            return model_features(self.model, self.sample[0][:1], self.names, room)
 
     @functools.cached_property
     def module_calls(self) -> Counter[str]:
