@@ -65,6 +65,7 @@ def bad_data():
         "not iterable": (5, "iterable of \\(inputs, labels\\) batches"),
         "one-shot": ((b for b in [(x, y)]), "one-shot iterator"),
         "not a pair": ([(x, y, y)], "not an \\(inputs, labels\\) pair"),
+        "one pair, not in a list": ((x, y), "one batch goes in a list, \\[\\(inputs, labels\\)\\]"),
         "not tensors": ([(x.tolist(), y)], "must both be torch tensors"),
         "float labels": (
             [(x, y.double())],

@@ -318,9 +318,14 @@ class Problem:
 
     def _prepare(self, batch: object, index: int) -> tuple[Tensor, Tensor]:
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            single = (  # analyze(model, (x, y)) iterates the pair itself
+                "; one batch goes in a list, [(inputs, labels)]"
+                if isinstance(batch, Tensor)
+                else ""
+            )
             raise InvalidInputError(
                 f"batch {index} is a {type(batch).__name__}, not an (inputs, labels) pair; "
-                "make the data yield two tensors per batch."
+                f"make the data yield two tensors per batch{single}."
             )
         x, y = batch
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
