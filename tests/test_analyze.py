@@ -233,7 +233,7 @@ def test_same_seed_same_report(digits_problem):
         ({"quantities": []}, InvalidInputError, "empty"),
         ({"top_k": 10**6}, InvalidInputError, "top_k"),
         ({"options": {"lanczos_tolerance": 1}}, InvalidInputError, "lanczos_tol"),
-        ({"loss": "mse"}, curvkit.UnsupportedError, "cross_entropy"),
+        ({"loss": "mse"}, curvkit.InvalidInputError, "cross_entropy"),
         ({"params": ["0.nope"]}, InvalidInputError, "0.weight"),
         (
             {"params": ["2.bias", "0.weight", "2.bias"]},

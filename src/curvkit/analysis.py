@@ -34,6 +34,7 @@ from curvkit.errors import (
 from curvkit.layers import kronecker_layers
 from curvkit.linalg import Options
 from curvkit.linalg.operator import flag, integer, least_vectors, trace
+from curvkit.loss import make_loss
 from curvkit.problem import (
     DEFAULT_CACHE_MB,
     Problem,
@@ -113,10 +114,11 @@ def check_arguments(
     top_k: int | None,
     seed: int,
     options: Mapping[str, Any] | Options | None,
+    loss: str = "cross_entropy",
 ) -> tuple[list[str], int | None, int, Mapping[str, Any] | None]:
     """The arguments of ``analyze`` that need no model, checked (the command line checks them
-    before it trains): the quantities' names (once each), top_k, seed, the options and the
-    backend (``None``: any)."""
+    before it trains): the quantities' names (once each), top_k, seed, the loss, the options
+    and the backend (``None``: any)."""
     if isinstance(quantities, str):  # one name
         quantities = [quantities]
     names = list(dict.fromkeys(QUANTITIES if quantities is None else quantities))
@@ -130,6 +132,7 @@ def check_arguments(
     if top_k is not None:
         top_k = integer("top_k", top_k, 1)
     seed = integer("seed", seed, 0, 2**63 - 1)  # torch's generators take a signed 64-bit seed
+    make_loss(loss)
     options = options_mapping(options)
     for quantity in [None, *QUANTITIES]:  # also the sections of quantities not asked for
         make_options(options, False, quantity)
@@ -177,7 +180,9 @@ def analyze(
     """
     group = current_group(process_group)
     with checked_on_every_rank(group):  # a rank's bad argument stops every rank
-        names, top_k, seed, options = check_arguments(backend, quantities, top_k, seed, options)
+        names, top_k, seed, options = check_arguments(
+            backend, quantities, top_k, seed, options, loss
+        )
         progress = flag("progress", progress)
         skip_unsupported = flag("skip_unsupported", skip_unsupported)
         if choice_file is not None and not isinstance(choice_file, (str, os.PathLike)):

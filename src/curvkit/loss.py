@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from curvkit.errors import UnsupportedError
+from curvkit.errors import InvalidInputError, shown
 
 
 class CrossEntropy:
@@ -95,7 +95,11 @@ LOSSES = {"cross_entropy": CrossEntropy}
 
 
 def make_loss(name: str) -> CrossEntropy:
-    """The loss object named ``name``; an unknown name is an UnsupportedError listing the known."""
-    if name not in LOSSES:
-        raise UnsupportedError(f"loss {name!r} is not supported; use one of {', '.join(LOSSES)}.")
+    """The loss object named ``name``; anything else is an InvalidInputError listing the known
+    (a loss module such as ``nn.CrossEntropyLoss(label_smoothing=0.1)`` too: curvkit's
+    cross-entropy has no options)."""
+    if not isinstance(name, str) or name not in LOSSES:
+        raise InvalidInputError(
+            f"loss must be one of {', '.join(map(repr, LOSSES))}, got {shown(name)}."
+        )
     return LOSSES[name]()
