@@ -973,6 +973,18 @@ class WrittenOutPReLU(nn.Module):
         return torch.where(x >= 0, x, self.weight * x)
 
 
+def same_padding(kernel: int) -> nn.Sequential:
+    """A convolution with ``padding="same"`` over the digits as 8 × 8 images: BackPACK unfolds
+    with the string (a raw TypeError, whatever the kernel), as did torchfunc's Kronecker
+    factors; an even kernel is padded unequally, which curvlinops' unfold refuses (a raw
+    NotImplementedError)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 3, kernel, padding="same"), nn.Tanh(),
+        nn.Flatten(), nn.Linear(192, 10),
+    ).double()  # fmt: skip
+
+
 def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     """Models with a feature some library cannot handle, each with a plain model computing the
     same function that torch.func's dense G can be built on."""
@@ -1009,6 +1021,8 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "attention": (Attending(), Attending()),
         "sparse embedding gradients": (SparseEmbedding(), SparseEmbedding(sparse=False)),
         "PReLU (its batching rule mixes vmap's axes)": (prelu, written_out),
+        "padding='same'": (same_padding(3), same_padding(3)),
+        "padding='same', padded unequally": (same_padding(4), same_padding(4)),
     }
 
 
@@ -1049,7 +1063,8 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
     for quantity, why in report.skipped.items():
         assert re.search(
             "shared parameters|runs 2 times|used 2 times|hooks on|parametrized|does not|"
-            "torch.func cannot|computes nothing for parameter|cannot convert|gets wrong",
+            "torch.func cannot|computes nothing for parameter|cannot convert|gets wrong|"
+            "pads unequally",
             why,
         ), why
         for other in advised(why):  # the advice holds: each advised backend computes it

@@ -10,6 +10,9 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   directly besides its module (``h @ self.fc.weight.T``);
 - ``forward_hooks`` / ``backward_hooks``: hooks registered on the model's modules or globally;
 - ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``);
+- ``asymmetric_padding``: a Conv2d with ``padding="same"`` and an even kernel span
+  (dilation · (kernel − 1) odd), which torch pads by one more at the end than at the start;
+  the libraries' unfolds take one padding per side;
 - ``functional_transforms``: a forward pass that torch.func's transforms refuse
   (``torch.utils.checkpoint``'s saved-tensor hooks, a buffer updated in place), found by
   trying ``torch.func.grad`` on the example;
@@ -78,6 +81,18 @@ def model_features(
     ]
     if parametrized:
         features["parametrizations"] = f"parametrized module(s) {', '.join(parametrized)}"
+    unequal = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.padding == "same"
+        and any(d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size))
+    ]
+    if unequal:
+        features["asymmetric_padding"] = (
+            f"padding='same' that torch pads unequally (an even kernel span) in module(s) "
+            f"{', '.join(unequal)}"
+        )
     # the transforms are tried in the selected parameters (default: all), the products the
     # backends take: derivatives in the other parameters are never asked for
     params = {

@@ -135,7 +135,16 @@ def unfolded_input(module: torch.nn.Module, inputs: Tensor) -> Tensor:
     features, with the axes between the batch and the features as positions (one on flat
     inputs), as for a 1 × 1 convolution."""
     if isinstance(module, torch.nn.Conv2d):  # groups=1, zero padding (kronecker_plan)
+        padding = module.padding
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":  # as torch pads: the odd one of a total at the end
+            totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+            inputs = torch.nn.functional.pad(
+                inputs, [side for t in reversed(totals) for side in (t // 2, t - t // 2)]
+            )
+            padding = (0, 0)
         return torch.nn.functional.unfold(
-            inputs, module.kernel_size, module.dilation, module.padding, module.stride
+            inputs, module.kernel_size, module.dilation, padding, module.stride
         )
     return inputs.reshape(inputs.shape[0], -1, inputs.shape[-1]).transpose(1, 2)

@@ -59,7 +59,13 @@ class BackPACKBackend(Backend):
     # assume each parameter belongs to one module called once: these features make them wrong
     # without an error (its products are plain autograd and stay right)
     limits = dict.fromkeys(
-        ("shared_parameters", "forward_hooks", "backward_hooks", "parametrizations"),
+        (
+            "shared_parameters",
+            "forward_hooks",
+            "backward_hooks",
+            "parametrizations",
+            "asymmetric_padding",
+        ),
         ("class_deltas", "kronecker_factors", "trace"),
     )
 
@@ -153,12 +159,19 @@ class BackPACKBackend(Backend):
     def _as_backpack_modules(self, model: nn.Module) -> None:
         """Rewrite the copy into modules BackPACK's extensions support, with the same function:
         in-place activations (``ReLU(inplace=True)``) computed out of place (BackPACK's hooks
-        hand out tensors that an in-place operation may not change) and an adaptive average
-        pool over an input whose size its output divides as the fixed ``AvgPool2d`` it is for
-        this data (BackPACK has no AdaptiveAvgPool2d rule)."""
+        hand out tensors that an in-place operation may not change), a convolution's
+        ``padding="valid"`` or ``"same"`` as the numbers it stands for (BackPACK unfolds with the
+        string: a raw TypeError; an unequal "same" is the feature ``asymmetric_padding``), and
+        an adaptive average pool over an input whose size its output divides as the fixed
+        ``AvgPool2d`` it is for this data (BackPACK has no AdaptiveAvgPool2d rule)."""
         for module in model.modules():
             if getattr(module, "inplace", False) is True:
                 module.inplace = False
+            if isinstance(module, nn.Conv2d) and isinstance(module.padding, str):
+                module.padding = tuple(
+                    d * (k - 1) // 2 if module.padding == "same" else 0
+                    for d, k in zip(module.dilation, module.kernel_size)
+                )
         sizes: dict[nn.Module, tuple[int, int]] = {}
 
         def record(module: nn.Module, args: tuple[Tensor, ...]) -> None:
