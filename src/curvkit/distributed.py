@@ -143,7 +143,8 @@ def stop_all_on_failure(group: Group) -> Iterator[None]:
         raise
     except BaseException as error:
         _store().set(
-            _failure_key.get(), f"rank {rank(group)} failed: {type(error).__name__}: {error}"
+            _failure_key.get(),
+            f"rank {rank(group)} failed: {type(error).__name__}: {first_line(error)}",
         )
         raise
     finally:
