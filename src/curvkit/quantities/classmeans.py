@@ -147,8 +147,11 @@ def classmeans(
             "decomposition needs examples of at least two classes."
         )
     if excluded:
+        listed = ", ".join(map(str, excluded[:10])) + (
+            f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+        )
         warn(
-            f"classes {excluded} have no examples in the data and are left out of the class means "
+            f"classes {listed} have no examples in the data and are left out of the class means "
             "(they still count as potential labels c')."
         )
 
