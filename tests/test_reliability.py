@@ -233,6 +233,11 @@ BAD_ARGUMENTS = {
         {"backend": {"backpack": {"mc_samples": 2.5}}},
         "setting 'mc_samples' of backend 'backpack' must be an integer ≥ 1, got 2.5",
     ),
+    # before: a raw TypeError from sorting the names
+    "setting names of two types": (
+        {"backend": {"torchfunc": {1: 2, "a": 3}}},
+        "unknown setting\\(s\\) 1, a for backend 'torchfunc'",
+    ),
     # before: checked only when the quantity ran (every backend's settings are checked now,
     # whichever backend runs, and every quantity's section)
     "an unasked quantity's section": (
@@ -312,6 +317,17 @@ def test_a_huge_exception_from_the_users_code_is_quoted_cut_short():
     with pytest.raises(InvalidInputError, match="the data raised OSError") as caught:
         curvkit.analyze(tiny_model(), loader, progress=False)
     assert len(str(caught.value)) < 600
+
+
+def test_a_feature_of_many_modules_is_named_in_a_short_sentence():
+    """Forward hooks on 40 modules: the feature names five and counts the rest."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), *[nn.Linear(8, 8) for _ in range(38)],
+                          nn.Linear(8, 10)).double()  # fmt: skip
+    for module in model:
+        module.register_forward_hook(lambda module, args, output: output)
+    features = Problem(model, digits_batches()).features
+    assert features["forward_hooks"] == "forward hooks on module(s) 0, 1, 2, 3, 4 and 35 more"
 
 
 def test_classes_without_examples_are_named_in_a_short_warning():

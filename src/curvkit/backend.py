@@ -43,6 +43,7 @@ from curvkit.errors import (
     MissingDependencyError,
     UnsupportedError,
     finite,
+    listed,
     memory_text,
     shown,
 )
@@ -163,10 +164,10 @@ class Backend:
         """This backend's settings in ``options.backend``, over its defaults, each checked."""
         defaults = cls.default_settings
         given = dict(options.backend.get(cls.name) or {})
-        unknown = sorted(set(given) - set(defaults))
+        unknown = sorted(set(given) - set(defaults), key=str)
         if unknown:
             raise InvalidInputError(
-                f"unknown setting(s) {', '.join(unknown)} for backend {cls.name!r}; its settings "
+                f"unknown setting(s) {listed(str(u)[:40] for u in unknown)} for backend {cls.name!r}; its settings "
                 f"are {', '.join(sorted(defaults)) or 'none'}."
             )
         config = dict(defaults)

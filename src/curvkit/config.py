@@ -50,7 +50,7 @@ import yaml
 from torch import nn
 
 from curvkit.distributed import Group, shard_loader
-from curvkit.errors import InvalidInputError, first_line, shown
+from curvkit.errors import InvalidInputError, first_line, listed, shown
 from curvkit.report import QUANTITIES
 
 ZOO = ("digits-mlp", "digits-cnn", "mlp", "lenet", "resnet18")
@@ -156,10 +156,10 @@ def _merge(config: dict[str, Any], given: Mapping[str, Any], where: str) -> None
                 f"'package.module:function' or a mapping of its settings, got {shown(value)}."
             )
         if key in ("model", "data") and isinstance(value, dict):
-            unknown = sorted(set(value) - set(DEFAULTS[key]))
+            unknown = sorted(set(value) - set(DEFAULTS[key]), key=str)
             if unknown:
                 raise InvalidInputError(
-                    f"unknown config key(s) {', '.join(f'{key}.{u}' for u in unknown)} in "
+                    f"unknown config key(s) {listed(f'{key}.{str(u)[:40]}' for u in unknown)} in "
                     f"{where}; {key} takes {', '.join(DEFAULTS[key])}."
                 )
             if value.get("factory"):

@@ -7,6 +7,7 @@ import contextlib
 import reprlib
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -26,6 +27,14 @@ def shown(value: Any) -> str:
     short = reprlib.Repr()
     short.maxlevel, short.maxstring, short.maxother = 2, 40, 40
     return short.repr(value)
+
+
+def listed(items: Iterable[object], most: int = 5) -> str:
+    """The first ``most`` items joined by commas, and how many more there are (for messages:
+    a model may have hundreds of modules)."""
+    items = [str(item) for item in items]
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def memory_text(count: float) -> str:

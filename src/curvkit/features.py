@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from curvkit.errors import UnsupportedError, first_line
+from curvkit.errors import UnsupportedError, first_line, listed
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "per_example_transforms")  # tried on the example
@@ -80,7 +80,7 @@ def model_features(
         n or "<root>" for n, m in model.named_modules() if parametrize.is_parametrized(m)
     ]
     if parametrized:
-        features["parametrizations"] = f"parametrized module(s) {', '.join(parametrized)}"
+        features["parametrizations"] = f"parametrized module(s) {listed(parametrized)}"
     unequal = [
         n
         for n, m in model.named_modules()
@@ -91,7 +91,7 @@ def model_features(
     if unequal:
         features["asymmetric_padding"] = (
             f"padding='same' that torch pads unequally (an even kernel span) in module(s) "
-            f"{', '.join(unequal)}"
+            f"{listed(unequal)}"
         )
     # the transforms are tried in the selected parameters (default: all), the products the
     # backends take: derivatives in the other parameters are never asked for
@@ -321,7 +321,8 @@ def _shared(model: nn.Module, example: Tensor) -> str:
         for attribute, p in m.named_parameters(recurse=False)
         if uses[id(p)] > 1 and len(names[id(p)]) == 1
     ]
-    return "; ".join([f"shared parameters {', '.join(tied)}"] * bool(tied) + reused + direct)
+    shared = [f"shared parameters {listed(tied)}"] * bool(tied)
+    return "; ".join(shared + reused[:3] + direct[:3])
 
 
 def _uses(output: Tensor) -> Counter[int]:
@@ -351,4 +352,4 @@ def _hooked(model: nn.Module, attributes: tuple[str, ...]) -> str:
     ]
     if any(getattr(module_globals, f"_global{a}", None) for a in attributes):
         modules.append("every module (global hooks)")
-    return f"module(s) {', '.join(modules)}" if modules else ""
+    return f"module(s) {listed(modules)}" if modules else ""

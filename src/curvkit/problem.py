@@ -33,7 +33,7 @@ from curvkit.distributed import (
     check_loader,
     current_group,
 )
-from curvkit.errors import CurvkitError, InvalidInputError, first_line, shown, warn
+from curvkit.errors import CurvkitError, InvalidInputError, first_line, listed, shown, warn
 from curvkit.features import low_precision, model_features, module_calls
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
@@ -213,7 +213,6 @@ class Problem:
         unused = [n for n, g in zip(self.names, grads) if g is None]
         if not unused:
             return
-        listed = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
         them = "it" if len(unused) == 1 else "them"
         hidden = (  # a module forward never calls, or a dependence autograd is not told of
             f"(forward never uses {them}, or only under torch.no_grad() or after .detach(), "
@@ -221,10 +220,12 @@ class Problem:
         )
         if chosen:
             raise InvalidInputError(
-                f"the model's output does not depend on {listed} {hidden}; leave {them} out of "
+                f"the model's output does not depend on {listed(unused)} {hidden}; leave {them} out of "
                 "params."
             )
-        warn(f"curvkit leaves out {listed}: the model's output does not depend on {them} {hidden}.")
+        warn(
+            f"curvkit leaves out {listed(unused)}: the model's output does not depend on {them} {hidden}."
+        )
         kept = [(n, p) for n, p, g in zip(self.names, self.params, grads) if g is not None]
         self.names, self.params = [n for n, _ in kept], [p for _, p in kept]
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError, warn
+from curvkit.errors import InvalidInputError, listed, warn
 from curvkit.linalg import Operator, gram_eigenvalues, orthonormal_basis, subspace_overlap
 from curvkit.linalg.operator import top_eigen, trace
 from curvkit.linalg.subspace import long_matmul
@@ -147,12 +147,9 @@ def classmeans(
             "decomposition needs examples of at least two classes."
         )
     if excluded:
-        listed = ", ".join(map(str, excluded[:10])) + (
-            f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
-        )
         warn(
-            f"classes {listed} have no examples in the data and are left out of the class means "
-            "(they still count as potential labels c')."
+            f"classes {listed(excluded, 10)} have no examples in the data and are left out of "
+            "the class means (they still count as potential labels c')."
         )
 
     gram = row_gram(group.rows)

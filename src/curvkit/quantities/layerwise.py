@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError, shown, warn
+from curvkit.errors import InvalidInputError, listed, shown, warn
 from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
@@ -113,9 +113,7 @@ def layerwise(
         and f"{n}.weight" in problem.names
     ]
     if other:
-        warn(
-            f"layerwise analyses Linear and Conv2d weights only; it leaves out {', '.join(other)}."
-        )
+        warn(f"layerwise analyses Linear and Conv2d weights only; it leaves out {listed(other)}.")
     kept, skipped = backend.kronecker_plan()
     start, passes = time.perf_counter(), backend.passes
     factors = backend.kronecker_factors() if kept else {}
