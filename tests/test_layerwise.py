@@ -211,6 +211,11 @@ class TiedLayers(torch.nn.Module):
         ({"layers": ["second", "third"]}, "second and third name one weight more than once"),
         ({"layers": ["head"], "frozen": True}, "weight of layer head does not require gradients"),
         ({"reduction": "none"}, "loss_fn must return a scalar .* got \\(20,\\)"),
+        # these were raw TypeErrors
+        ({"layers": [["second"]]}, r"layers \['second'\] are not Linear or Conv2d modules"),
+        ({"generator": 5}, "generator must be a CPU torch.Generator"),
+        ({"loss_fn": None}, "loss_fn must be a function"),
+        ({"inputs": [[0.0] * 64]}, "inputs and targets must be torch tensors, got list"),
     ],
 )
 def test_trace_penalty_refuses_what_it_would_get_wrong(arguments, match):
@@ -224,8 +229,9 @@ def test_trace_penalty_refuses_what_it_would_get_wrong(arguments, match):
     def loss(logits, labels):
         return torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
 
+    given = {"model": model, "loss_fn": loss, "inputs": x, "targets": y, "layers": ["second"]}
     with pytest.raises(curvkit.InvalidInputError, match=match):
-        curvkit.layer_trace_penalty(model, loss, x, y, **{"layers": ["second"], **arguments})
+        curvkit.layer_trace_penalty(**{**given, **arguments})
 
 
 def test_trace_penalty_gradient_matches_finite_differences(digits_problem):

@@ -237,17 +237,38 @@ def layer_trace_penalty(
     """
     modules = dict(model.named_modules())
     num_probes = integer("num_probes", num_probes, 1)
+    if not callable(loss_fn):
+        raise InvalidInputError(
+            f"loss_fn must be a function (logits, targets) ↦ loss, got {shown(loss_fn)}."
+        )
+    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+        raise InvalidInputError(
+            f"inputs and targets must be torch tensors, got {type(inputs).__name__} and "
+            f"{type(targets).__name__}."
+        )
+    if generator is not None and not (
+        isinstance(generator, torch.Generator) and generator.device.type == "cpu"
+    ):
+        raise InvalidInputError(
+            "generator must be a CPU torch.Generator (the probes are drawn on the CPU), got "
+            f"{shown(generator)}."
+        )
     if isinstance(layers, str):
         raise InvalidInputError(
             f"layers must be a list of layer names, got the string {shown(layers)}; write "
             f"layers=[{shown(layers)}]."
         )
     layers = list(layers) if layers is not None else middle_layers(model)
-    unknown = [n for n in layers if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
+    unknown = [
+        n
+        for n in layers
+        if not isinstance(n, str) or not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))
+    ]
     if unknown or not layers:
         raise InvalidInputError(
-            f"layers {unknown or layers} are not Linear or Conv2d modules of the model; choose from "
-            f"{[n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]}."
+            f"layers {listed(map(shown, unknown)) or '[]'} are not Linear or Conv2d modules of "
+            "the model; choose from "
+            f"{listed(n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d)))}."
         )
     weights = [modules[n].weight for n in layers]
     holders: dict[int, list[str]] = {}
