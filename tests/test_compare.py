@@ -249,6 +249,8 @@ def test_a_bad_choice_file_is_one_clear_error(content, match, tmp_path):
         ({"rtol": -1}, "rtol must be a finite number ≥ 0, got -1"),
         ({"sigmas": float("nan")}, "sigmas must be a finite number ≥ 0, got nan"),
         ({"atol": "1e-8"}, "atol must be a finite number ≥ 0, got '1e-8'"),
+        ({"thorough": "no"}, "thorough must be true or false, got 'no'"),  # read as true
+        ({"options": [1, 2]}, "options must map option names to values"),  # a raw TypeError
     ],
 )
 def test_bad_comparisons_are_refused_before_any_run(arguments, match):

@@ -45,11 +45,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.analysis import analyze, options_mapping
+from curvkit.analysis import analyze, make_options, options_mapping
 from curvkit.backend import MATRICES
 from curvkit.errors import InvalidInputError, shown
 from curvkit.linalg import Options
 from curvkit.linalg.krylov import normalised_w1
+from curvkit.linalg.operator import flag
 from curvkit.registry import backend_list, installed_backends
 from curvkit.report import Report
 
@@ -202,9 +203,11 @@ def compare(
     ``thorough=True`` uses analyze's defaults. A backend that cannot compute a quantity for
     this model is listed in ``skipped`` with the reason, not compared, and not an error.
     """
-    if not thorough:
+    if not flag("thorough", thorough):
+        options = options_mapping(options)
+        make_options(options, progress=False)  # a list, say, before it is merged
         top_k = QUICK_TOP_K if top_k is None else top_k
-        options = {**QUICK_OPTIONS, **(options_mapping(options) or {})}
+        options = {**QUICK_OPTIONS, **(options or {})}
     tolerances = checked_tolerances(
         rtol=rtol, atol=atol, sigmas=sigmas, subspace_atol=subspace_atol, density_tol=density_tol
     )
