@@ -262,6 +262,9 @@ def test_bad_comparisons_are_refused_before_any_run(arguments, match):
         )
     with pytest.raises(curvkit.InvalidInputError, match="repeats must be an integer ≥ 1, got 0"):
         bench(torch.nn.Linear(64, 10), None, backends=["torchfunc"], repeats=0)
+    # before: the reference ran, then each backend's row failed with the bad option
+    with pytest.raises(curvkit.InvalidInputError, match="'trace_matvecs' \\(0: off\\) must be"):
+        bench(torch.nn.Linear(64, 10), None, backends=["torchfunc"], options={"trace_matvecs": 1})
 
 
 def test_cli_compare_exit_codes(capsys):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.analysis import analyze
+from curvkit.analysis import analyze, check_arguments
 from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
 from curvkit.comparison import compare_reports
@@ -39,7 +39,7 @@ from curvkit.linalg import Options
 from curvkit.linalg.operator import integer
 from curvkit.problem import Problem, differentiable_kernels, model_guard
 from curvkit.registry import backend_list, get_backend
-from curvkit.report import QUANTITIES, Report, write_atomically, yaml_text
+from curvkit.report import Report, write_atomically, yaml_text
 
 DENSE_LIMIT = 4000  # parameters; eigvalsh of a 4000 × 4000 matrix takes seconds
 
@@ -132,7 +132,8 @@ def bench(
     """Time every backend on every quantity against one reference (see the module docstring)."""
     names = backend_list(backends)
     repeats = integer("repeats", repeats, 1)
-    wanted = list(quantities) if quantities is not None else list(QUANTITIES)
+    # checked before the reference runs (a bad option would fail every row, one by one)
+    wanted, top_k, seed, options = check_arguments(None, quantities, top_k, seed, options)
     common = {"top_k": top_k, "seed": seed, "progress": progress}
     reference, label = _reference(model, data, wanted, common)
     problem = Problem(model, data)
