@@ -214,6 +214,18 @@ def test_auto_without_choice_falls_back_in_order(digits_problem, tmp_path):
     assert report.backend == "auto" and not report.skipped
 
 
+def test_auto_says_which_saved_choice_it_could_not_use(digits_problem, tmp_path):
+    """A choice saved on a machine with another backend: the fallback says so (before: "no
+    saved choice for this model")."""
+    model, data = digits_problem
+    file = tmp_path / "choices.yaml"
+    file.write_text(yaml.safe_dump({fingerprint(model): {"choices": {"ggn": "elsewhere"}}}))
+    with pytest.warns(UserWarning, match=r"names \{'ggn': 'elsewhere'\}, not installed here; "
+                      "for each quantity, the first installed backend"):  # fmt: skip
+        curvkit.analyze(model, data, "auto", ["ggn"], top_k=2, options={"trace_matvecs": 6,
+                        "density_probes": 0}, progress=False, choice_file=file)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

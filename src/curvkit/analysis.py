@@ -417,12 +417,19 @@ def _analyze_auto(
     if report.skipped and not skip_unsupported:
         raise UnsupportedError(f"no installed backend can compute {sorted(report.skipped)}: "
                                f"{'; '.join(report.skipped.values())}")  # fmt: skip
-    source = (
-        f"the choice saved in {choice_path(choice_file)}"
-        if plan
-        else f"no saved choice for this model in {choice_path(choice_file)}, so the first installed "
-        f"backend of {', '.join(AUTO_ORDER)} that can compute each quantity"
-    )
+    where = choice_path(choice_file)
+    unusable = {q: b for q, b in saved.items() if q in names and q not in plan}
+    if plan:
+        source = f"the choice saved in {where}"
+    elif unusable:
+        source = f"the choice saved in {where} names {shown(unusable)}, not installed here"
+    else:
+        source = f"no saved choice for this model in {where}"
+    if len(plan) < len(names):
+        source += (
+            f"; for {'the rest' if plan else 'each quantity'}, the first installed backend of "
+            f"{', '.join(AUTO_ORDER)} that can compute it"
+        )
     report.backend = used[names[0]] if len(set(used.values())) == 1 else "auto"
     report.config.update(backend="auto", quantities=names, backends=used)
     warn(f"curvkit: backend='auto' used {used} ({source}).")
