@@ -10,6 +10,7 @@ and say in the returned Provenance which ran, how many products it used and how 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.errors import InvalidInputError, UnsupportedError, memory_text, shown
+from curvkit.errors import InvalidInputError, UnsupportedError, memory_text, shown, warn
 from curvkit.linalg.krylov import (
     SLQ_EXTRA_VECTORS,
     Density,
@@ -231,11 +232,30 @@ class Operator:
 
 
 def top_eigen(
-    op: Operator, k: int, options: Options, seed: int, native: bool = True
+    op: Operator, k: int, options: Options, seed: int, native: bool = True, what: str = ""
 ) -> tuple[EigenResult, Provenance]:
-    """The k algebraically largest eigenpairs: the native routine, else curvkit's Lanczos."""
-    if native and "top_eigen" in op.native:
-        return op.native["top_eigen"](k, options, seed)
+    """The k algebraically largest eigenpairs of ``what`` (words for a warning): the native
+    routine, else curvkit's Lanczos. Unconverged pairs are approximate: the provenance says
+    "not converged" and a warning says what would help."""
+    if not native:  # curvkit's, in place of a native routine (``instead``), which says the rest
+        return _lanczos(op, k, options, seed)
+    routine = op.native.get("top_eigen") or functools.partial(_lanczos, op)
+    result, provenance = routine(k, options, seed)
+    if not result.converged:
+        provenance.note = "; ".join(filter(None, ["not converged", provenance.note]))
+        advice = result.stopped_by or (
+            "raise lanczos_max_iter, or the backend's own iteration limit"
+        )
+        warn(
+            f"{provenance.routine} for {what or 'an operator'} did not converge in "
+            f"{result.matvecs} products; the top eigenvalues are approximate ({advice})."
+        )
+    return result, provenance
+
+
+def _lanczos(op: Operator, k: int, options: Options, seed: int) -> tuple[EigenResult, Provenance]:
+    """curvkit's Lanczos for the k algebraically largest eigenpairs, its basis capped by the
+    memory budget."""
     block = lanczos_block(k, options)
     max_iter = min(op.size, options.lanczos_max_iter or default_max_iter(k, block))
     room, budget = op.room()

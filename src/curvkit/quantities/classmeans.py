@@ -182,7 +182,7 @@ def classmeans(
     traces = {"total": total, **traces, rest: total - sum(traces.values())}
 
     low_rank = within_operator(ggn, group)
-    remainder, provenance[rest] = top_eigen(low_rank, top_k, options, seed)
+    remainder, provenance[rest] = top_eigen(low_rank, top_k, options, seed, what=f"G_{rest}")
     eigenvalues = {t: gram_eigenvalues(g) for t, g in grams.items()}
     eigenvalues[rest] = [float(v) for v in remainder.values]
 
@@ -262,7 +262,7 @@ def _top_eigen(
     ):
         return known.top_eigenvalues[:count], known.eigenvectors[:, :count]
     result, provenance[f"lanczos_{matrix}"] = top_eigen(
-        backend.operator(matrix), count, backend.options, seed
+        backend.operator(matrix), count, backend.options, seed, what=f"the {matrix}"
     )
     return [float(v) for v in result.values], result.vectors
 

@@ -135,10 +135,13 @@ def layerwise(
         shape = kronecker_shape(modules[name])
         hessian_block = backend.operator("hessian", f"{name}.weight")
         k = min(top_k, hessian_block.size)
-        exact, exact_prov = top_eigen(hessian_block, k, options, seed)
-        exact_g, exact_g_prov = top_eigen(
-            backend.operator("ggn", f"{name}.weight"), k, options, seed
+        exact, exact_prov = top_eigen(
+            hessian_block, k, options, seed, what=f"layer {name}'s Hessian block"
         )
+        exact_g, exact_g_prov = top_eigen(
+            backend.operator("ggn", f"{name}.weight"), k, options, seed,
+            what=f"layer {name}'s G block",
+        )  # fmt: skip
         provenance = {
             "kronecker": factor_prov,
             "top_eigenvalues": exact_prov,
@@ -207,7 +210,7 @@ def _full_density(
     if known is not None:
         top = known.top_eigenvalues
     else:
-        eigen, _ = top_eigen(op, top_k, backend.options, seed)
+        eigen, _ = top_eigen(op, top_k, backend.options, seed, what="the hessian")
         top = [float(v) for v in eigen.values]
     return (spectral.grid, spectral.values, top[0]), top
 

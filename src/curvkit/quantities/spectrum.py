@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 from curvkit.backend import Backend
-from curvkit.errors import warn
 from curvkit.linalg.operator import density, top_eigen, trace
 from curvkit.report import Spectrum
 
@@ -48,15 +47,7 @@ def spectrum(
     Without ``estimate_trace`` the trace is left NaN for the caller to fill in (analyze takes
     G's exact trace from the class-means pass)."""
     op, options = backend.operator(matrix), backend.options
-    eigen, eigen_prov = top_eigen(op, top_k, options, seed)
-    if not eigen.converged:
-        advice = eigen.stopped_by or (
-            "raise lanczos_max_iter, or the backend's own iteration limit"
-        )
-        warn(
-            f"{eigen_prov.routine} for the {matrix} did not converge in {eigen.matvecs} "
-            f"products; the top eigenvalues are approximate ({advice})."
-        )
+    eigen, eigen_prov = top_eigen(op, top_k, options, seed, what=f"the {matrix}")
     provenance = {"top_eigenvalues": eigen_prov}
     value, stderr = math.nan, math.nan
     if estimate_trace and options.trace_matvecs:
