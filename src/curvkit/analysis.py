@@ -262,12 +262,13 @@ def analyze(
         for name in names:  # every request checked before anything is computed
             engine.configure(per_quantity[name])
             # every rank's answer (memory differs between machines): refused if any refuses
-            reasons = all_gather_objects(engine.refusal(name), problem.group)
-            reason = next((r for r in reasons if r), None)
-            if reason:
-                reason = f"{reason}; {advice(problem, name, backend)}"
-            else:  # the same on every rank: the smallest budget decides
-                reason = memory_shortfall(engine, name, k)
+            # first what no backend can do (the same on every rank: the smallest budget decides)
+            reason = memory_shortfall(engine, name, k)
+            if not reason:
+                reasons = all_gather_objects(engine.refusal(name), problem.group)
+                reason = next((r for r in reasons if r), None)
+                if reason:
+                    reason = f"{reason}; {advice(problem, name, backend)}"
             if reason:
                 error = UnsupportedError(f"{reason}.")
                 if not skip_unsupported:
@@ -356,8 +357,9 @@ def memory_shortfall(engine: Backend, quantity: str, k: int) -> str | None:
     size, density = problem.num_params, quantity in MATRICES
     if quantity == "layerwise":
         density = options.layer_density
-        if not density:
-            size = max(problem.size_of(f"{n}.weight") for n in kronecker_layers(problem))
+        if not density:  # the largest layer's block (none: refused for that, see refusal)
+            blocks = [problem.size_of(f"{n}.weight") for n in kronecker_layers(problem)]
+            size = max(blocks, default=0)
     least = least_vectors(k, size, options, density)
     need, budget = least * size * problem.dtype.itemsize, engine.memory_budget()
     if budget is None or need <= budget:
