@@ -1372,7 +1372,7 @@ def test_zero_curvature_is_zero(name):
     assert all(math.isnan(v) for v in report.classmeans.overlap.values())
 
 
-@pytest.mark.filterwarnings("ignore:curvkit.lanczos for G_within")  # on its way to the error
+@pytest.mark.filterwarnings("ignore:curvkit.lanczos for .* did not converge")  # before the error
 @pytest.mark.parametrize("name", BACKENDS)
 def test_overflowing_derivatives_get_one_clear_error(name):
     """Finite logits (6e307) whose derivatives overflow: a ZeroDivisionError, LinAlgError,
