@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvkit.analysis import analyze, make_options, options_mapping
+from curvkit.analysis import analyze, check_arguments
 from curvkit.backend import MATRICES
 from curvkit.errors import InvalidInputError, shown
 from curvkit.linalg import Options
@@ -203,9 +203,9 @@ def compare(
     ``thorough=True`` uses analyze's defaults. A backend that cannot compute a quantity for
     this model is listed in ``skipped`` with the reason, not compared, and not an error.
     """
+    # checked before the quick options are merged in (a list, say) and before any run
+    quantities, top_k, seed, options = check_arguments(None, quantities, top_k, seed, options)
     if not flag("thorough", thorough):
-        options = options_mapping(options)
-        make_options(options, progress=False)  # a list, say, before it is merged
         top_k = QUICK_TOP_K if top_k is None else top_k
         options = {**QUICK_OPTIONS, **(options or {})}
     tolerances = checked_tolerances(

@@ -403,8 +403,7 @@ def instead(
     """curvkit's own ``routine`` (top_eigen, trace or density) on ``op``'s products where the
     backend's native one cannot serve; provenance says ``why`` (and ``derived`` if given)."""
     result, provenance = routine(op, *args, native=False)
-    own = provenance.note.removesuffix(op.note()).rstrip("; ")  # e.g. a cap by the memory budget
-    provenance.note = "; ".join(filter(None, [why, own]))
+    provenance.note = "; ".join(filter(None, [why, provenance.note]))
     if derived is not None:
         provenance.derived = derived
     return result, provenance
