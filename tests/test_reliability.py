@@ -81,6 +81,15 @@ def bad_data():
         "Inf inputs": ([(x, y), (inf, y2)], "inputs in batch 1 contain NaN or Inf"),
         "inconsistent shapes": ([(x, y), (x2[:, :60], y2)], "model raised RuntimeError on batch 1"),
         "loader raises": (RaisingLoader(OSError("disk gone")), "data raised OSError.*batch 1"),
+        # before: torch's NotImplementedError / 'NestedTensorImpl doesn't support sizes'
+        "meta inputs": ([(x.to("meta"), y)], "inputs in batch 0 are on the meta device"),
+        "meta labels": ([(x, y.to("meta"))], "labels in batch 0 are on the meta device"),
+        "sparse inputs": ([(x, y), (x2.to_sparse(), y2)], "batch 1 are of layout torch.sparse"),
+        "nested inputs": (
+            [(torch.nested.nested_tensor(list(x)), y)],
+            "inputs in batch 0 are nested",
+        ),
+        "complex inputs": ([(x.to(torch.complex128), y)], "complex128; curvkit analyses real"),
     }
 
 
@@ -377,6 +386,40 @@ def test_arguments_in_other_forms_give_the_same_report():
     )
     assert other.config == plain.config and other.config["quantities"] == ["ggn"]
     assert other.ggn.top_eigenvalues == plain.ggn.top_eigenvalues
+
+
+class WithEmptyParameters(nn.Module):
+    """The tiny model beside a layer with no outputs, whose Parameters have no elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.nothing = tiny_model(), nn.Linear(64, 0).double()
+
+    def forward(self, x):
+        return torch.cat([self.net(x), self.nothing(x)], dim=1)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_parameters_without_elements_are_left_out(name):
+    """A Parameter of no elements adds no coordinate: the tiny model's numbers (before: "cannot
+    reshape tensor of 0 elements" on three backends, an IndexError in layerwise on the others);
+    named in params, it is refused."""
+    kwargs = dict(backend=name, top_k=2, progress=False, options=QUICK, skip_unsupported=True)
+    quantities = ["ggn", "classmeans", "layerwise"]
+    plain = curvkit.analyze(tiny_model(), digits_batches(), quantities=quantities, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's init warns of the empty weight
+        model = WithEmptyParameters()
+    report = curvkit.analyze(model, digits_batches(), quantities=quantities, **kwargs)
+    assert report.model.num_params == plain.model.num_params == 610
+    assert report.ggn.top_eigenvalues == pytest.approx(plain.ggn.top_eigenvalues, rel=1e-10)
+    if report.classmeans is not None:  # BackPACK cannot convert torch.cat: refused
+        assert report.classmeans.trace == pytest.approx(plain.classmeans.trace, rel=1e-10)
+    if report.layerwise is not None:
+        assert list(report.layerwise) == [f"net.{layer}" for layer in plain.layerwise]
+    with pytest.raises(InvalidInputError, match="'nothing.weight' has no elements"):
+        curvkit.analyze(model, digits_batches(), quantities=["ggn"], params=["nothing.weight"],
+                        **kwargs)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -334,6 +334,26 @@ class Problem:
                 f"batch {index} holds {type(x).__name__} and {type(y).__name__}; inputs and labels "
                 "must both be torch tensors."
             )
+        for role, t in (("inputs", x), ("labels", y)):
+            form = (
+                "on the meta device, without values"
+                if t.is_meta
+                else "nested"
+                if t.is_nested
+                else f"of layout {t.layout}"
+                if t.layout != torch.strided
+                else ""
+            )
+            if form:
+                raise InvalidInputError(
+                    f"the {role} in batch {index} are {form}; give dense tensors with values "
+                    "(e.g. t.to_dense(), or the CPU tensors)."
+                )
+        if x.dtype.is_complex:
+            raise InvalidInputError(
+                f"inputs in batch {index} have dtype {x.dtype}; curvkit analyses real-valued "
+                "models (pass x.real, or the real and imaginary parts as channels)."
+            )
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
             raise InvalidInputError(
                 f"labels in batch {index} have dtype {y.dtype}; class labels must be integers "
@@ -679,8 +699,8 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
             f"params must be a list of parameter names, got the string {shown(names)}; "
             f"write params=[{shown(names)}]."
         )
-    if names is None:
-        names = [n for n, p in named.items() if p.requires_grad]
+    if names is None:  # a parameter without elements adds no coordinate: left out
+        names = [n for n, p in named.items() if p.requires_grad and p.numel()]
         if not names:
             raise InvalidInputError(
                 "no parameter of the model requires gradients; enable requires_grad on the "
@@ -715,6 +735,12 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
             raise InvalidInputError(
                 f"params names the Parameter {', '.join(spelled)} more than once; name each "
                 "parameter once (a repeated one would count twice in P and in every product)."
+            )
+        empty = [n for n in names if not named[n].numel()]
+        if empty:
+            raise InvalidInputError(
+                f"parameter {shown(empty[0])} has no elements (shape "
+                f"{tuple(named[empty[0]].shape)}) and hence no curvature; leave it out of params."
             )
         names = [n for n in named if n in names]  # in the model's order, whatever was given
     params = [named[n] for n in names]
