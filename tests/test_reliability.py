@@ -502,7 +502,7 @@ def test_half_precision_inside_forward_is_refused(cast):
 
 
 def test_output_path_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
-    """A folder that is a file fails at once (exit 2), before the model is even built."""
+    """A folder that is a file or empty fails at once (exit 2), before the model is even built."""
     monkeypatch.setattr("curvkit.config.build", lambda *a, **k: pytest.fail("the work started"))
     blocked = tmp_path / "file"
     blocked.write_text("")
@@ -513,6 +513,15 @@ def test_output_path_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
     assert (
         "out/report.yaml is a folder, where the report.yaml file will go" in capsys.readouterr().err
     )
+    # an empty folder name (an unset shell variable) wrote into the working directory
+    for command in (["analyze"], ["bench"], ["plot", "report.yaml"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--output", ""])
+        assert "--output: an empty path; name a folder" in capsys.readouterr().err
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text("output: ' '\n")
+    assert main(["analyze", "--quiet", "--config", str(run_config)]) == 2
+    assert "config key 'output' is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("megabytes", ["0", "-1", "inf", "lots"])

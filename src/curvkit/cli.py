@@ -41,6 +41,14 @@ COMPARE_EXAMPLES = """examples:
 """
 
 
+def folder(text: str) -> Path:
+    """An --output folder; an empty one (an unset shell variable) would write into the working
+    directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a folder (e.g. curvkit-out)")
+    return Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="curvkit",
@@ -61,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", help="backend name (see `curvkit backends`), or auto (the saved choice)"
     )
     _problem_arguments(analyze)
-    analyze.add_argument("--output", type=Path, help="output folder (curvkit-out)")
+    analyze.add_argument("--output", type=folder, help="output folder (curvkit-out)")
     analyze.add_argument("--choice-file", type=Path, help="choice file for --backend auto")
     analyze.add_argument(
         "--no-plots", action="store_true", help="write no PNG figures (needs matplotlib anyway)"
@@ -84,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     _backends_argument(bench)
     _problem_arguments(bench)
     bench.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up")
-    bench.add_argument("--output", type=Path, help="folder for bench.yaml and bench.md")
+    bench.add_argument("--output", type=folder, help="folder for bench.yaml and bench.md")
     bench.add_argument(
         "--save-choice",
         action="store_true",
@@ -121,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     plot.add_argument("report", type=Path, help="a report written by curvkit analyze")
-    plot.add_argument("--output", type=Path, help="folder for the PNG files (the report's)")
+    plot.add_argument("--output", type=folder, help="folder for the PNG files (the report's)")
 
     commands.add_parser(
         "backends",

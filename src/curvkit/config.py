@@ -211,6 +211,11 @@ def _check(config: dict[str, Any]) -> None:
             f"config key(s) {', '.join(given)} apply to the gaussian-mixture data set only, "
             f"not to {data['name'] or data['factory']!r}; remove them."
         )
+    if not config["output"].strip():
+        raise InvalidInputError(
+            "config key 'output' is empty; name a folder (e.g. curvkit-out), or '.' for the "
+            "working directory."
+        )
     if config["dtype"] not in DTYPES:
         raise InvalidInputError(
             f"config key 'dtype' is {config['dtype']!r}; use one of {', '.join(DTYPES)}."
