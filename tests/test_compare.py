@@ -12,7 +12,7 @@ from curvkit.choice import load_choices
 from curvkit.cli import main
 from curvkit.comparison import assert_backends_agree, compare, compare_reports
 from curvkit.problem import fingerprint
-from tests.conftest import backend_params, installed
+from tests.conftest import backend_params, installed, requires
 
 ALL = sorted(  # the installed backends, torchfunc (the reference) first
     installed(backend_params(minimal=False)),
@@ -152,14 +152,41 @@ def test_a_wrong_backend_is_caught(digits_problem, plugin_backend):
 
 @pytest.mark.slow
 def test_unsupported_quantities_are_listed_not_fatal(digits_problem):
+    """A quantity one backend cannot compute is listed with the reason, not an error; computed
+    by one backend alone, nothing vouches for it: the verdict says so (before: "agree", with
+    only the sizes compared)."""
     model, loader = digits_problem
     comparison = compare(model, loader, ["pyhessian", "torchfunc"], quantities=["layerwise"])
     assert comparison.reference == "torchfunc"
     assert "kronecker_factors" in comparison.skipped["pyhessian"]["layerwise"]
-    assert comparison.agree
     assert {c.path.split(".")[0] for c in comparison.checks} == {"model"}  # only the sizes
+    assert comparison.uncompared == {"layerwise": "only torchfunc computed it"}
+    assert not comparison.agree and "NOT COMPARED: layerwise" in str(comparison)
     with pytest.raises(curvkit.InvalidInputError, match="at least two backends"):
         compare(model, loader, ["torchfunc"])
+
+
+@requires("backpack")
+@requires("pyhessian")
+def test_a_quantity_the_reference_skipped_is_held_to_the_next_backend():
+    """torch.func cannot transform an nn.DataParallel model: BackPACK's and PyHessian's Hessian
+    numbers are held to each other (before: to nothing, and the verdict was "agree" on the
+    sizes alone), and the class means that PyHessian alone computes leave them uncompared."""
+    torch.manual_seed(0)
+    model = torch.nn.DataParallel(
+        torch.nn.Sequential(
+            torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10)
+        ).double()
+    )
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    comparison = compare(model, [(x, y)], quantities=["hessian", "classmeans"], top_k=3)
+    assert comparison.reference == "torchfunc"
+    assert comparison.references == {"hessian": "backpack", "classmeans": "pyhessian"}
+    held = {c.backend for c in comparison.checks if c.path.startswith("hessian.top_eigen")}
+    assert held >= {"pyhessian"} and all(c.passed for c in comparison.checks)
+    assert comparison.uncompared == {"classmeans": "only pyhessian computed it"}
+    assert not comparison.agree
+    assert "hessian against backpack (torchfunc skipped it)" in str(comparison)
 
 
 @pytest.mark.slow

@@ -123,16 +123,23 @@ class Check:
 
 @dataclass
 class Comparison:
-    """The checks of every backend against ``reference``, and what some backends could not do."""
+    """The checks of every backend against the reference, and what some backends could not do.
+
+    ``reference`` is the backend whose counts the others are held to; each quantity's numbers
+    are held to ``references[quantity]``, the first backend (``reference`` when it could) that
+    computed it. A quantity that fewer than two backends computed is ``uncompared`` (with
+    why), and the backends do not ``agree`` then: nothing vouches for its numbers."""
 
     reference: str
     reports: dict[str, Report]
     checks: list[Check]
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # backend -> quantity -> why
+    references: dict[str, str] = field(default_factory=dict)  # quantity -> its reference
+    uncompared: dict[str, str] = field(default_factory=dict)  # quantity -> why
 
     @property
     def agree(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return not self.uncompared and all(c.passed for c in self.checks)
 
     @property
     def failures(self) -> list[Check]:
@@ -153,12 +160,23 @@ class Comparison:
         return sorted(self.checks, key=lambda c: c.ratio, reverse=True)[:n]
 
     def __str__(self) -> str:
-        verdict = "agree" if self.agree else f"DISAGREE ({len(self.failures)} numbers)"
+        verdict = (
+            f"DISAGREE ({len(self.failures)} numbers)"
+            if self.failures
+            else f"NOT COMPARED: {', '.join(self.uncompared)}"
+            if self.uncompared
+            else "agree"
+        )
         others = [b for b in self.reports if b != self.reference]
         lines = [
-            f"{', '.join(others)} against {self.reference}: {len(self.checks)} numbers, {verdict}",
-            "worst: error / allowed, kind, number, value vs reference",
+            f"{', '.join(others)} against {self.reference}: {len(self.checks)} numbers, {verdict}"
         ]
+        for quantity, why in self.uncompared.items():
+            lines.append(f"  {quantity} not compared: {why}")
+        for quantity, name in self.references.items():
+            if name != self.reference:
+                lines.append(f"  {quantity} against {name} ({self.reference} skipped it)")
+        lines.append("worst: error / allowed, kind, number, value vs reference")
         for c in self.worst():
             lines.append(
                 f"  {c.ratio:9.3g}  {c.kind:10s} {c.backend}:{c.path}  "
@@ -201,7 +219,9 @@ def compare(
     2 probes × 20 steps) unless given; eigenvalues are compared as tightly as ever, traces
     within their (larger) error bars, and the output states the power of both checks.
     ``thorough=True`` uses analyze's defaults. A backend that cannot compute a quantity for
-    this model is listed in ``skipped`` with the reason, not compared, and not an error.
+    this model is listed in ``skipped`` with the reason and not compared; the quantity is held
+    to the first backend that computed it, and one that fewer than two backends computed is
+    ``uncompared``, which the verdict states (the backends do not ``agree`` then).
     """
     # checked before the quick options are merged in (a list, say) and before any run
     quantities, top_k, seed, options = check_arguments(None, quantities, top_k, seed, options)
@@ -226,15 +246,28 @@ def compare(
         )
         for name in names
     }
-    reference = names[0]
-    expected = reports[reference].to_dict()
-    checks = [
+    reference, found = names[0], {name: report.to_dict() for name, report in reports.items()}
+    checks = [  # the counts, then each quantity against the first backend that computed it
         check
         for name in names[1:]
-        for check in compare_reports(expected, reports[name].to_dict(), name, **tolerances)
+        for check in compare_reports(
+            {"model": found[reference]["model"]}, found[name], name, **tolerances
+        )
     ]
+    references, uncompared = {}, {}
+    for quantity in reports[reference].config["quantities"]:
+        computed = [name for name in names if found[name].get(quantity) is not None]
+        if len(computed) < 2:
+            uncompared[quantity] = (
+                f"only {computed[0]} computed it" if computed else "no backend computed it"
+            )
+        if computed:
+            references[quantity] = computed[0]
+            expected = {quantity: found[computed[0]][quantity]}
+            for name in computed[1:]:
+                checks += compare_reports(expected, found[name], name, **tolerances)
     skipped = {name: report.skipped for name, report in reports.items() if report.skipped}
-    return Comparison(reference, reports, checks, skipped)
+    return Comparison(reference, reports, checks, skipped, references, uncompared)
 
 
 def compared_backends(backends: Sequence[str] | None) -> list[str]:
