@@ -171,7 +171,8 @@ def test_unsupported_quantities_are_listed_not_fatal(digits_problem):
 def test_a_quantity_the_reference_skipped_is_held_to_the_next_backend():
     """torch.func cannot transform an nn.DataParallel model: BackPACK's and PyHessian's Hessian
     numbers are held to each other (before: to nothing, and the verdict was "agree" on the
-    sizes alone), and the class means that PyHessian alone computes leave them uncompared."""
+    sizes alone), and the class means that PyHessian alone computes leave them uncompared;
+    bench, whose reference is torch.func, says so and points to compare."""
     torch.manual_seed(0)
     model = torch.nn.DataParallel(
         torch.nn.Sequential(
@@ -187,6 +188,8 @@ def test_a_quantity_the_reference_skipped_is_held_to_the_next_backend():
     assert comparison.uncompared == {"classmeans": "only pyhessian computed it"}
     assert not comparison.agree
     assert "hessian against backpack (torchfunc skipped it)" in str(comparison)
+    with pytest.raises(curvkit.UnsupportedError, match="bench holds every backend to torch.func"):
+        bench(model, [(x, y)], quantities=["hessian"], top_k=3, repeats=1)
 
 
 @pytest.mark.slow

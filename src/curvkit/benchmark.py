@@ -34,7 +34,7 @@ from curvkit.analysis import analyze, check_arguments
 from curvkit.backend import MATRICES
 from curvkit.choice import save_choice
 from curvkit.comparison import compare_reports
-from curvkit.errors import CurvkitError
+from curvkit.errors import CurvkitError, UnsupportedError
 from curvkit.linalg import Options
 from curvkit.linalg.operator import integer
 from curvkit.problem import Problem, differentiable_kernels, model_guard
@@ -160,9 +160,15 @@ def _reference(
     model: nn.Module, data: Iterable, quantities: list[str], common: dict[str, Any]
 ) -> tuple[dict[str, Any], str]:
     """torch.func with Lanczos to 1e-10, with dense eigenvalues and traces when P is small."""
-    report = analyze(
-        model, data, "torchfunc", quantities, options={"lanczos_tol": 1e-10}, **common
-    ).to_dict()
+    try:
+        report = analyze(
+            model, data, "torchfunc", quantities, options={"lanczos_tol": 1e-10}, **common
+        ).to_dict()
+    except UnsupportedError as error:
+        raise UnsupportedError(
+            f"bench holds every backend to torch.func's numbers, but {str(error).rstrip('.')}; "
+            "check the backends against each other with curvkit.compare instead."
+        ) from error
     matrices = [q for q in quantities if q in MATRICES]
     problem_size = report["model"]["num_params"]
     if not matrices or problem_size > DENSE_LIMIT:
