@@ -231,6 +231,8 @@ BAD_ARGUMENTS = {
     "method": ({"trace_method": "foo"}, "'trace_method' must be one of hutch\\+\\+, hutchinson"),
     "block": ({"ggn": {"block_size": -2}}, "option 'block_size' must be an integer ≥ 1"),
     "tolerance": ({"lanczos_tol": -1}, "option 'lanczos_tol' must be a number > 0"),
+    # before: λ₁ 0.513 for 1.369 after one product, reported converged
+    "tolerance of 1": ({"lanczos_tol": 1}, "option 'lanczos_tol' must be below 1"),
     "not a mapping": ([1, 2], "options must map option names to values"),
     # before: a raw ValueError (math domain error) from PyHessian's convergence test
     "tolerance of a backend": (

@@ -66,6 +66,11 @@ class Options:
         a string (YAML reads ``1e-6`` as one) is read as the number."""
         for name, least in (("lanczos_tol", 0.0), ("density_relative_sigma", 0.0)):
             setattr(self, name, positive_number(f"option {name!r}", getattr(self, name), least))
+        if self.lanczos_tol >= 1:  # Ritz values then "converge" at once, far from any λ
+            raise InvalidInputError(
+                "option 'lanczos_tol' must be below 1 (the residual allowed, relative to the "
+                f"largest eigenvalue: 1e-6 by default), got {shown(self.lanczos_tol)}."
+            )
         for name, least in INTEGER_OPTIONS.items():
             value = getattr(self, name)
             if value is not None or name not in ("lanczos_max_iter", "lanczos_block"):
