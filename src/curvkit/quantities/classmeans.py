@@ -262,7 +262,11 @@ def _top_eigen(
     ):
         return known.top_eigenvalues[:count], known.eigenvectors[:, :count]
     result, provenance[f"lanczos_{matrix}"] = top_eigen(
-        backend.operator(matrix), count, backend.options, seed, what=f"the {matrix}"
+        backend.operator(matrix),
+        count,
+        backend.options,
+        seed,
+        what=f"the {matrix}'s top {count} in the class-mean overlap",
     )
     return [float(v) for v in result.values], result.vectors
 
