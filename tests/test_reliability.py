@@ -865,9 +865,9 @@ def test_unconverged_eigenvalues_are_flagged_in_every_quantity():
     said = " | ".join(str(w.message) for w in caught)
     for what in ("G_within", "layer 0's Hessian block", "layer 2's G block"):
         assert f"curvkit.lanczos for {what} did not converge in 4 products" in said
-    # the top C for the overlaps (at least C products); before: "for the hessian", as if the
+    # the top C for the overlaps (a block of 3: 12 products); before: "for the hessian", as if the
     # spectrum, which was not asked for
-    said_of_overlap = "for the hessian's top 10 in the class-mean overlap did not converge in 10"
+    said_of_overlap = "for the hessian's top 10 in the class-mean overlap did not converge in 12"
     assert said_of_overlap in said
     assert "not converged" in report.classmeans.provenance["within"].note
     for layer in report.layerwise.values():
