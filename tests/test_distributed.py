@@ -255,7 +255,30 @@ MISMATCHES = {  # the keyword arguments of rank 0 and of rank 1, and the error b
     "top_k": ({"top_k": 2}, {"top_k": 3}, "different top_k"),
     "an argument bad on one rank": ({}, {"top_k": 0}, "top_k must be an integer ≥ 1, got 0"),
     "requires_grad": ({}, {"frozen": True}, "the ranks select different parameters"),
+    # before: each rank analysed its own function, silently (only the selected were hashed)
+    "an unselected parameter": (
+        {"params": ["2.weight"]},
+        {"params": ["2.weight"], "nudged": "0.weight"},
+        "the ranks hold different parameter or buffer values",
+    ),
+    "a buffer": (
+        {"params": ["2.weight"]},
+        {"params": ["2.weight"], "nudged": "0.scale"},
+        "the ranks hold different parameter or buffer values",
+    ),
 }
+
+
+class Scaled(torch.nn.Linear):
+    """A Linear layer whose output a buffer scales (as BatchNorm's statistics would)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__(linear.in_features, linear.out_features, dtype=linear.weight.dtype)
+        self.load_state_dict(linear.state_dict())
+        self.register_buffer("scale", torch.ones((), dtype=linear.weight.dtype))
+
+    def forward(self, x):
+        return self.scale * super().forward(x)
 
 
 def _mismatch_worker(rank: int, world: int, init: str, folder: str) -> None:
@@ -268,8 +291,13 @@ def _mismatch_worker(rank: int, world: int, init: str, folder: str) -> None:
         for case, arguments in MISMATCHES.items():
             kwargs = {"quantities": ["hessian"], "top_k": 2, **arguments[rank]}
             model = digits_mlp()
+            model[0] = Scaled(model[0])
             if kwargs.pop("frozen", False):
                 model[0].bias.requires_grad_(False)
+            nudged = kwargs.pop("nudged", None)
+            if nudged:
+                with torch.no_grad():
+                    dict([*model.named_parameters(), *model.named_buffers()])[nudged].mul_(1.01)
             try:
                 curvkit.analyze(model, loader, progress=False, options={"trace_matvecs": 6},
                                 **kwargs)  # fmt: skip
@@ -290,8 +318,9 @@ def test_ranks_called_with_different_arguments_all_stop_with_the_reason(tmp_path
     """The ranks' partial sums are added, so each rank must compute the same thing. Before:
     different seeds gave each rank its own wrong λ₁ (1.3700 and 1.3672 for 1.3691), different
     quantities a λ₁ of neither matrix (1.517), a different top_k made gloo abort the process,
-    a bad argument on one rank left the other waiting for the group's timeout, and a Parameter
-    frozen on one rank was reported as different weights. One selection named in two orders
+    a bad argument on one rank left the other waiting for the group's timeout, a Parameter
+    frozen on one rank was reported as different weights, and ranks whose unselected weights or
+    buffers differed each analysed their own function. One selection named in two orders
     (a set's differs between processes) is the same selection: it was refused as different
     weights."""
     init = f"file://{tmp_path / 'rendezvous'}"

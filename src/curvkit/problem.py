@@ -385,16 +385,14 @@ class Problem:
             summary = self._scan_shard()
             self.num_shard_samples = summary.num_samples
             return summary
-        error, local = None, None
+        error, local, digest = None, None, self._weights_digest()
         try:
             local = self._scan_shard()
             self.num_shard_samples = local.num_samples
         except CurvkitError as caught:
             error = caught
         agree(error, self.group)
-        shards = all_gather_objects(
-            (local, self.names, self._weights_digest(), self.first_pass), self.group
-        )
+        shards = all_gather_objects((local, self.names, digest, self.first_pass), self.group)
         if any(names != self.names for _, names, _, _ in shards):
             raise InvalidInputError(
                 "the ranks select different parameters (their requires_grad differs); set "
@@ -402,8 +400,9 @@ class Problem:
             )
         if len({digest for _, _, digest, _ in shards}) > 1:
             raise InvalidInputError(
-                "the ranks hold different parameter values; load the same weights on every rank "
-                "(and seed any training identically)."
+                "the ranks hold different parameter or buffer values (a frozen layer, BatchNorm "
+                "statistics); load the same weights on every rank (and seed any training "
+                "identically)."
             )
         records = [record for _, _, _, record in shards]
         if len(records) > 1 and all(r is not None and r.matches(records[0]) for r in records):
@@ -593,10 +592,13 @@ class Problem:
             return module_calls(self.model, self.sample[0][:1])[0]
 
     def _weights_digest(self) -> str:
-        """A hash of the selected parameters' values (to check that all ranks hold the same)."""
+        """A hash of the values of every parameter and buffer, selected or not (a frozen
+        backbone, BatchNorm's statistics), to check that all ranks hold the same model; taken
+        before any forward pass, which may update buffers by a shard's batches."""
         digest = hashlib.sha256()
-        for p in self.params:
-            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        for _, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
 
