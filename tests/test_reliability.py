@@ -341,6 +341,35 @@ def test_a_feature_of_many_modules_is_named_in_a_short_sentence():
     assert features["forward_hooks"] == "forward hooks on module(s) 0, 1, 2, 3, 4 and 35 more"
 
 
+class LongNames(nn.Module):
+    """The tiny model under a module name and a class name of 10⁵ characters each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleDict({"k" * 100_000: tiny_model()})
+
+    def forward(self, x):
+        return self.layers["k" * 100_000](x)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_names_of_any_length_give_short_messages(name):
+    """Each name in a list is cut to 80 characters, and every curvkit message to 1000, with
+    its start and its advice at the end (before: a hooked module's name made a refusal of
+    100 kB, a repeated parameter name an error of 100 kB, a model class's name 50 kB)."""
+    model = type("L" * 100_000, (LongNames,), {})()
+    layer = model.layers["k" * 100_000]
+    layer[0].register_forward_hook(lambda module, args, output: output)
+    report = curvkit.analyze(model, digits_batches(), name, ["ggn", "classmeans"], top_k=2,
+                             progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
+    for why in report.skipped.values():  # BackPACK's refusal names the hooked module
+        assert len(why) <= 1000 and why.endswith(("can.", "can't.", "."))
+    doubled = [f"layers.{'k' * 100_000}.0.weight"] * 2
+    with pytest.raises(InvalidInputError, match="more than once") as caught:
+        curvkit.analyze(model, digits_batches(), name, ["ggn"], params=doubled, progress=False)
+    assert len(str(caught.value)) == 1000 and " … " in str(caught.value)
+
+
 def test_classes_without_examples_are_named_in_a_short_warning():
     """30 outputs, 10 classes in the data: the 20 without examples are left out of the class
     means, and the warning names ten of them (before: every one, 5 kB for 990 classes)."""

@@ -13,6 +13,17 @@ from typing import Any
 import torch
 
 QUOTED_CHARS = 300  # of another library's or the user's error, quoted in curvkit's
+NAME_CHARS = 80  # of a name in a list (a module's name may be any string)
+MESSAGE_CHARS = 1000  # of a whole message: curvkit's longest sentences take about 600
+
+
+def cut(text: str, most: int) -> str:
+    """``text`` if it has at most ``most`` characters, else its start and end around " … "
+    (the end of a message holds the advice, the end of a name the parameter)."""
+    if len(text) <= most:
+        return text
+    tail = most // 4
+    return f"{text[: most - tail - 3]} … {text[-tail:]}"
 
 
 def first_line(error: BaseException) -> str:
@@ -32,7 +43,7 @@ def shown(value: Any) -> str:
 def listed(items: Iterable[object], most: int = 5) -> str:
     """The first ``most`` items joined by commas, and how many more there are (for messages:
     a model may have hundreds of modules)."""
-    items = [str(item) for item in items]
+    items = [cut(str(item), NAME_CHARS) for item in items]
     more = f" and {len(items) - most} more" if len(items) > most else ""
     return ", ".join(items[:most]) + more
 
@@ -51,11 +62,16 @@ def warn(message: str) -> None:
         or frame.f_code.co_filename == contextlib.__file__
     ):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
+    warnings.warn(cut(message, MESSAGE_CHARS), stacklevel=level)
 
 
 class CurvkitError(Exception):
-    """Base class of every error curvkit raises on purpose."""
+    """Base class of every error curvkit raises on purpose; its message is cut to
+    MESSAGE_CHARS, whatever names or values went into it (a class or module name may be
+    100 000 characters long)."""
+
+    def __str__(self) -> str:
+        return cut(super().__str__(), MESSAGE_CHARS)
 
 
 class InvalidInputError(CurvkitError, ValueError):
@@ -70,7 +86,7 @@ class BackendNotFoundError(CurvkitError, KeyError):
     """No backend of that name is registered."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
+        return cut(str(self.args[0]), MESSAGE_CHARS) if self.args else ""
 
 
 class MissingDependencyError(CurvkitError, ImportError):
