@@ -166,8 +166,13 @@ def classmeans(
         skipped = {"cross": reason, "within": reason}
 
     ggn, options = backend.operator("ggn"), backend.options
+    # one example per class: δ_{i,c'} = δ_{y_i,c'}, so G_within = 0 and G is the sum of the
+    # other three terms, exactly (a Krylov run on G − Σ L Lᵀ would chase rounding, unconverged)
+    alone = not skipped and all(counts[c] == 1 for c in group.present)
     stderr = 0.0
-    if deltas.square_norm_sum is not None:
+    if alone:
+        total = sum(traces.values())
+    elif deltas.square_norm_sum is not None:
         total = deltas.square_norm_sum / problem.num_samples
     elif getattr(spectra, "ggn", None) is not None and math.isfinite(spectra.ggn.trace):
         # estimated already: no second Hutch++
@@ -181,17 +186,22 @@ def classmeans(
     rest = MEANS_ROUTE_REST if skipped else "within"
     traces = {"total": total, **traces, rest: total - sum(traces.values())}
 
-    low_rank = within_operator(ggn, group)
-    remainder, provenance[rest] = top_eigen(low_rank, top_k, options, seed, what=f"G_{rest}")
     eigenvalues = {t: gram_eigenvalues(g) for t, g in grams.items()}
-    eigenvalues[rest] = [float(v) for v in remainder.values]
+    if alone:
+        eigenvalues[rest] = [0.0] * min(top_k, problem.num_params)
+        provenance[rest] = Provenance(backend.name, "exact", note="one example per class: 0")
+    else:
+        low_rank = within_operator(ggn, group)
+        remainder, provenance[rest] = top_eigen(low_rank, top_k, options, seed, what=f"G_{rest}")
+        eigenvalues[rest] = [float(v) for v in remainder.values]
+        del low_rank, remainder
 
     coordinates = _coordinates(group, grams["class"])
     class_gram = group.means.T @ gram @ group.means  # ⟨δ_c, δ_d⟩
     means = group.rows.T @ group.means.to(group.rows)  # δ_c as P × k columns
     spread = confidence_spread(deltas.log_sqrt_p, deltas.counts)
     # the C² group means and G_within's eigenvectors: not needed by the overlaps' solvers
-    del group, deltas, low_rank, remainder
+    del group, deltas
     class_basis = orthonormal_basis(means)
     overlap, top = {}, {}
     count = min(num_classes, problem.num_params)  # the top-C eigenspace, all of R^P when P ≤ C
