@@ -389,7 +389,7 @@ def check_writable(folder: Path) -> None:
     if (folder / "report.yaml").is_dir():
         raise InvalidInputError(
             f"{folder / 'report.yaml'} is a folder, where the report.yaml file will go; remove it "
-            "or choose another output folder with --output."
+            "or choose another output folder (--output on the command line)."
         )
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -400,7 +400,7 @@ def check_writable(folder: Path) -> None:
     except OSError as error:
         raise InvalidInputError(
             f"cannot write into the output folder {folder} ({error.strerror or error}); choose "
-            "another with --output."
+            "another (--output on the command line)."
         ) from error
 
 
