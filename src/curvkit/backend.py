@@ -55,7 +55,7 @@ from curvkit.linalg.operator import (
     integer,
     positive_number,
 )
-from curvkit.problem import Problem, free_memory
+from curvkit.problem import Problem
 from curvkit.report import Provenance
 
 MATRICES = ("hessian", "ggn", "residual")
@@ -259,9 +259,9 @@ class Backend:
         """Half the memory budget now (curvkit.problem.free_memory), in bytes, the smallest of
         all ranks' so that every rank takes the same route (a collective: every rank calls it
         at the same point); None when unknown."""
-        budgets = all_gather_objects(free_memory(self.problem.device), self.problem.group)
+        budgets = all_gather_objects(self.problem.half_budget(), self.problem.group)
         known = [b for b in budgets if b is not None]
-        return min(known) / 2 if known else None
+        return min(known) if known else None
 
     def class_sums_route(self) -> tuple[str | None, str]:
         """The route of Papyan's class sums (see CLASS_SUMS_ROUTES) and a sentence saying why,
@@ -296,8 +296,7 @@ class Backend:
                     "class_sums='per-example' asks for"
                 )
             routes = [wanted]
-        free = free_memory(self.problem.device)
-        budget = None if free is None else free / 2
+        budget = self.problem.half_budget()  # this rank's: class_deltas gathers the routes
         for route in routes:
             if budget is None or need[route] * size <= budget:
                 best = routes[0]

@@ -574,13 +574,20 @@ class Problem:
     def fingerprint(self) -> str:
         return fingerprint(self.model)
 
+    def half_budget(self) -> float | None:
+        """Half the memory budget on this rank (curvkit.problem.free_memory), in bytes, or None
+        if unknown: what one routine may hold at its peak, the rest left for the model and
+        the batches. ``Backend.memory_budget`` takes the smallest over the ranks."""
+        free = free_memory(self.device)
+        return None if free is None else free / 2
+
     @functools.cached_property
     def features(self) -> dict[str, str]:
         """The model's features that some libraries cannot handle (see curvkit.features),
         found in eval mode (BatchNorm refuses one example in training mode, and would update
         its running statistics) on the model, which comes back as it was."""
-        free = free_memory(self.device)
-        room = None if free is None else int(free / 2 // (self.num_params * self.dtype.itemsize))
+        half = self.half_budget()
+        room = None if half is None else int(half // (self.num_params * self.dtype.itemsize))
         with model_guard(self.model):
             return model_features(self.model, self.sample[0][:1], self.names, room)
 
