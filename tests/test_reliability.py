@@ -384,10 +384,11 @@ def test_classes_without_examples_are_named_in_a_short_warning():
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")  # torch's, on entry
 @pytest.mark.parametrize("name", BACKENDS)
 def test_the_callers_autograd_context_changes_nothing(name):
-    """Under torch.no_grad(), torch.inference_mode() (with data made there) and anomaly
-    detection, the same report, and the caller's settings afterwards (before: a misleading
-    refusal, raw errors from inference tensors, and vmap's 'Batching rule not implemented for
-    aten::item' on three backends)."""
+    """Under torch.no_grad(), torch.inference_mode() (with data made there), anomaly
+    detection and save_on_cpu's saved-tensor hooks, the same report, and the caller's
+    settings afterwards (before: a misleading refusal, raw errors from inference tensors,
+    vmap's 'Batching rule not implemented for aten::item' on three backends, and under
+    save_on_cpu every quantity refused on torchfunc and curvlinops, blaming the model)."""
     x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
     with torch.inference_mode():
         made_there = [(x[:20] * 1, y[:20] * 1), (x[20:] * 1, y[20:] * 1)]
@@ -397,11 +398,15 @@ def test_the_callers_autograd_context_changes_nothing(name):
         (torch.no_grad, digits_batches()),
         (torch.inference_mode, made_there),
         (torch.autograd.detect_anomaly, digits_batches()),
+        (torch.autograd.graph.save_on_cpu, digits_batches()),
     ]:
         model = tiny_model()
         with context():
             report = curvkit.analyze(model, data, options=QUICK, **kwargs)
-            assert not torch.is_grad_enabled() or torch.is_anomaly_enabled()
+            if context is torch.autograd.graph.save_on_cpu:  # its hooks are back
+                assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            else:
+                assert not torch.is_grad_enabled() or torch.is_anomaly_enabled()
         assert report.hessian.top_eigenvalues == plain.hessian.top_eigenvalues, context
         assert report.classmeans.trace == plain.classmeans.trace, context
 

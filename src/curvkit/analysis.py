@@ -38,6 +38,7 @@ from curvkit.loss import make_loss
 from curvkit.problem import (
     DEFAULT_CACHE_MB,
     Problem,
+    callers_saved_tensor_hooks_lifted,
     differentiable_kernels,
     fingerprint,
     model_guard,
@@ -142,6 +143,7 @@ def check_arguments(
 
 
 @differentiable_kernels()
+@callers_saved_tensor_hooks_lifted()
 def analyze(
     model: nn.Module,
     data: Iterable,

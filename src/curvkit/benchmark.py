@@ -37,7 +37,12 @@ from curvkit.comparison import compare_reports
 from curvkit.errors import CurvkitError, UnsupportedError
 from curvkit.linalg import Options
 from curvkit.linalg.operator import integer
-from curvkit.problem import Problem, differentiable_kernels, model_guard
+from curvkit.problem import (
+    Problem,
+    callers_saved_tensor_hooks_lifted,
+    differentiable_kernels,
+    model_guard,
+)
 from curvkit.registry import backend_list, get_backend
 from curvkit.report import Report, write_atomically, yaml_text
 
@@ -173,7 +178,7 @@ def _reference(
     problem_size = report["model"]["num_params"]
     if not matrices or problem_size > DENSE_LIMIT:
         return report, "torch.func, Lanczos to 1e-10"
-    with model_guard(model), differentiable_kernels():
+    with model_guard(model), differentiable_kernels(), callers_saved_tensor_hooks_lifted():
         engine = get_backend("torchfunc")(Problem(model, data))
         hessian = engine.dense_hessian() if {"hessian", "residual"} & set(matrices) else None
         ggn = engine.dense_ggn() if {"ggn", "residual"} & set(matrices) else None

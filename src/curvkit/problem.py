@@ -819,6 +819,27 @@ def differentiable_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def callers_saved_tensor_hooks_lifted() -> Iterator[None]:
+    """The caller's saved-tensor hooks (``torch.autograd.graph.save_on_cpu()``, ...) lifted
+    for the block and pushed back afterwards, in their order: torch.func's transforms refuse
+    to run under them (torchfunc and curvlinops refused every quantity, blaming the model),
+    and the tensors a curvature computation saves are curvkit's own."""
+    autograd = torch._C._autograd
+    if not hasattr(autograd, "_top_saved_tensors_default_hooks"):  # a torch without it
+        yield
+        return
+    lifted = []
+    while (hooks := autograd._top_saved_tensors_default_hooks(False)) is not None:
+        lifted.append(hooks)
+        autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(lifted):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+@contextlib.contextmanager
 def random_state_kept(model: nn.Module) -> Iterator[None]:
     """Run a block and put torch's global random state back afterwards (the CPU's and that of
     each GPU holding a parameter): every pass over a DataLoader draws its seed from it, and a
