@@ -38,7 +38,7 @@ from curvkit.loss import make_loss
 from curvkit.problem import (
     DEFAULT_CACHE_MB,
     Problem,
-    callers_saved_tensor_hooks_lifted,
+    callers_contexts_lifted,
     differentiable_kernels,
     fingerprint,
     model_guard,
@@ -143,7 +143,7 @@ def check_arguments(
 
 
 @differentiable_kernels()
-@callers_saved_tensor_hooks_lifted()
+@callers_contexts_lifted()
 def analyze(
     model: nn.Module,
     data: Iterable,

@@ -72,8 +72,9 @@ ROUTINES = {
     "gradients": "weighted gradient passes",
     "means": "class-mean gradient passes",
 }
-# E[M] ⊗ E[aaᵀ] assumes each layer runs once per example (every backend)
-SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",)}
+# E[M] ⊗ E[aaᵀ] assumes each layer runs once per example; every backend's Hessian products
+# come from autograd's or torch.func's second derivatives (every backend)
+SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",), "asymmetric_hessian": ("hvp",)}
 
 
 @functools.cache

@@ -39,7 +39,7 @@ from curvkit.linalg import Options
 from curvkit.linalg.operator import integer
 from curvkit.problem import (
     Problem,
-    callers_saved_tensor_hooks_lifted,
+    callers_contexts_lifted,
     differentiable_kernels,
     model_guard,
 )
@@ -178,7 +178,7 @@ def _reference(
     problem_size = report["model"]["num_params"]
     if not matrices or problem_size > DENSE_LIMIT:
         return report, "torch.func, Lanczos to 1e-10"
-    with model_guard(model), differentiable_kernels(), callers_saved_tensor_hooks_lifted():
+    with model_guard(model), differentiable_kernels(), callers_contexts_lifted():
         engine = get_backend("torchfunc")(Problem(model, data))
         hessian = engine.dense_hessian() if {"hessian", "residual"} & set(matrices) else None
         ggn = engine.dense_ggn() if {"ggn", "residual"} & set(matrices) else None

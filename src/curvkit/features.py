@@ -19,6 +19,10 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
 - ``per_example_transforms``: a forward pass that ``vmap`` over the examples cannot batch
   (Python control flow on the input's values, PReLU's batching rule), found by trying it on
   copies of the example;
+- ``asymmetric_hessian``: a forward pass whose second derivatives torch itself gets wrong
+  (torch's ``weight_norm``: autograd's Hessian products 2e-3 off symmetric, λ₁ 1.3715 for
+  1.3717 by finite differences), found as products that break the Hessian's symmetry; every
+  backend's Hessian products come from those derivatives, so the Hessian is refused;
 - ``jvp_of_jacrev`` / ``jvp_of_grad``: a forward pass whose Hessian-vector products these
   compositions of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
   route) cannot take (no forward-mode derivative of ``silu_backward``) or get wrong (torch's
@@ -34,6 +38,7 @@ rather than trusted.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +60,9 @@ BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 # vectors of the selected parameters' size that the transform checks hold at their peak:
 # two tangents, their exact products, the compositions' products and their flat copies
 CHECK_VECTORS = 8
+# and, for the symmetry check of a float32 model in float64 (``_asymmetry``), beside them: the
+# copy's parameters, tangents, products and double backward's gradients, each twice as wide
+WIDE_CHECK_VECTORS = 16
 
 
 def model_features(
@@ -110,7 +118,8 @@ def model_features(
         )
         features.update(dict.fromkeys(UNCHECKED, unchecked))
     elif not refused and "backward_hooks" not in features:
-        features.update(_second_order_faults(model, example, params))
+        wide = room is None or room >= CHECK_VECTORS + WIDE_CHECK_VECTORS
+        features.update(_second_order_faults(model, example, params, wide))
         unbatchable = _unbatchable(model, example, params)
         if unbatchable:
             features["per_example_transforms"] = unbatchable
@@ -158,21 +167,35 @@ def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -
     return ""
 
 
-def _second_order_faults(
-    model: nn.Module, example: Tensor, params: dict[str, Tensor]
-) -> dict[str, str]:
-    """The compositions of torch.func's transforms whose products with the Hessian of
-    ``½‖f‖² + Σf`` on the example (second derivatives of every operation of the forward pass)
-    fail, or differ from autograd's double backward beyond rounding."""
-    generator = torch.Generator(device=example.device).manual_seed(0)
-    tangents = {
-        n: torch.randn((2, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
-        for n, p in params.items()
-    }
+def _probe(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+    """``½‖f‖² + Σf`` on the example as a function of the parameters: its Hessian holds the
+    second derivatives of every operation of the forward pass."""
 
     def objective(values: dict[str, Tensor]) -> Tensor:
         out = torch.func.functional_call(model, values, (example,))
         return 0.5 * (out * out).sum() + out.sum()
+
+    return objective
+
+
+def _tangents(params: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Two fixed random directions in the parameters, as (2, *shape) per parameter."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return {
+        n: torch.randn((2, *p.shape), generator=generator, dtype=p.dtype, device=p.device)
+        for n, p in params.items()
+    }
+
+
+def _second_order_faults(
+    model: nn.Module, example: Tensor, params: dict[str, Tensor], wide: bool = True
+) -> dict[str, str]:
+    """The compositions of torch.func's transforms whose products with the Hessian of
+    ``_probe`` fail, or differ from autograd's double backward beyond rounding; and
+    ``asymmetric_hessian`` when double backward itself is wrong (``_asymmetry``; ``wide``:
+    a float32 model may be checked on a float64 copy)."""
+    tangents = _tangents(params, example.device)
+    objective = _probe(model, example)
 
     def flat(products: dict[str, Tensor]) -> Tensor:
         return torch.cat([products[n].reshape(2, -1) for n in params], dim=1)
@@ -185,6 +208,13 @@ def _second_order_faults(
             f"({first_line(error)[:160].rstrip('.')}), as every curvature product needs; "
             "replace that operation by one torch differentiates twice."
         ) from error
+    faults = {}
+    off, rounding = _asymmetry(model, example, params, exact, flat(tangents), wide)
+    if off > rounding:
+        faults["asymmetric_hessian"] = (
+            "a forward pass whose second derivatives torch gets wrong (Hessian products "
+            f"{off:.0e} off symmetric; a torch bug such as weight_norm's)"
+        )
     compositions = {
         "jvp_of_jacrev": torch.func.jacrev(objective),
         "jvp_of_grad": torch.func.grad(objective),
@@ -192,7 +222,6 @@ def _second_order_faults(
     # 10⁴ ulps in float64; in float32 1e-2, as a GPU's TF32 convolutions round to 1e-3 (the
     # layer_norm fault: 3e-2 in float64, 6e-2 in float32)
     rounding = 1e4 * torch.finfo(exact.dtype).eps if exact.dtype == torch.float64 else 1e-2
-    faults = {}
     for feature, gradient_of in compositions.items():
         words = feature.replace("_", " ")
         try:  # as curvlinops and torchfunc run them: without gradients (silu fails only so),
@@ -214,6 +243,51 @@ def _second_order_faults(
                 f"({off:.0e} off autograd's; a torch bug such as layer_norm's)"
             )
     return faults
+
+
+def _asymmetry(
+    model: nn.Module,
+    example: Tensor,
+    params: dict[str, Tensor],
+    exact: Tensor,
+    directions: Tensor,
+    wide: bool,
+) -> tuple[float, float]:
+    """How far autograd's Hessian products ``exact`` = H [t₀ t₁] (rows, of ``_probe``) are
+    from symmetric, ``|t₁ᵀ H t₀ − t₀ᵀ H t₁|`` over the products' scale, and the rounding
+    allowed. A Hessian is symmetric; double backward of some operations is not (torch's
+    weight_norm: 2e-3 off in float64), and every backend's Hessian products come from
+    autograd or torch.func, which share those formulas. A float32 model is checked on a float64
+    copy, where rounding (1e-18 measured) cannot hide a fault of 1e-4; when no copy can be
+    made (the model has no float64 form) or none fits the memory budget (not ``wide``), in
+    float32 with 1e-3 allowed."""
+    rounding = 1e4 * torch.finfo(torch.float64).eps
+    if exact.dtype != torch.float64:
+        widened = _float64_products(model, example, params) if wide else None
+        if widened is None:
+            rounding = 1e-3
+        else:
+            directions, exact = widened
+    t, h = directions.double(), exact.double()
+    forth, back = float(t[1] @ h[0]), float(t[0] @ h[1])
+    scale = float(t[1].norm() * h[0].norm() + t[0].norm() * h[1].norm()) / 2
+    return abs(forth - back) / max(scale, 1e-300), rounding
+
+
+def _float64_products(
+    model: nn.Module, example: Tensor, params: dict[str, Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """The two directions and autograd's Hessian products of ``_probe`` on a float64 copy of
+    the model, as (2, P) each; None when the model has no float64 form."""
+    try:
+        double = copy.deepcopy(model).double()
+        double_params = {n: p.detach() for n, p in double.named_parameters() if n in params}
+        double_example = example.double() if example.is_floating_point() else example
+        tangents = _tangents(double_params, example.device)
+        exact = _double_backward(_probe(double, double_example), double_params, tangents)
+    except Exception:  # noqa: BLE001 (whatever fails, the model is checked in its precision)
+        return None
+    return torch.cat([tangents[n].reshape(2, -1) for n in params], dim=1), exact
 
 
 def _double_backward(

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.jit import ScriptModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 
 from curvkit.distributed import (
     Group,
@@ -819,22 +820,27 @@ def differentiable_kernels() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def callers_saved_tensor_hooks_lifted() -> Iterator[None]:
-    """The caller's saved-tensor hooks (``torch.autograd.graph.save_on_cpu()``, ...) lifted
-    for the block and pushed back afterwards, in their order: torch.func's transforms refuse
-    to run under them (torchfunc and curvlinops refused every quantity, blaming the model),
-    and the tensors a curvature computation saves are curvkit's own."""
+def callers_contexts_lifted() -> Iterator[None]:
+    """Two of the caller's contexts lifted for the block and put back afterwards:
+
+    - saved-tensor hooks (``torch.autograd.graph.save_on_cpu()``, ...), popped and pushed back
+      in their order: torch.func's transforms refuse to run under them (torchfunc and
+      curvlinops refused every quantity, blaming the model);
+    - ``torch.nn.utils.parametrize.cached()``, whose cached weights hide the parametrizations'
+      parameters from every derivative (they were left out as unused, and G of the others
+      reported): caching off, the caller's cache untouched.
+    """
     autograd = torch._C._autograd
-    if not hasattr(autograd, "_top_saved_tensors_default_hooks"):  # a torch without it
-        yield
-        return
     lifted = []
-    while (hooks := autograd._top_saved_tensors_default_hooks(False)) is not None:
-        lifted.append(hooks)
-        autograd._pop_saved_tensors_default_hooks()
+    if hasattr(autograd, "_top_saved_tensors_default_hooks"):  # torch ≥ 2.2
+        while (hooks := autograd._top_saved_tensors_default_hooks(False)) is not None:
+            lifted.append(hooks)
+            autograd._pop_saved_tensors_default_hooks()
+    caching, parametrize._cache_enabled = parametrize._cache_enabled, 0
     try:
         yield
     finally:
+        parametrize._cache_enabled = caching
         for pack, unpack in reversed(lifted):
             autograd._push_saved_tensors_default_hooks(pack, unpack)
 
