@@ -33,7 +33,8 @@ A forward pass that autograd itself cannot differentiate twice (``EmbeddingBag``
 feature but a refusal: every backend's products need second derivatives. The transform checks
 hold CHECK_VECTORS vectors of the parameters' size; when these do not fit half the memory
 budget the three transform features are set as unchecked, so the routes they guard are refused
-rather than trusted.
+rather than trusted. The symmetry check is then skipped too, and the Hessian trusted: it is
+every backend's, so refusing it for want of memory would leave no route at all.
 """
 
 from __future__ import annotations
