@@ -216,6 +216,8 @@ class TiedLayers(torch.nn.Module):
         ({"generator": 5}, "generator must be a CPU torch.Generator"),
         ({"loss_fn": None}, "loss_fn must be a function"),
         ({"inputs": [[0.0] * 64]}, "inputs and targets must be torch tensors, got list"),
+        # a raw "differentiated Tensor ... not used in the graph" (its weight is computed anew)
+        ({"layers": ["head"], "weight_norm": True}, "weight of layer head is parametrized"),
     ],
 )
 def test_trace_penalty_refuses_what_it_would_get_wrong(arguments, match):
@@ -223,6 +225,8 @@ def test_trace_penalty_refuses_what_it_would_get_wrong(arguments, match):
     independent probes, a string read as single-letter layer names) or a raw autograd error."""
     model = TiedLayers().double()
     model.head.weight.requires_grad_(not arguments.pop("frozen", False))
+    if arguments.pop("weight_norm", False):
+        torch.nn.utils.parametrizations.weight_norm(model.head)
     reduction = arguments.pop("reduction", "mean")
     x, y = curvkit.datasets.digits_tensors(samples_per_class=2)
 

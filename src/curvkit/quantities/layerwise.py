@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError, listed, shown, warn
@@ -282,6 +283,13 @@ def layer_trace_penalty(
         raise InvalidInputError(
             f"layers {repeated[0]} name one weight more than once; name each weight once (a "
             "repeat would count its block twice, with independent probes)."
+        )
+    parametrized = [n for n in layers if parametrize.is_parametrized(modules[n], "weight")]
+    if parametrized:  # its .weight is computed anew on each access, outside the loss's graph
+        raise InvalidInputError(
+            f"the weight of layer {parametrized[0]} is parametrized (weight_norm, "
+            "spectral_norm, ...), so it is no Parameter whose Hessian block could be probed; "
+            "leave the layer out."
         )
     frozen = [n for n, w in zip(layers, weights) if not w.requires_grad]
     if frozen:
