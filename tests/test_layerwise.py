@@ -101,12 +101,25 @@ class Conv1dNet(torch.nn.Module):
 
 
 def test_weights_layerwise_does_not_cover_are_named():
-    """A Conv1d weight is not analysed layer by layer: said, no longer silently left out."""
+    """A Conv1d weight, and a Linear whose weight a parametrization computes from other
+    Parameters (orthogonal), are not analysed layer by layer: said, no longer silently left
+    out (the parametrized one was, until the eighth adversarial pass)."""
     x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
-    with pytest.warns(UserWarning, match=r"Conv2d weights only; it leaves out conv \(Conv1d\)"):
-        report = curvkit.analyze(Conv1dNet().double(), [(x, y)], quantities=["layerwise"],
-                                 top_k=2, progress=False, options={"trace_matvecs": 0})  # fmt: skip
+    model = Conv1dNet().double()
+    with pytest.warns(UserWarning, match=r"Conv2d layers only; it leaves out conv \(Conv1d\)"):
+        report = curvkit.analyze(model, [(x, y)], quantities=["layerwise"], top_k=2,
+                                 progress=False, options={"trace_matvecs": 0})  # fmt: skip
     assert list(report.layerwise) == ["head"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 8),
+        torch.nn.Tanh(),
+        torch.nn.utils.parametrizations.orthogonal(torch.nn.Linear(8, 10)),
+    ).double()
+    with pytest.warns(UserWarning, match=r"leaves out 2 \(ParametrizedLinear\)"):
+        report = curvkit.analyze(model, [(x, y)], quantities=["layerwise"], top_k=2,
+                                 progress=False, options={"trace_matvecs": 0})  # fmt: skip
+    assert list(report.layerwise) == ["0"]
 
 
 @pytest.mark.parametrize("backend", backend_params("kronecker_factors", minimal=False))

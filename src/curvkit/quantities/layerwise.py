@@ -105,16 +105,22 @@ def layerwise(
     """
     problem, options = backend.problem, backend.options
     names = kronecker_layers(problem)  # at least one (Backend.refusal)
-    other = [
+    other = [  # a parametrized weight (ParametrizedLinear) is computed from other Parameters
         f"{n} ({type(m).__name__})"
         for n, m in problem.model.named_modules()
         if n not in names
         and isinstance(getattr(m, "weight", None), torch.Tensor)
         and m.weight.dim() >= 2
-        and f"{n}.weight" in problem.names
+        and any(
+            p == f"{n}.weight" or p.startswith(f"{n}.parametrizations.weight.")
+            for p in problem.names
+        )  # fmt: skip
     ]
     if other:
-        warn(f"layerwise analyses Linear and Conv2d weights only; it leaves out {listed(other)}.")
+        warn(
+            "layerwise analyses the Parameter weights of Linear and Conv2d layers only; it "
+            f"leaves out {listed(other)}."
+        )
     kept, skipped = backend.kronecker_plan()
     start, passes = time.perf_counter(), backend.passes
     factors = backend.kronecker_factors() if kept else {}
