@@ -1509,6 +1509,40 @@ def test_second_derivatives_torch_gets_wrong_refuse_the_hessian(name, dtype):
     assert report.ggn.top_eigenvalues[0] == pytest.approx(exact_ggn, rel=rtol)
 
 
+class Determinant(nn.Module):
+    """The tiny model's hidden layer scaled by the determinant of a 2 × 2 block of itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        block = h.view(-1, 2, 4)[:, :, :2] + 2 * torch.eye(2, dtype=h.dtype)
+        return self.net[2](torch.linalg.det(block)[:, None] * h)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_per_example_jacobians_vmap_gets_wrong_are_refused(name):
+    """Under no_grad, as torchfunc takes them, vmap's per-example Jacobians through
+    torch.linalg.det are wrong (245 off on one example): torchfunc reported the exact tr G as
+    1.06e7 for 87.44, with stderr 0, and its class means from them. The features check now
+    compares vmap's Jacobians with jacrev's on the example alone: torchfunc's per-example
+    routes are refused with the reason (its tr G is then Hutch++'s, within 4 standard errors),
+    and every backend's numbers are right against the dense G (built with gradients on)."""
+    model, data = Determinant(), digits_batches()
+    x, _ = reference.all_data(data)
+    exact = float(torch.trace(reference.dense_ggn(model, x)))
+    report = curvkit.analyze(model, data, name, ["ggn", "classmeans"], top_k=2, progress=False,
+                             skip_unsupported=True, options=FEATURE_OPTIONS)  # fmt: skip
+    assert abs(report.ggn.trace - exact) <= 4 * report.ggn.trace_stderr + 1e-8 * exact
+    if name == "torchfunc":
+        assert "per-example Jacobians torch.func's vmap gets wrong" in report.skipped["classmeans"]
+    if report.classmeans is not None:
+        total, stderr = report.classmeans.trace["total"], report.classmeans.trace_stderr["total"]
+        assert abs(total - exact) <= 4 * stderr + 1e-8 * exact
+
+
 # Lanczos cannot tell the zero operator from a complement it has not explored: every random
 # block it restarts with is annihilated at once (the numbers are right)
 @pytest.mark.filterwarnings("ignore:curvkit.lanczos for .* did not converge")

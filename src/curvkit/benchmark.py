@@ -169,19 +169,18 @@ def _reference(
         report = analyze(
             model, data, "torchfunc", quantities, options={"lanczos_tol": 1e-10}, **common
         ).to_dict()
+        matrices = [q for q in quantities if q in MATRICES]
+        if not matrices or report["model"]["num_params"] > DENSE_LIMIT:
+            return report, "torch.func, Lanczos to 1e-10"
+        with model_guard(model), differentiable_kernels(), callers_contexts_lifted():
+            engine = get_backend("torchfunc")(Problem(model, data))
+            hessian = engine.dense_hessian() if {"hessian", "residual"} & set(matrices) else None
+            ggn = engine.dense_ggn() if {"ggn", "residual"} & set(matrices) else None
     except UnsupportedError as error:
         raise UnsupportedError(
             f"bench holds every backend to torch.func's numbers, but {str(error).rstrip('.')}; "
             "check the backends against each other with curvkit.compare instead."
         ) from error
-    matrices = [q for q in quantities if q in MATRICES]
-    problem_size = report["model"]["num_params"]
-    if not matrices or problem_size > DENSE_LIMIT:
-        return report, "torch.func, Lanczos to 1e-10"
-    with model_guard(model), differentiable_kernels(), callers_contexts_lifted():
-        engine = get_backend("torchfunc")(Problem(model, data))
-        hessian = engine.dense_hessian() if {"hessian", "residual"} & set(matrices) else None
-        ggn = engine.dense_ggn() if {"ggn", "residual"} & set(matrices) else None
     dense = {"hessian": hessian, "ggn": ggn}
     if "residual" in matrices:
         dense["residual"] = hessian - ggn

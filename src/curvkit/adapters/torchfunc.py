@@ -364,8 +364,10 @@ class TorchFuncBackend(Backend):
             )
 
     def dense_hessian(self) -> Tensor:
-        """The P × P Hessian of the data-set loss (small models only)."""
+        """The P × P Hessian of the data-set loss (small models only); refused where a model
+        feature makes torch's second derivatives wrong."""
         self._check_dense_size()
+        self.require("hvp")
         flat = self.problem.flatten([p.detach() for p in self.problem.params])
         loss = self.problem.loss
 
@@ -377,8 +379,10 @@ class TorchFuncBackend(Backend):
         return self.data_mean(batch_hessian)
 
     def dense_ggn(self) -> Tensor:
-        """The P × P Gauss–Newton matrix ``(1/N) Σ_i J_iᵀ H_i J_i``."""
+        """The P × P Gauss–Newton matrix ``(1/N) Σ_i J_iᵀ H_i J_i``, from the per-example
+        factors (refused where vmap's per-example Jacobians are wrong or fail)."""
         self._check_dense_size()
+        self.require("class_deltas")
         p = self.problem.num_params
 
         def batch_ggn(x: Tensor, y: Tensor) -> Tensor:
