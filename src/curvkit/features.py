@@ -160,17 +160,18 @@ def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -
     def combined(values: dict[str, Tensor], x: Tensor) -> Tensor:
         return torch.func.functional_call(model, values, (x.unsqueeze(0),)).squeeze(0) @ mix
 
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            copies = example.expand(3, *example.shape[1:])
-            batched = torch.func.vmap(torch.func.jacrev(combined), in_dims=(None, 0))(
-                params, copies
-            )
-    except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
-        first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
-        return f"a forward pass that torch.func cannot vmap over examples ({first})"
-    alone = torch.func.jacrev(combined)(params, example[0])
+    with warnings.catch_warnings():  # vmap's fallback warnings (jacrev vmaps too) unshown
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                copies = example.expand(3, *example.shape[1:])
+                batched = torch.func.vmap(torch.func.jacrev(combined), in_dims=(None, 0))(
+                    params, copies
+                )
+        except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
+            first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
+            return f"a forward pass that torch.func cannot vmap over examples ({first})"
+        alone = torch.func.jacrev(combined)(params, example[0])
     # relative to the Jacobian's norm, summed parameter by parameter (no flat copies: 8 P
     # numbers at the peak, within CHECK_VECTORS)
     error = sum(float((batched[n] - alone[n]).square().sum()) for n in params)
