@@ -177,14 +177,20 @@ def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -
     error = sum(float((batched[n] - alone[n]).square().sum()) for n in params)
     norm = 3 * sum(float(alone[n].square().sum()) for n in params)
     off = (error / max(norm, 1e-300)) ** 0.5
-    # 10⁴ ulps in float64; in float32 1e-2, as a GPU's batched kernels may round differently
-    dtype = next(iter(alone.values())).dtype
-    if off > (1e4 * torch.finfo(dtype).eps if dtype == torch.float64 else 1e-2):
+    if off > _rounding(next(iter(alone.values())).dtype):
         return (
             f"a forward pass whose per-example Jacobians torch.func's vmap gets wrong ({off:.0e} "
             "off jacrev's on the example alone; a torch batching-rule bug such as linalg.det's)"
         )
     return ""
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """How far two torch.func routes to the same derivatives may differ by rounding, relative:
+    10⁴ ulps in float64; in float32 1e-2, as a GPU's TF32 convolutions and batched kernels
+    round to 1e-3 (the faults found: layer_norm's 3e-2 in float64, 6e-2 in float32; det's
+    of order 1)."""
+    return 1e4 * torch.finfo(dtype).eps if dtype == torch.float64 else 1e-2
 
 
 def _probe(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
@@ -239,9 +245,7 @@ def _second_order_faults(
         "jvp_of_jacrev": torch.func.jacrev(objective),
         "jvp_of_grad": torch.func.grad(objective),
     }
-    # 10⁴ ulps in float64; in float32 1e-2, as a GPU's TF32 convolutions round to 1e-3 (the
-    # layer_norm fault: 3e-2 in float64, 6e-2 in float32)
-    rounding = 1e4 * torch.finfo(exact.dtype).eps if exact.dtype == torch.float64 else 1e-2
+    rounding = _rounding(exact.dtype)
     for feature, gradient_of in compositions.items():
         words = feature.replace("_", " ")
         try:  # as curvlinops and torchfunc run them: without gradients (silu fails only so),
@@ -281,7 +285,7 @@ def _asymmetry(
     copy, where rounding (1e-18 measured) cannot hide a fault of 1e-4; when no copy can be
     made (the model has no float64 form) or none fits the memory budget (not ``wide``), in
     float32 with 1e-3 allowed."""
-    rounding = 1e4 * torch.finfo(torch.float64).eps
+    rounding = _rounding(torch.float64)
     if exact.dtype != torch.float64:
         widened = _float64_products(model, example, params) if wide else None
         if widened is None:
