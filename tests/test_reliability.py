@@ -1504,9 +1504,95 @@ def test_second_derivatives_torch_gets_wrong_refuse_the_hessian(name, dtype):
     if name == "curvlinops":  # it refuses parametrizations altogether
         assert "parametrized" in report.skipped["hessian"]
         return
-    assert "second derivatives torch gets wrong" in report.skipped["hessian"]
+    assert "second derivatives autograd gets wrong" in report.skipped["hessian"]
     rtol = 1e-4 if name == "pyhessian" or dtype == torch.float32 else 1e-6
     assert report.ggn.top_eigenvalues[0] == pytest.approx(exact_ggn, rel=rtol)
+
+
+class SwishWithoutSecondDerivatives(torch.autograd.Function):
+    """x·σ(x) whose backward computes its derivative σ(x)(1 + x(1 − σ(x))) without gradients
+    (as memory-saving activations do): first derivatives right, σ'' lost in double backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, gradient):
+        (x,) = ctx.saved_tensors
+        with torch.no_grad():
+            s = torch.sigmoid(x)
+            derivative = s * (1 + x * (1 - s))
+        return gradient * derivative
+
+
+class SwishOnceDifferentiable(torch.autograd.Function):
+    """x·σ(x) with a ``once_differentiable`` backward: double backward silently gives zeros."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gradient):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return gradient * s * (1 + x * (1 - s))
+
+
+class SwishNet(nn.Module):
+    """The tiny model's layers around a swish activation given as a function."""
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        self.net, self.activation = tiny_model(), activation
+
+    def forward(self, x):
+        return self.net[2](self.activation(self.net[0](x)))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("activation", ["no_grad", "once_differentiable"])
+def test_backward_that_does_not_differentiate_is_refused(name, activation):
+    """A user's autograd.Function whose backward computes without gradients: double backward
+    loses σ'' (a symmetric part: the symmetry check cannot see it) and backpack, pyhessian and
+    torchfunc reported the Hessian's λ₁ 0.773 for 0.986; with ``once_differentiable`` double
+    backward gives zeros without an error, and backpack and pyhessian reported G's λ₁ 0.17 for
+    0.67 (BackPACK's R-op takes J v by double backward). curvlinops crashed in forward-mode AD
+    ("You must implement the jvp function"). The features check now compares autograd's
+    Hessian products with differences of the gradients, and J v by the double-vjp trick with
+    differences of the logits: what they break is refused on every backend with the reason,
+    and G, where computed, is right (1e-6 against the dense G of the same network with torch's
+    own swish)."""
+    function = {"no_grad": SwishWithoutSecondDerivatives, "once_differentiable": SwishOnceDifferentiable}
+    model, plain = SwishNet(function[activation].apply), SwishNet(nn.functional.silu)
+    data = digits_batches()
+    x, _ = reference.all_data(data)
+    exact_ggn = float(torch.linalg.eigvalsh(reference.dense_ggn(plain, x))[-1])
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
+                             skip_unsupported=True, options=FEATURE_OPTIONS)  # fmt: skip
+    assert report.hessian is None
+    torch_func = name in ("torchfunc", "curvlinops") and activation == "once_differentiable"
+    words = {  # torch.func refuses an autograd.Function without setup_context outright
+        "hessian": "cannot transform" if torch_func else "second derivatives autograd gets wrong",
+        "ggn": "cannot transform" if torch_func else "double-vjp trick autograd gets wrong",
+    }
+    assert words["hessian"] in report.skipped["hessian"]
+    if name == "curvlinops" and activation == "no_grad":  # its G products need jvp
+        assert "jvp cannot take" in report.skipped["ggn"]
+    elif activation == "once_differentiable":
+        assert words["ggn"] in report.skipped["ggn"]
+    else:
+        rtol = 1e-4 if name == "pyhessian" else 1e-6
+        assert report.ggn.top_eigenvalues[0] == pytest.approx(exact_ggn, rel=rtol)
 
 
 class Determinant(nn.Module):

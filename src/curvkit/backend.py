@@ -74,7 +74,11 @@ ROUTINES = {
 }
 # E[M] ⊗ E[aaᵀ] assumes each layer runs once per example; every backend's Hessian products
 # come from autograd's or torch.func's second derivatives (every backend)
-SHARED_LIMITS = {"shared_parameters": ("kronecker_factors",), "asymmetric_hessian": ("hvp",)}
+SHARED_LIMITS = {
+    "shared_parameters": ("kronecker_factors",),
+    "wrong_hessian": ("hvp",),
+    "wrong_jacobian_products": ("hvp", "ggnvp"),
+}
 
 
 @functools.cache

@@ -19,22 +19,31 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
 - ``per_example_transforms``: a forward pass that ``vmap`` over the examples cannot batch
   (Python control flow on the input's values, PReLU's batching rule), found by trying it on
   copies of the example;
-- ``asymmetric_hessian``: a forward pass whose second derivatives torch itself gets wrong
-  (torch's ``weight_norm``: autograd's Hessian products 2e-3 off symmetric, λ₁ 1.3715 for
-  1.3717 by finite differences), found as products that break the Hessian's symmetry; every
-  backend's Hessian products come from those derivatives, so the Hessian is refused;
-- ``jvp_of_jacrev`` / ``jvp_of_grad``: a forward pass whose Hessian-vector products these
-  compositions of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
-  route) cannot take (no forward-mode derivative of ``silu_backward``) or get wrong (torch's
-  ``layer_norm`` with affine weights, 3–8 % off: pytorch/pytorch#196700), found by comparing two
-  products on the example with autograd's double backward.
+- ``wrong_hessian``: a forward pass whose second derivatives autograd itself gets wrong, found
+  as Hessian products that break the Hessian's symmetry (torch's ``weight_norm``: 2e-3 off,
+  λ₁ 1.3715 for 1.3717) or that differ steadily from finite differences of the gradients (a
+  user's ``autograd.Function`` whose backward computes without gradients: 46 % off, λ₁ 0.77
+  for 0.99); every backend's Hessian products come from those derivatives, so the Hessian is
+  refused;
+- ``wrong_jacobian_products``: a forward pass whose Jacobian products J v by the double-vjp
+  trick (G's products on BackPACK, PyHessian and torchfunc's reverse route) fail or differ
+  from finite differences of the logits (an ``autograd.Function`` with a
+  ``once_differentiable`` backward: G's λ₁ 0.17 for 0.67); G and the Hessian are refused;
+- ``jvp_of_jacrev`` / ``jvp_of_grad`` / ``forward_mode``: a forward pass whose products these
+  routes of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
+  route; curvlinops' G, by jvp of the logits) cannot take (no forward-mode derivative of
+  ``silu_backward``, an ``autograd.Function`` without ``jvp``) or get wrong (torch's
+  ``layer_norm`` with affine weights, 3–8 % off: pytorch/pytorch#196700), found by comparing
+  two products on the example with autograd's.
 
 A forward pass that autograd itself cannot differentiate twice (``EmbeddingBag``) is no
 feature but a refusal: every backend's products need second derivatives. The transform checks
 hold CHECK_VECTORS vectors of the parameters' size; when these do not fit half the memory
-budget the three transform features are set as unchecked, so the routes they guard are refused
-rather than trusted. The symmetry check is then skipped too, and the Hessian trusted: it is
-every backend's, so refusing it for want of memory would leave no route at all.
+budget the transform features are set as unchecked, so the routes they guard are refused
+rather than trusted. The autograd checks are then skipped too, and the Hessian and G trusted:
+they are every backend's, so refusing them for want of memory would leave no route at all.
+Without room for WIDE_CHECK_VECTORS more (a float64 copy of a float32 model) only the symmetry
+is checked, in the model's precision.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from torch.utils._pytree import tree_leaves
 from curvkit.errors import UnsupportedError, first_line, listed
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
-UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "per_example_transforms")  # tried on the example
+UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "forward_mode", "per_example_transforms")  # tried on the example
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 
 
@@ -64,6 +73,9 @@ CHECK_VECTORS = 8
 # and, for the symmetry check of a float32 model in float64 (``_asymmetry``), beside them: the
 # copy's parameters, tangents, products and double backward's gradients, each twice as wide
 WIDE_CHECK_VECTORS = 16
+# the finite differences' step (``_steady_gap``), relative to the parameters' norm: in float64
+# rounding (1e-16 / step) and truncation (step²) both stay near 1e-10
+FINITE_STEP = 1e-5
 
 
 def model_features(
@@ -118,13 +130,28 @@ def model_features(
             "parameters' size exceed half the memory budget)"
         )
         features.update(dict.fromkeys(UNCHECKED, unchecked))
-    elif not refused and "backward_hooks" not in features:
+    elif "backward_hooks" not in features:
         wide = room is None or room >= CHECK_VECTORS + WIDE_CHECK_VECTORS
-        features.update(_second_order_faults(model, example, params, wide))
-        unbatchable = _unbatchable(model, example, params)
-        if unbatchable:
-            features["per_example_transforms"] = unbatchable
+        try:
+            faults, exact = _autograd_faults(model, example, params, wide)
+        except UnsupportedError:
+            if not refused:
+                raise
+            faults = {}  # torch.func cannot run it either: the backends' own errors say why
+        features.update(faults)
+        if not refused:
+            features.update(_transform_faults(model, example, params, exact))
+            unbatchable = _unbatchable(model, example, params)
+            if unbatchable:
+                features["per_example_transforms"] = unbatchable
     return features
+
+
+def _call(model: nn.Module, values: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The model's output on ``x`` at the parameters ``values``, with its buffers passed too:
+    a forward that rebinds one (``self.calls = self.calls + 1``) then leaves no tensor of a
+    finished transform on the model for the next check to trip over."""
+    return torch.func.functional_call(model, {**dict(model.named_buffers()), **values}, (x,))
 
 
 def _untransformable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -> str:
@@ -132,7 +159,7 @@ def _untransformable(model: nn.Module, example: Tensor, params: dict[str, Tensor
     gradient of the summed logits through ``functional_call``, as torch.func backends take it."""
 
     def total(values: dict[str, Tensor]) -> Tensor:
-        return torch.func.functional_call(model, values, (example,)).sum()
+        return _call(model, values, example).sum()
 
     try:
         torch.func.grad(total)(params)
@@ -154,11 +181,11 @@ def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -
     87.4)."""
     generator = torch.Generator(device=example.device).manual_seed(0)
     with torch.no_grad():
-        out = torch.func.functional_call(model, params, (example,))
+        out = _call(model, params, example)
     mix = torch.randn(out.shape[-1], 2, generator=generator, dtype=out.dtype, device=out.device)
 
     def combined(values: dict[str, Tensor], x: Tensor) -> Tensor:
-        return torch.func.functional_call(model, values, (x.unsqueeze(0),)).squeeze(0) @ mix
+        return _call(model, values, x.unsqueeze(0)).squeeze(0) @ mix
 
     with warnings.catch_warnings():  # vmap's fallback warnings (jacrev vmaps too) unshown
         warnings.simplefilter("ignore")
@@ -198,7 +225,7 @@ def _probe(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], T
     second derivatives of every operation of the forward pass."""
 
     def objective(values: dict[str, Tensor]) -> Tensor:
-        out = torch.func.functional_call(model, values, (example,))
+        out = _call(model, values, example)
         return 0.5 * (out * out).sum() + out.sum()
 
     return objective
@@ -213,105 +240,233 @@ def _tangents(params: dict[str, Tensor], device: torch.device) -> dict[str, Tens
     }
 
 
-def _second_order_faults(
-    model: nn.Module, example: Tensor, params: dict[str, Tensor], wide: bool = True
-) -> dict[str, str]:
-    """The compositions of torch.func's transforms whose products with the Hessian of
-    ``_probe`` fail, or differ from autograd's double backward beyond rounding; and
-    ``asymmetric_hessian`` when double backward itself is wrong (``_asymmetry``; ``wide``:
-    a float32 model may be checked on a float64 copy)."""
+def _autograd_faults(
+    model: nn.Module, example: Tensor, params: dict[str, Tensor], wide: bool
+) -> tuple[dict[str, str], Tensor]:
+    """``wrong_hessian`` and ``wrong_jacobian_products`` when autograd's own derivatives of the
+    forward pass, on which every backend's products rest, are wrong; and autograd's Hessian
+    products of ``_probe`` (2, P), the reference for torch.func's routes.
+
+    A Hessian is symmetric, and its products are the derivatives of the gradient: double
+    backward of torch's weight_norm is 2e-3 off symmetric (λ₁ 1.3715 for 1.3717), and a user's
+    ``autograd.Function`` whose backward computes without gradients loses terms of the
+    Hessian, symmetric ones too (46 % off the differences of its gradients). G's products take
+    J v by the double-vjp trick ∂/∂u ⟨Jᵀu, v⟩ (BackPACK's R-op, torchfunc's reverse route, the
+    surrogates' double backward), which a ``once_differentiable`` backward breaks (G's λ₁ 0.17
+    for 0.67): checked against differences of the logits. The differences are taken in float64
+    (on a copy of a float32 model, when ``wide``: the copy fits the memory budget); without
+    them only the symmetry is checked, in float32 with 1e-3 allowed."""
     tangents = _tangents(params, example.device)
-    objective = _probe(model, example)
-
-    def flat(products: dict[str, Tensor]) -> Tensor:
-        return torch.cat([products[n].reshape(2, -1) for n in params], dim=1)
-
     try:
-        exact = _double_backward(objective, params, tangents)
+        exact = _double_backward(_probe(model, example), params, tangents)
     except (NotImplementedError, RuntimeError) as error:
         raise UnsupportedError(
             "torch cannot differentiate the model's forward pass twice "
             f"({first_line(error)[:160].rstrip('.')}), as every curvature product needs; "
             "replace that operation by one torch differentiates twice."
         ) from error
+    form = _float64_form(model, example, params) if wide else None
+    if form is None:  # the symmetry alone, in the model's precision
+        rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
+        off, hessian_gap, jacobian_gap = _asymmetry(_flat(tangents, params), exact), 0.0, 0.0
+    else:
+        model, example, params = form
+        tangents = _tangents(params, example.device)
+        products = exact
+        if exact.dtype != torch.float64:
+            products = _double_backward(_probe(model, example), params, tangents)
+        rounding = _rounding(torch.float64)
+        off = _asymmetry(_flat(tangents, params), products)
+        hessian_gap = _steady_gap(_gradient_of(_probe(model, example)), params, tangents, products)
+        try:
+            jacobian = _jacobian_products(model, example, params, tangents)
+            jacobian_gap = _steady_gap(_logits_of(model, example), params, tangents, jacobian)
+        except (NotImplementedError, RuntimeError):
+            jacobian_gap = float("inf")
     faults = {}
-    off, rounding = _asymmetry(model, example, params, exact, flat(tangents), wide)
-    if off > rounding:
-        faults["asymmetric_hessian"] = (
-            "a forward pass whose second derivatives torch gets wrong (Hessian products "
-            f"{off:.0e} off symmetric; a torch bug such as weight_norm's)"
+    if max(off, hessian_gap) > rounding:
+        evidence = (
+            f"{off:.0e} off symmetric"
+            if off > rounding
+            else f"{hessian_gap:.0e} off the differences of the gradients"
         )
-    compositions = {
-        "jvp_of_jacrev": torch.func.jacrev(objective),
-        "jvp_of_grad": torch.func.grad(objective),
+        faults["wrong_hessian"] = (
+            f"a forward pass whose second derivatives autograd gets wrong (Hessian products "
+            f"{evidence}; a torch bug such as weight_norm's, or an autograd.Function whose "
+            "backward does not differentiate)"
+        )
+    if jacobian_gap > rounding:
+        evidence = (
+            f"{jacobian_gap:.0e} off the differences of the logits"
+            if jacobian_gap < float("inf")
+            else "failing"
+        )
+        faults["wrong_jacobian_products"] = (
+            "a forward pass whose Jacobian products by the double-vjp trick autograd gets "
+            f"wrong ({evidence}; an autograd.Function whose backward does not differentiate)"
+        )
+    return faults, exact
+
+
+def _transform_faults(
+    model: nn.Module, example: Tensor, params: dict[str, Tensor], exact: Tensor
+) -> dict[str, str]:
+    """The routes of torch.func's transforms whose products fail, or differ from autograd's
+    beyond rounding: the Hessian products of ``_probe`` (``exact``) as jvp of jacrev and as jvp
+    of grad, and the logits' Jacobian products as jvp (``forward_mode``)."""
+    tangents = _tangents(params, example.device)
+    objective = _probe(model, example)
+    routes = {
+        "jvp_of_jacrev": ("Hessian", torch.func.jacrev(objective), exact),
+        "jvp_of_grad": ("Hessian", torch.func.grad(objective), exact),
+        "forward_mode": ("Jacobian", _logits_of(model, example), None),
     }
+    try:  # the reference of jvp (when the double-vjp trick fails, only jvp's failure counts)
+        routes["forward_mode"] = (
+            "Jacobian",
+            _logits_of(model, example),
+            _jacobian_products(model, example, params, tangents),
+        )
+    except (NotImplementedError, RuntimeError):
+        pass
     rounding = _rounding(exact.dtype)
-    for feature, gradient_of in compositions.items():
-        words = feature.replace("_", " ")
+    faults = {}
+    for feature, (what, function, reference) in routes.items():
+        words = "jvp" if feature == "forward_mode" else feature.replace("_", " ")
         try:  # as curvlinops and torchfunc run them: without gradients (silu fails only so),
             with torch.no_grad(), warnings.catch_warnings():  # vmap's fallback warnings unshown
                 warnings.simplefilter("ignore")
                 product = torch.func.vmap(
-                    lambda t, grad_of=gradient_of: torch.func.jvp(grad_of, (params,), (t,))[1]
+                    lambda t, f=function: torch.func.jvp(f, (params,), (t,))[1]
                 )(tangents)
         except Exception as error:  # noqa: BLE001 (whatever it raises, that route cannot run)
             first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
             faults[feature] = (
-                f"a forward pass whose Hessian products torch.func's {words} cannot take ({first})"
+                f"a forward pass whose {what} products torch.func's {words} cannot take ({first})"
             )
             continue
-        off = float((flat(product) - exact).norm() / exact.norm().clamp_min(1e-300))
+        if reference is None:
+            continue
+        got = product if isinstance(product, Tensor) else _flat(product, params)
+        off = float((got - reference).norm() / reference.norm().clamp_min(1e-300))
         if off > rounding:
             faults[feature] = (
-                f"a forward pass whose Hessian products torch.func's {words} gets wrong "
+                f"a forward pass whose {what} products torch.func's {words} gets wrong "
                 f"({off:.0e} off autograd's; a torch bug such as layer_norm's)"
             )
     return faults
 
 
-def _asymmetry(
-    model: nn.Module,
-    example: Tensor,
-    params: dict[str, Tensor],
-    exact: Tensor,
-    directions: Tensor,
-    wide: bool,
-) -> tuple[float, float]:
-    """How far autograd's Hessian products ``exact`` = H [t₀ t₁] (rows, of ``_probe``) are
-    from symmetric, ``|t₁ᵀ H t₀ − t₀ᵀ H t₁|`` over the products' scale, and the rounding
-    allowed. A Hessian is symmetric; double backward of some operations is not (torch's
-    weight_norm: 2e-3 off in float64), and every backend's Hessian products come from
-    autograd or torch.func, which share those formulas. A float32 model is checked on a float64
-    copy, where rounding (1e-18 measured) cannot hide a fault of 1e-4; when no copy can be
-    made (the model has no float64 form) or none fits the memory budget (not ``wide``), in
-    float32 with 1e-3 allowed."""
-    rounding = _rounding(torch.float64)
-    if exact.dtype != torch.float64:
-        widened = _float64_products(model, example, params) if wide else None
-        if widened is None:
-            rounding = 1e-3
-        else:
-            directions, exact = widened
-    t, h = directions.double(), exact.double()
+def _flat(rows: dict[str, Tensor], params: dict[str, Tensor]) -> Tensor:
+    """Per-parameter (2, *shape) tensors as one (2, P)."""
+    return torch.cat([rows[n].reshape(2, -1) for n in params], dim=1)
+
+
+def _asymmetry(directions: Tensor, products: Tensor) -> float:
+    """How far Hessian products ``products`` = H [t₀ t₁] (rows) are from symmetric,
+    ``|t₁ᵀ H t₀ − t₀ᵀ H t₁|`` over the products' scale."""
+    t, h = directions.double(), products.double()
     forth, back = float(t[1] @ h[0]), float(t[0] @ h[1])
     scale = float(t[1].norm() * h[0].norm() + t[0].norm() * h[1].norm()) / 2
-    return abs(forth - back) / max(scale, 1e-300), rounding
+    return abs(forth - back) / max(scale, 1e-300)
 
 
-def _float64_products(
+def _steady_gap(
+    function: Callable[[dict[str, Tensor]], Tensor],
+    params: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+    derivatives: Tensor,
+) -> float:
+    """How far ``derivatives`` (rows: those of ``function``, parameters ↦ flat tensor, along
+    each tangent) are from central differences, relative to their size; 0 unless differences
+    with steps h and h/4 agree to a tenth of that (a kink of ReLU or max pooling, or curvature
+    within the step, moves them; a wrong derivative does not). h moves the parameters by
+    FINITE_STEP of their norm."""
+    norm = float(sum(p.square().sum() for p in params.values())) ** 0.5
+    rows = {1: [], 4: []}
+    for i in range(2):
+        direction = {n: t[i] for n, t in tangents.items()}
+        length = float(sum(t.square().sum() for t in direction.values())) ** 0.5
+        for fraction, found in rows.items():
+            step = FINITE_STEP * max(norm, 1.0) / max(length, 1e-300) / fraction
+            plus = function({n: p + step * direction[n] for n, p in params.items()})
+            minus = function({n: p - step * direction[n] for n, p in params.items()})
+            found.append((plus - minus) / (2 * step))
+    coarse, fine = torch.stack(rows[1]), torch.stack(rows[4])
+    size = max(float(derivatives.norm()), float(fine.norm()), 1e-300)
+    gap, spread = float((fine - derivatives).norm()) / size, float((coarse - fine).norm()) / size
+    return gap if 10 * spread < gap else 0.0
+
+
+def _float64_form(
     model: nn.Module, example: Tensor, params: dict[str, Tensor]
-) -> tuple[Tensor, Tensor] | None:
-    """The two directions and autograd's Hessian products of ``_probe`` on a float64 copy of
-    the model, as (2, P) each; None when the model has no float64 form."""
+) -> tuple[nn.Module, Tensor, dict[str, Tensor]] | None:
+    """The model, example and parameters in float64: themselves when the parameters are, else a
+    copy of the model; None when the model has no float64 form."""
+    if all(p.dtype == torch.float64 for p in params.values()):
+        return model, example, params
     try:
         double = copy.deepcopy(model).double()
         double_params = {n: p.detach() for n, p in double.named_parameters() if n in params}
         double_example = example.double() if example.is_floating_point() else example
-        tangents = _tangents(double_params, example.device)
-        exact = _double_backward(_probe(double, double_example), double_params, tangents)
+        with torch.no_grad():
+            double(double_example)
     except Exception:  # noqa: BLE001 (whatever fails, the model is checked in its precision)
         return None
-    return torch.cat([tangents[n].reshape(2, -1) for n in params], dim=1), exact
+    return double, double_example, double_params
+
+
+def _logits_of(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The example's logits, flat, as a function of the parameters."""
+
+    def logits(values: dict[str, Tensor]) -> Tensor:
+        return _call(model, values, example).reshape(-1)
+
+    return logits
+
+
+def _gradient_of(
+    objective: Callable[[dict[str, Tensor]], Tensor],
+) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The flat gradient of ``objective`` by autograd, as a function of the parameters."""
+
+    def gradient(values: dict[str, Tensor]) -> Tensor:
+        with torch.enable_grad():
+            leaves = {n: v.detach().requires_grad_() for n, v in values.items()}
+            grads = torch.autograd.grad(
+                objective(leaves), list(leaves.values()), allow_unused=True, materialize_grads=True
+            )
+        return torch.cat([g.reshape(-1) for g in grads])
+
+    return gradient
+
+
+def _jacobian_products(
+    model: nn.Module, example: Tensor, params: dict[str, Tensor], tangents: dict[str, Tensor]
+) -> Tensor:
+    """J t of the example's flat logits for each tangent's two rows, as (2, outputs), by the
+    double-vjp trick J t = ∂/∂u ⟨Jᵀu, t⟩, as BackPACK's R-op and torchfunc's reverse route."""
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        logits = _logits_of(model, example)(leaves)
+        dummy = torch.zeros_like(logits, requires_grad=True)
+        pulled = torch.autograd.grad(
+            logits, list(leaves.values()), dummy, create_graph=True, allow_unused=True
+        )
+        rows = []
+        for i in range(2):
+            inner = sum(
+                (g * tangents[n][i]).sum()
+                for n, g in zip(leaves, pulled)
+                if g is not None and g.requires_grad
+            )
+            row = torch.zeros_like(logits)
+            if isinstance(inner, Tensor):
+                row = torch.autograd.grad(
+                    inner, dummy, retain_graph=True, allow_unused=True, materialize_grads=True
+                )[0]
+            rows.append(row.detach())
+    return torch.stack(rows)
 
 
 def _double_backward(

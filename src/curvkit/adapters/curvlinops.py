@@ -95,6 +95,7 @@ class CurvlinopsBackend(Backend):
         "parametrizations": ("hvp", "ggnvp", "class_deltas"),
         "shared_parameters": ("class_deltas",),
         "jvp_of_jacrev": ("hvp",),  # its Hessian products
+        "forward_mode": ("hvp", "ggnvp"),  # its G products: jvp, then vjp
         "asymmetric_padding": ("kronecker_factors",),  # its unfold: "Unequal padding"
     }
 

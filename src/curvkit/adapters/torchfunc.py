@@ -124,6 +124,7 @@ class TorchFuncBackend(Backend):
             for feature in ("backward_hooks", "functional_transforms")
         },
         "jvp_of_grad": (ROUTES[0],),  # the other route instead
+        "forward_mode": (ROUTES[0],),
         "per_example_transforms": ("class_deltas", "kronecker_factors"),
     }
 
