@@ -1572,7 +1572,10 @@ def test_backward_that_does_not_differentiate_is_refused(name, activation):
     differences of the logits: what they break is refused on every backend with the reason,
     and G, where computed, is right (1e-6 against the dense G of the same network with torch's
     own swish)."""
-    function = {"no_grad": SwishWithoutSecondDerivatives, "once_differentiable": SwishOnceDifferentiable}
+    function = {
+        "no_grad": SwishWithoutSecondDerivatives,
+        "once_differentiable": SwishOnceDifferentiable,
+    }
     model, plain = SwishNet(function[activation].apply), SwishNet(nn.functional.silu)
     data = digits_batches()
     x, _ = reference.all_data(data)

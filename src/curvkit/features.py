@@ -63,16 +63,18 @@ from torch.utils._pytree import tree_leaves
 from curvkit.errors import UnsupportedError, first_line, listed
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
-UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "forward_mode", "per_example_transforms")  # tried on the example
+# the features tried on the example with torch.func (unchecked when they do not fit)
+UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "forward_mode", "per_example_transforms")
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 
 
 # vectors of the selected parameters' size that the transform checks hold at their peak:
 # two tangents, their exact products, the compositions' products and their flat copies
 CHECK_VECTORS = 8
-# and, for the symmetry check of a float32 model in float64 (``_asymmetry``), beside them: the
-# copy's parameters, tangents, products and double backward's gradients, each twice as wide
-WIDE_CHECK_VECTORS = 16
+# and, for the autograd checks of a float32 model in float64 (``_autograd_faults``), beside
+# them: the copy's parameters, tangents and products, and the finite differences' shifted
+# parameters, gradients and two differences, each twice as wide
+WIDE_CHECK_VECTORS = 24
 # the finite differences' step (``_steady_gap``), relative to the parameters' norm: in float64
 # rounding (1e-16 / step) and truncation (step²) both stay near 1e-10
 FINITE_STEP = 1e-5
@@ -383,19 +385,36 @@ def _steady_gap(
     within the step, moves them; a wrong derivative does not). h moves the parameters by
     FINITE_STEP of their norm."""
     norm = float(sum(p.square().sum() for p in params.values())) ** 0.5
-    rows = {1: [], 4: []}
-    for i in range(2):
+    off = spread = size = 0.0  # squared norms, summed over the two tangents
+    for i, derivative in enumerate(derivatives):
         direction = {n: t[i] for n, t in tangents.items()}
         length = float(sum(t.square().sum() for t in direction.values())) ** 0.5
-        for fraction, found in rows.items():
-            step = FINITE_STEP * max(norm, 1.0) / max(length, 1e-300) / fraction
-            plus = function({n: p + step * direction[n] for n, p in params.items()})
-            minus = function({n: p - step * direction[n] for n, p in params.items()})
-            found.append((plus - minus) / (2 * step))
-    coarse, fine = torch.stack(rows[1]), torch.stack(rows[4])
-    size = max(float(derivatives.norm()), float(fine.norm()), 1e-300)
-    gap, spread = float((fine - derivatives).norm()) / size, float((coarse - fine).norm()) / size
+        coarse, fine = (
+            _central_difference(
+                function,
+                params,
+                direction,
+                FINITE_STEP * max(norm, 1.0) / max(length, 1e-300) / fraction,
+            )
+            for fraction in (1, 4)
+        )
+        off += float((fine - derivative).square().sum())
+        spread += float((coarse - fine).square().sum())
+        size += max(float(derivative.square().sum()), float(fine.square().sum()))
+    gap, spread = (off / max(size, 1e-300)) ** 0.5, (spread / max(size, 1e-300)) ** 0.5
     return gap if 10 * spread < gap else 0.0
+
+
+def _central_difference(
+    function: Callable[[dict[str, Tensor]], Tensor],
+    params: dict[str, Tensor],
+    direction: dict[str, Tensor],
+    step: float,
+) -> Tensor:
+    """``(function(θ + h t) − function(θ − h t)) / 2h``."""
+    plus = function({n: p + step * direction[n] for n, p in params.items()})
+    minus = function({n: p - step * direction[n] for n, p in params.items()})
+    return (plus - minus) / (2 * step)
 
 
 def _float64_form(
