@@ -1667,3 +1667,29 @@ def test_overflowing_derivatives_get_one_clear_error(name):
             curvkit.analyze(
                 model, digits_batches(), name, [quantity], top_k=2, progress=False, options=QUICK
             )
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_selection_leaves_no_torch_warning(name):
+    """With a frozen parameter named in ``params`` and the others, unselected, requiring
+    gradients, the features check's Jacobians held a graph, and torch warned "Converting a
+    tensor with requires_grad=True to a scalar" to the user. No warning now, and the Hessian
+    of the selection is the dense Hessian's block (1e-6; PyHessian's power iteration 1e-4)."""
+    model, data = tiny_model(), digits_batches()
+    model[0].weight.requires_grad_(False)
+    x, y = reference.all_data(data)
+    hessian = reference.dense_hessian(tiny_model(), x, y)
+    block = torch.cat([torch.arange(0, 512), torch.arange(520, 600)])  # 0.weight, 2.weight
+    exact = float(torch.linalg.eigvalsh(hessian[block][:, block])[-1])
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns this once per process otherwise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            report = curvkit.analyze(model, data, name, ["hessian"], top_k=1, progress=False,
+                                     params=["0.weight", "2.weight"], options=QUICK)  # fmt: skip
+    finally:
+        torch.set_warn_always(warn_always)
+    rtol = 1e-4 if name == "pyhessian" else 1e-6
+    assert report.hessian.top_eigenvalues[0] == pytest.approx(exact, rel=rtol)
+    assert not model[0].weight.requires_grad

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from curvkit.errors import UnsupportedError, first_line, listed
 
@@ -200,7 +200,7 @@ def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -
         except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
             first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
             return f"a forward pass that torch.func cannot vmap over examples ({first})"
-        alone = torch.func.jacrev(combined)(params, example[0])
+        alone = tree_map(Tensor.detach, torch.func.jacrev(combined)(params, example[0]))
     # relative to the Jacobian's norm, summed parameter by parameter (no flat copies: 8 P
     # numbers at the peak, within CHECK_VECTORS)
     error = sum(float((batched[n] - alone[n]).square().sum()) for n in params)
@@ -411,9 +411,11 @@ def _central_difference(
     direction: dict[str, Tensor],
     step: float,
 ) -> Tensor:
-    """``(function(θ + h t) − function(θ − h t)) / 2h``."""
-    plus = function({n: p + step * direction[n] for n, p in params.items()})
-    minus = function({n: p - step * direction[n] for n, p in params.items()})
+    """``(function(θ + h t) − function(θ − h t)) / 2h``, without a graph (parameters outside
+    the selection may require gradients)."""
+    with torch.no_grad():
+        plus = function({n: p + step * direction[n] for n, p in params.items()})
+        minus = function({n: p - step * direction[n] for n, p in params.items()})
     return (plus - minus) / (2 * step)
 
 
