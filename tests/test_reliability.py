@@ -1719,3 +1719,37 @@ def test_kinks_at_the_point_are_no_wrong_derivatives(name):
     rtol = 1e-4 if name == "pyhessian" else 1e-6
     for matrix, value in exact.items():
         assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+
+
+class StraightThrough(nn.Module):
+    """The tiny model with its hidden layer rounded to quarters by a straight-through estimator
+    (``h + (round(h) − h).detach()``): autograd's derivatives are the identity's on purpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        return self.net[2](h + (torch.round(4 * h) / 4 - h).detach())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradients_stopped_on_purpose_are_no_wrong_derivatives(name):
+    """A straight-through estimator's gradient is not the derivative of the forward's values,
+    nor its Hessian products the differences of that gradient (8e-1 off): the finite-difference
+    check refused G and the Hessian on every backend. The Hessian is held to those differences
+    only where backward's gradient is the values' derivative, so the estimator's Hessian and G
+    (autograd's, as the model trains) are computed, and right against the dense ones of
+    torch.func (1e-6; PyHessian's power iteration 1e-4)."""
+    model, data = StraightThrough(), digits_batches()
+    x, y = reference.all_data(data)
+    exact = {
+        "hessian": float(torch.linalg.eigvalsh(reference.dense_hessian(model, x, y))[-1]),
+        "ggn": float(torch.linalg.eigvalsh(reference.dense_ggn(model, x))[-1]),
+    }
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
+                             options=QUICK)  # fmt: skip
+    rtol = 1e-4 if name == "pyhessian" else 1e-6
+    for matrix, value in exact.items():
+        assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)

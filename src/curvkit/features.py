@@ -21,14 +21,17 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   copies of the example;
 - ``wrong_hessian``: a forward pass whose second derivatives autograd itself gets wrong, found
   as Hessian products that break the Hessian's symmetry (torch's ``weight_norm``: 2e-3 off,
-  λ₁ 1.3715 for 1.3717) or that differ steadily from finite differences of the gradients (a
-  user's ``autograd.Function`` whose backward computes without gradients: 46 % off, λ₁ 0.77
-  for 0.99); every backend's Hessian products come from those derivatives, so the Hessian is
-  refused;
+  λ₁ 1.3715 for 1.3717) or, where backward's gradient is the derivative of the forward's
+  values, that differ steadily from finite differences of that gradient (a user's
+  ``autograd.Function`` whose backward computes without gradients: 46 % off, λ₁ 0.77 for
+  0.99); a forward that stops gradients on purpose (``.detach()``, straight-through
+  estimators) is held to symmetry only. Every backend's Hessian products come from those
+  derivatives, so the Hessian is refused;
 - ``wrong_jacobian_products``: a forward pass whose Jacobian products J v by the double-vjp
-  trick (G's products on BackPACK, PyHessian and torchfunc's reverse route) fail or differ
-  from finite differences of the logits (an ``autograd.Function`` with a
-  ``once_differentiable`` backward: G's λ₁ 0.17 for 0.67); G and the Hessian are refused;
+  trick (G's products on BackPACK, PyHessian and torchfunc's reverse route) fail or disagree
+  with backward's own uᵀ J v = ⟨Jᵀu, v⟩ (an ``autograd.Function`` with a
+  ``once_differentiable`` backward gives zeros: G's λ₁ 0.17 for 0.67); G and the Hessian are
+  refused;
 - ``jvp_of_jacrev`` / ``jvp_of_grad`` / ``forward_mode``: a forward pass whose products these
   routes of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
   route; curvlinops' G, by jvp of the logits) cannot take (no forward-mode derivative of
@@ -248,18 +251,21 @@ def _autograd_faults(
     model: nn.Module, example: Tensor, params: dict[str, Tensor], wide: bool
 ) -> tuple[dict[str, str], Tensor]:
     """``wrong_hessian`` and ``wrong_jacobian_products`` when autograd's own derivatives of the
-    forward pass, on which every backend's products rest, are wrong; and autograd's Hessian
-    products of ``_probe`` (2, P), the reference for torch.func's routes.
+    forward pass, on which every backend's products rest, disagree with each other; and
+    autograd's Hessian products of ``_probe`` (2, P), the reference for torch.func's routes.
 
-    A Hessian is symmetric, and its products are the derivatives of the gradient: double
-    backward of torch's weight_norm is 2e-3 off symmetric (λ₁ 1.3715 for 1.3717), and a user's
-    ``autograd.Function`` whose backward computes without gradients loses terms of the
-    Hessian, symmetric ones too (46 % off the differences of its gradients). G's products take
-    J v by the double-vjp trick ∂/∂u ⟨Jᵀu, v⟩ (BackPACK's R-op, torchfunc's reverse route, the
-    surrogates' double backward), which a ``once_differentiable`` backward breaks (G's λ₁ 0.17
-    for 0.67): checked against differences of the logits. The differences are taken in float64
-    (on a copy of a float32 model, when ``wide``: the copy fits the memory budget); without
-    them only the symmetry is checked, in float32 with 1e-3 allowed."""
+    A Hessian is symmetric (double backward of torch's weight_norm is 2e-3 off: λ₁ 1.3715 for
+    1.3717), and where autograd's gradient is the derivative of the forward's values its
+    products are the derivatives of that gradient (a user's ``autograd.Function`` whose
+    backward computes without gradients loses terms, symmetric ones too: 46 % off the
+    differences of its gradients). A forward that stops gradients on purpose (``.detach()``,
+    straight-through estimators) has a gradient that is not the values' derivative; its
+    Hessian is then held to symmetry only. G's products take J v by the double-vjp trick
+    ∂/∂u ⟨Jᵀu, v⟩ (BackPACK's R-op, torchfunc's reverse route, the surrogates' double
+    backward), which must give uᵀ J v = ⟨Jᵀu, v⟩ of backward itself (a ``once_differentiable``
+    backward gives zeros: G's λ₁ 0.17 for 0.67). Differences are taken in float64 (on a copy
+    of a float32 model, when ``wide``: the copy fits the memory budget); without them only the
+    identities are checked, in float32 with 1e-3 allowed."""
     tangents = _tangents(params, example.device)
     try:
         exact = _double_backward(_probe(model, example), params, tangents)
@@ -270,22 +276,37 @@ def _autograd_faults(
             "replace that operation by one torch differentiates twice."
         ) from error
     form = _float64_form(model, example, params) if wide else None
-    if form is None:  # the symmetry alone, in the model's precision
-        rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
-        off, hessian_gap, jacobian_gap = _asymmetry(_flat(tangents, params), exact), 0.0, 0.0
-    else:
+    products = exact
+    rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
+    if form is not None:
         model, example, params = form
         params = _moved(params)
         tangents = _tangents(params, example.device)
         products = _double_backward(_probe(model, example), params, tangents)
         rounding = _rounding(torch.float64)
-        off = _asymmetry(_flat(tangents, params), products)
-        hessian_gap = _steady_gap(_gradient_of(_probe(model, example)), params, tangents, products)
-        try:
-            jacobian = _jacobian_products(model, example, params, tangents)
-            jacobian_gap = _steady_gap(_logits_of(model, example), params, tangents, jacobian)
-        except (NotImplementedError, RuntimeError):
-            jacobian_gap = float("inf")
+    off = _asymmetry(_flat(tangents, params), products)
+    with torch.no_grad():
+        outputs = _logits_of(model, example)(params)
+    generator = torch.Generator(device=outputs.device).manual_seed(2)
+    cotangent = torch.randn(
+        outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
+    )
+    pulled = _pulled(model, example, params, tangents, cotangent)
+    try:
+        jacobian = _jacobian_products(model, example, params, tangents)
+        trick = float(((jacobian @ cotangent - pulled[0]).abs() / pulled[1]).max())
+    except (NotImplementedError, RuntimeError):
+        trick = float("inf")
+    hessian_gap = 0.0
+    if form is not None:
+
+        def projected(values: dict[str, Tensor]) -> Tensor:
+            return (_logits_of(model, example)(values) @ cotangent).reshape(1)
+
+        first_order = _steady_gap(projected, params, tangents, pulled[0][:, None])
+        if first_order <= rounding:  # the gradient is the values' derivative: hold H to it
+            gradient = _gradient_of(_probe(model, example))
+            hessian_gap = _steady_gap(gradient, params, tangents, products)
     faults = {}
     if max(off, hessian_gap) > rounding:
         evidence = (
@@ -298,12 +319,8 @@ def _autograd_faults(
             f"{evidence}; a torch bug such as weight_norm's, or an autograd.Function whose "
             "backward does not differentiate)"
         )
-    if jacobian_gap > rounding:
-        evidence = (
-            f"{jacobian_gap:.0e} off the differences of the logits"
-            if jacobian_gap < float("inf")
-            else "failing"
-        )
+    if trick > rounding:
+        evidence = f"{trick:.0e} off backward's" if trick < float("inf") else "failing"
         faults["wrong_jacobian_products"] = (
             "a forward pass whose Jacobian products by the double-vjp trick autograd gets "
             f"wrong ({evidence}; an autograd.Function whose backward does not differentiate)"
@@ -505,6 +522,28 @@ def _jacobian_products(
                 )[0]
             rows.append(row.detach())
     return torch.stack(rows)
+
+
+def _pulled(
+    model: nn.Module,
+    example: Tensor,
+    params: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+    cotangent: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """``⟨Jᵀu, t⟩`` for each tangent's two rows, with u = ``cotangent`` on the example's flat
+    logits and Jᵀu by backward, and the bounds ``‖Jᵀu‖ ‖t‖`` of their size, as (2,) each."""
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        pulled = torch.autograd.grad(
+            _logits_of(model, example)(leaves) @ cotangent,
+            list(leaves.values()),
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    inner = sum((g[None] * tangents[n]).flatten(1).sum(1) for n, g in zip(leaves, pulled))
+    norms = sum(g.square().sum() for g in pulled) ** 0.5 * _flat(tangents, params).norm(dim=1)
+    return inner.detach(), norms.detach().clamp_min(1e-300)
 
 
 def _double_backward(
