@@ -541,7 +541,7 @@ def _pulled(
             allow_unused=True,
             materialize_grads=True,
         )
-    inner = sum((g[None] * tangents[n]).flatten(1).sum(1) for n, g in zip(leaves, pulled))
+    inner = sum((g[None] * tangents[n]).reshape(2, -1).sum(1) for n, g in zip(leaves, pulled))
     norms = sum(g.square().sum() for g in pulled) ** 0.5 * _flat(tangents, params).norm(dim=1)
     return inner.detach(), norms.detach().clamp_min(1e-300)
 
