@@ -55,7 +55,7 @@ from curvkit.linalg.operator import (
     integer,
     positive_number,
 )
-from curvkit.problem import Problem
+from curvkit.problem import Problem, evaluation_mode
 from curvkit.report import Provenance
 
 MATRICES = ("hessian", "ggn", "residual")
@@ -547,7 +547,7 @@ class Backend:
         """A deep copy of the model in eval mode, only the selected parameters requiring
         gradients, and those parameters in the order of ``problem.names`` (for libraries that
         change or hook the model they work on)."""
-        model = _deep_copy(self.problem.model).eval()
+        model = evaluation_mode(_deep_copy(self.problem.model))
         named = dict(model.named_parameters())
         selected = set(self.problem.names)
         for n, p in named.items():

@@ -859,6 +859,17 @@ def random_state_kept(model: nn.Module) -> Iterator[None]:
 SPARSE_GRADIENTS = (nn.Embedding, nn.EmbeddingBag)  # modules with a ``sparse`` flag
 
 
+def evaluation_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()``, or the model as it is where it cannot switch modes (a module of
+    ``torch.export`` runs as exported: its ``eval()`` raises NotImplementedError; dropout or
+    batch statistics left in it are found by Problem's checks)."""
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass
+    return model
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
@@ -882,7 +893,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     sparse = [m for m in model.modules() if isinstance(m, SPARSE_GRADIENTS) and m.sparse]
     try:
         if eval_mode:
-            model.eval()
+            evaluation_mode(model)
         for m in sparse:
             m.sparse = False
         yield model
