@@ -148,6 +148,7 @@ def bad_models():
         "1-D output": (Flat(), "logits of shape \\(batch, classes\\)"),
         "NaN parameter": (nan_model, "parameter '2.weight' contains NaN"),
         "nothing to differentiate": (frozen, "no parameter of the model requires gradients"),
+        "no parameters at all": (nn.Identity(), "the model has no parameters"),
         "one class": (nn.Linear(64, 1).double(), "at least 2 classes"),
         "not a module": (lambda x: x, "must be a torch.nn.Module"),
         "forward changes parameters": (

@@ -711,6 +711,11 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
         )
     if names is None:  # a parameter without elements adds no coordinate: left out
         names = [n for n, p in named.items() if p.requires_grad and p.numel()]
+        if not named:
+            raise InvalidInputError(
+                "the model has no parameters (nn.Parameter) to differentiate in; a quantized "
+                "or scripted model keeps its weights otherwise: analyse the float model."
+            )
         if not names:
             raise InvalidInputError(
                 "no parameter of the model requires gradients; enable requires_grad on the "
