@@ -1776,3 +1776,19 @@ def test_an_exported_program_runs_as_exported(name):
     rtol = 1e-4 if name == "pyhessian" else 1e-6
     for matrix, value in exact.items():
         assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+
+
+def test_layer_trace_penalty_refuses_wrong_second_derivatives():
+    """The penalty probes autograd's Hessian, which a backward that computes without
+    gradients gets wrong: its estimate was silently that of the wrong Hessian. The model's
+    second derivatives are now checked on its first penalty (once per model object), and
+    such a model refused; the same network with torch's own swish is not."""
+    x, y = digits_batches()[0]
+    broken = SwishNet(SwishWithoutSecondDerivatives.apply)
+    with pytest.raises(UnsupportedError, match="second derivatives autograd gets wrong"):
+        curvkit.layer_trace_penalty(broken, nn.functional.cross_entropy, x, y, layers=["net.0"])
+    plain = SwishNet(nn.functional.silu)
+    penalty = curvkit.layer_trace_penalty(
+        plain, nn.functional.cross_entropy, x, y, layers=["net.0"]
+    )
+    assert penalty.requires_grad

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +28,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from curvkit.backend import Backend
-from curvkit.errors import InvalidInputError, listed, shown, warn
+from curvkit.errors import InvalidInputError, UnsupportedError, listed, shown, warn
+from curvkit.features import model_features
 from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
 from curvkit.linalg.operator import density, integer, top_eigen, trace
 from curvkit.linalg.trace import TraceEstimate
-from curvkit.problem import differentiable_kernels
+from curvkit.problem import differentiable_kernels, model_guard
 from curvkit.report import Layer, Provenance, Spectrum
 
 if TYPE_CHECKING:
@@ -303,8 +305,39 @@ def layer_trace_penalty(
             f"the weight of layer {frozen[0]} does not require gradients; leave the layer out "
             "or enable requires_grad."
         )
+    fault = _second_derivative_fault(model, inputs[:1], [f"{n}.weight" for n in layers])
+    if fault:
+        raise UnsupportedError(
+            f"layer_trace_penalty probes the Hessian, and the model has {fault}; no estimate of "
+            "its trace would be right: replace that operation."
+        )
     with differentiable_kernels():  # attention through a kernel with second derivatives
         return _probed_trace(loss_fn(model(inputs), targets), weights, num_probes, generator)
+
+
+# what curvkit.features found wrong with each model's second derivatives ("" for nothing),
+# found on its first penalty: the faults are the model's operations', not its values'
+_SECOND_DERIVATIVE_FAULTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _second_derivative_fault(model: nn.Module, example: Tensor, names: list[str]) -> str:
+    """Why autograd's Hessian of ``model`` in the parameters ``names`` is wrong (torch's
+    weight_norm, an autograd.Function whose backward does not differentiate), "" when it is
+    right: curvkit.features' checks on ``example``, once per model (the model comes back as
+    it was)."""
+    if model not in _SECOND_DERIVATIVE_FAULTS:
+        with model_guard(model):
+            try:
+                features = model_features(model, example, names)
+            except UnsupportedError:
+                raise
+            except Exception:  # noqa: BLE001 (a check that cannot run finds nothing)
+                features = {}
+        _SECOND_DERIVATIVE_FAULTS[model] = next(
+            (features[f] for f in ("wrong_hessian", "wrong_jacobian_products") if f in features),
+            "",
+        )
+    return _SECOND_DERIVATIVE_FAULTS[model]
 
 
 def _probed_trace(
