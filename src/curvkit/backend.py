@@ -64,7 +64,7 @@ NEEDS = {
     "hessian": ("hvp",),
     "ggn": ("ggnvp",),
     "residual": ("hvp", "ggnvp"),
-    "classmeans": ("class_deltas", "hvp", "ggnvp"),
+    "classmeans": ("class_deltas", "ggnvp"),  # and the Hessian's overlap, where it can
     "layerwise": ("kronecker_factors", "hvp", "ggnvp"),
 }
 ROUTINES = {

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from curvkit.backend import Backend
+from curvkit.distributed import all_gather_objects
 from curvkit.errors import InvalidInputError, listed, warn
 from curvkit.linalg import Operator, gram_eigenvalues, orthonormal_basis, subspace_overlap
 from curvkit.linalg.operator import top_eigen, trace
@@ -205,7 +206,17 @@ def classmeans(
     class_basis = orthonormal_basis(means)
     overlap, top = {}, {}
     count = min(num_classes, problem.num_params)  # the top-C eigenspace, all of R^P when P ≤ C
+    # the Hessian's overlap where this backend can take its products on every rank; else NaN
+    # and the reason (a model whose second derivatives autograd gets wrong: G's part stands)
+    refusals = all_gather_objects(backend.refusal("hessian"), backend.problem.group)
+    refused = {"ggn": None, "hessian": next(filter(None, refusals), None)}
     for matrix in ("ggn", "hessian"):
+        if refused[matrix]:
+            overlap[matrix] = math.nan
+            provenance[f"lanczos_{matrix}"] = Provenance(
+                backend.name, "refused", note=refused[matrix]
+            )
+            continue
         top[matrix], vectors = _top_eigen(backend, matrix, count, seed, spectra, provenance)
         overlap[matrix] = subspace_overlap(vectors, class_basis)
     ritz = []  # none when every class mean is 0 (a network whose G is 0)
