@@ -1803,3 +1803,15 @@ def test_layer_trace_penalty_refuses_wrong_second_derivatives():
         plain, nn.functional.cross_entropy, x, y, layers=["net.0"]
     )
     assert penalty.requires_grad
+
+
+def test_layer_trace_penalty_keeps_the_training_graph():
+    """Training adds the penalty to a loss whose graph saved the weights: the first penalty's
+    check of the model ran under the model guard, whose write-back of unchanged values bumped
+    the weights' versions, and ``loss.backward()`` raised "modified by an inplace operation"
+    (the Sankar reproduction failed so). The guard now writes back only what changed."""
+    model, (x, y) = tiny_model(), digits_batches()[0]
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss = loss + 0.1 * curvkit.layer_trace_penalty(model, nn.functional.cross_entropy, x, y)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -864,6 +864,16 @@ def random_state_kept(model: nn.Module) -> Iterator[None]:
 SPARSE_GRADIENTS = (nn.Embedding, nn.EmbeddingBag)  # modules with a ``sparse`` flag
 
 
+def _restore(tensor: Tensor, value: Tensor) -> None:
+    """``tensor.copy_(value)`` where they differ (or cannot be compared)."""
+    try:
+        unchanged = torch.equal(tensor, value)
+    except (RuntimeError, NotImplementedError):  # meta or sparse tensors: written back
+        unchanged = False
+    if not unchanged:
+        tensor.copy_(value)
+
+
 def evaluation_mode(model: nn.Module) -> nn.Module:
     """``model.eval()``, or the model as it is where it cannot switch modes (a module of
     ``torch.export`` runs as exported: its ``eval()`` raises NotImplementedError; dropout or
@@ -905,15 +915,16 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     finally:
         for m in sparse:
             m.sparse = True
-        with torch.no_grad():
+        with torch.no_grad():  # only what changed is written back: a write bumps a tensor's
+            # version, and the caller's graph that saved it could not be backpropagated
             for (p, value, grad, requires_grad), grad_value in zip(saved_params, saved_grads):
-                p.copy_(value)
+                _restore(p, value)
                 p.requires_grad_(requires_grad)
                 if grad is not None:
-                    grad.copy_(grad_value)
+                    _restore(grad, grad_value)
                 p.grad = grad
             for b, value in saved_buffers:
-                b.copy_(value)
+                _restore(b, value)
         for m, parameters, buffers in saved_entries:
             for entries, saved in ((m._parameters, parameters), (m._buffers, buffers)):
                 entries.clear()
