@@ -1707,6 +1707,22 @@ def test_a_selection_leaves_no_torch_warning(name):
     assert not model[0].weight.requires_grad
 
 
+def assert_top_eigenvalues_right(model, data, name, plain=None):
+    """λ₁ of the Hessian and G that backend ``name`` gives for ``model`` against the dense
+    ones of ``plain`` (default: the model itself), to 1e-6; PyHessian's power iteration 1e-4."""
+    plain = model if plain is None else plain
+    x, y = reference.all_data(data)
+    exact = {
+        "hessian": float(torch.linalg.eigvalsh(reference.dense_hessian(plain, x, y))[-1]),
+        "ggn": float(torch.linalg.eigvalsh(reference.dense_ggn(plain, x))[-1]),
+    }
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
+                             options=QUICK)  # fmt: skip
+    rtol = 1e-4 if name == "pyhessian" else 1e-6
+    for matrix, value in exact.items():
+        assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_kinks_at_the_point_are_no_wrong_derivatives(name):
     """A zero-bias ReLU CNN at initialisation sits on kinks: over blank pixels a
@@ -1720,17 +1736,7 @@ def test_kinks_at_the_point_are_no_wrong_derivatives(name):
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 10)).double()  # fmt: skip
     for layer in (model[1], model[5]):
         nn.init.zeros_(layer.bias)
-    data = digits_batches()
-    x, y = reference.all_data(data)
-    exact = {
-        "hessian": float(torch.linalg.eigvalsh(reference.dense_hessian(model, x, y))[-1]),
-        "ggn": float(torch.linalg.eigvalsh(reference.dense_ggn(model, x))[-1]),
-    }
-    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
-                             options=QUICK)  # fmt: skip
-    rtol = 1e-4 if name == "pyhessian" else 1e-6
-    for matrix, value in exact.items():
-        assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+    assert_top_eigenvalues_right(model, digits_batches(), name)
 
 
 class StraightThrough(nn.Module):
@@ -1754,17 +1760,7 @@ def test_gradients_stopped_on_purpose_are_no_wrong_derivatives(name):
     only where backward's gradient is the values' derivative, so the estimator's Hessian and G
     (autograd's, as the model trains) are computed, and right against the dense ones of
     torch.func (1e-6; PyHessian's power iteration 1e-4)."""
-    model, data = StraightThrough(), digits_batches()
-    x, y = reference.all_data(data)
-    exact = {
-        "hessian": float(torch.linalg.eigvalsh(reference.dense_hessian(model, x, y))[-1]),
-        "ggn": float(torch.linalg.eigvalsh(reference.dense_ggn(model, x))[-1]),
-    }
-    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
-                             options=QUICK)  # fmt: skip
-    rtol = 1e-4 if name == "pyhessian" else 1e-6
-    for matrix, value in exact.items():
-        assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+    assert_top_eigenvalues_right(StraightThrough(), digits_batches(), name)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -1776,17 +1772,7 @@ def test_an_exported_program_runs_as_exported(name):
     data = digits_batches()
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(tiny_model(), (data[0][0][:2],), dynamic_shapes=({0: batch},))
-    model = program.module()
-    x, y = reference.all_data(data)
-    exact = {
-        "hessian": float(torch.linalg.eigvalsh(reference.dense_hessian(tiny_model(), x, y))[-1]),
-        "ggn": float(torch.linalg.eigvalsh(reference.dense_ggn(tiny_model(), x))[-1]),
-    }
-    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
-                             options=QUICK)  # fmt: skip
-    rtol = 1e-4 if name == "pyhessian" else 1e-6
-    for matrix, value in exact.items():
-        assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+    assert_top_eigenvalues_right(program.module(), data, name, plain=tiny_model())
 
 
 def test_layer_trace_penalty_refuses_wrong_second_derivatives():

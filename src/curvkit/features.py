@@ -54,7 +54,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -401,8 +401,7 @@ def _moved(params: dict[str, Tensor]) -> dict[str, Tensor]:
         n: torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
         for n, p in params.items()
     }
-    norm = float(sum(p.square().sum() for p in params.values())) ** 0.5
-    length = float(sum(d.square().sum() for d in directions.values())) ** 0.5
+    norm, length = _norm(params.values()), _norm(directions.values())
     scale = FINITE_SHIFT * max(norm, 1.0) / max(length, 1e-300)
     return {n: p + scale * directions[n] for n, p in params.items()}
 
@@ -418,11 +417,11 @@ def _steady_gap(
     with steps h and h/4 agree to a tenth of that (a kink of ReLU or max pooling, or curvature
     within the step, moves them; a wrong derivative does not). h moves the parameters by
     FINITE_STEP of their norm."""
-    norm = float(sum(p.square().sum() for p in params.values())) ** 0.5
+    norm = _norm(params.values())
     off = spread = size = 0.0  # squared norms, summed over the two tangents
     for i, derivative in enumerate(derivatives):
         direction = {n: t[i] for n, t in tangents.items()}
-        length = float(sum(t.square().sum() for t in direction.values())) ** 0.5
+        length = _norm(direction.values())
         coarse, fine = (
             _central_difference(
                 function,
@@ -437,6 +436,11 @@ def _steady_gap(
         size += max(float(derivative.square().sum()), float(fine.square().sum()))
     gap, spread = (off / max(size, 1e-300)) ** 0.5, (spread / max(size, 1e-300)) ** 0.5
     return gap if 10 * spread < gap else 0.0
+
+
+def _norm(tensors: Iterable[Tensor]) -> float:
+    """The Euclidean norm of the tensors taken together."""
+    return float(sum(t.square().sum() for t in tensors)) ** 0.5
 
 
 def _central_difference(
