@@ -1801,3 +1801,75 @@ def test_layer_trace_penalty_keeps_the_training_graph():
     loss = loss + 0.1 * curvkit.layer_trace_penalty(model, nn.functional.cross_entropy, x, y)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@torch.library.custom_op("curvkit_tests::swish", mutates_args=())
+def custom_swish(x: torch.Tensor) -> torch.Tensor:
+    """x·σ(x) as a torch.library custom op, with a differentiable backward registered below."""
+    return x * torch.sigmoid(x)
+
+
+@torch.library.custom_op("curvkit_tests::swish_without_autograd", mutates_args=())
+def custom_swish_without_autograd(x: torch.Tensor) -> torch.Tensor:
+    """x·σ(x) as a custom op with no autograd formula."""
+    return x * torch.sigmoid(x)
+
+
+@torch.library.custom_op("curvkit_tests::swish_derivative", mutates_args=())
+def custom_swish_derivative(x: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """The backward of ``custom_once``: itself an op with no autograd formula."""
+    s = torch.sigmoid(x)
+    return gradient * s * (1 + x * (1 - s))
+
+
+@torch.library.custom_op("curvkit_tests::swish_once", mutates_args=())
+def custom_once(x: torch.Tensor) -> torch.Tensor:
+    """x·σ(x) whose backward is the op above: differentiable once."""
+    return x * torch.sigmoid(x)
+
+
+def _save_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swish_backward(ctx, gradient):
+    (x,) = ctx.saved_tensors
+    s = torch.sigmoid(x)
+    return gradient * s * (1 + x * (1 - s))
+
+
+custom_swish.register_autograd(_swish_backward, setup_context=_save_input)
+custom_once.register_autograd(
+    lambda ctx, gradient: custom_swish_derivative(ctx.saved_tensors[0], gradient),
+    setup_context=_save_input,
+)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_torch_library_custom_ops(name):
+    """A ``torch.library`` custom op kept as the model's activation: deepcopy cannot copy it
+    ("cannot pickle _DispatchModule"), a raw TypeError from every backend's working copy; it is
+    now shared by the copy, and G is right on the backends torch.func's refusal leaves (1e-6
+    against the dense G of the network with torch's own swish; PyHessian 1e-4). An op without
+    an autograd formula raised torch's "Trying to backward through" raw from every backend,
+    and one whose backward is differentiable only once raised it from backpack and pyhessian;
+    both are now refused before any pass."""
+    data = digits_batches()
+    x, _ = reference.all_data(data)
+    exact_ggn = float(
+        torch.linalg.eigvalsh(reference.dense_ggn(SwishNet(nn.functional.silu), x))[-1]
+    )
+    report = curvkit.analyze(SwishNet(custom_swish), data, name, ["ggn"], top_k=1,
+                             progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
+    if name in ("torchfunc", "curvlinops"):
+        assert "torch.func cannot transform" in report.skipped["ggn"]
+    else:
+        rtol = 1e-4 if name == "pyhessian" else 1e-6
+        assert report.ggn.top_eigenvalues[0] == pytest.approx(exact_ggn, rel=rtol)
+    for activation, words in (
+        (custom_swish_without_autograd, "torch cannot differentiate the model's forward pass"),
+        (custom_once, "cannot differentiate the model's forward pass twice"),
+    ):
+        with pytest.raises(UnsupportedError, match=words):
+            curvkit.analyze(SwishNet(activation), data, name, ["ggn"], top_k=1,
+                            progress=False, options=QUICK)  # fmt: skip

@@ -43,6 +43,7 @@ from curvkit.errors import (
     MissingDependencyError,
     UnsupportedError,
     finite,
+    first_line,
     listed,
     memory_text,
     shown,
@@ -583,10 +584,31 @@ def _deep_copy(model: torch.nn.Module) -> torch.nn.Module:
     for attributes, name, value in computed:
         attributes[name] = value.detach()
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, _uncopyable(model))
+    except Exception as error:  # noqa: BLE001 (whatever deepcopy raises, it cannot copy it)
+        raise InvalidInputError(
+            f"curvkit copies the model for the libraries, and copy.deepcopy fails on it "
+            f"({type(error).__name__}: {first_line(error)}); make the model deep-copyable."
+        ) from error
     finally:
         for attributes, name, value in computed:
             attributes[name] = value
+
+
+def _uncopyable(model: torch.nn.Module) -> dict[int, Any]:
+    """A deepcopy memo that shares the modules' plain attributes deepcopy cannot copy (a
+    ``torch.library`` custom op kept as the activation: "cannot pickle _DispatchModule"),
+    as it shares functions."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, (Tensor, torch.nn.Module, dict, list, tuple, set)):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:  # noqa: BLE001 (whatever deepcopy raises, it is shared)
+                memo[id(value)] = value
+    return memo
 
 
 class CountingBatches:

@@ -139,12 +139,7 @@ def model_features(
         features.update(dict.fromkeys(UNCHECKED, unchecked))
     elif "backward_hooks" not in features:
         wide = room is None or room >= CHECK_VECTORS + WIDE_CHECK_VECTORS
-        try:
-            faults, exact = _autograd_faults(model, example, params, wide)
-        except UnsupportedError:
-            if not refused:
-                raise
-            faults = {}  # torch.func cannot run it either: the backends' own errors say why
+        faults, exact = _autograd_faults(model, example, params, wide)
         features.update(faults)
         if not refused:
             features.update(_transform_faults(model, example, params, exact))

@@ -34,7 +34,15 @@ from curvkit.distributed import (
     check_loader,
     current_group,
 )
-from curvkit.errors import CurvkitError, InvalidInputError, first_line, listed, shown, warn
+from curvkit.errors import (
+    CurvkitError,
+    InvalidInputError,
+    UnsupportedError,
+    first_line,
+    listed,
+    shown,
+    warn,
+)
 from curvkit.features import low_precision, model_features, module_calls
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
@@ -171,7 +179,14 @@ class Problem:
             changed = [n for n, p in self.model.named_parameters() if not torch.equal(p, before[n])]
             grads = [None] * len(self.params)
             if logits.requires_grad:
-                grads = torch.autograd.grad(logits.sum(), self.params, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(logits.sum(), self.params, allow_unused=True)
+                except (RuntimeError, NotImplementedError) as error:
+                    raise UnsupportedError(
+                        "torch cannot differentiate the model's forward pass "
+                        f"({first_line(error)[:300].rstrip('.')}), as every curvature "
+                        "quantity needs; give that operation a derivative."
+                    ) from error
         if not torch.equal(example, given):
             raise InvalidInputError(
                 "the model's forward pass changes its input in place, so every pass would see "
