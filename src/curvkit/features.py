@@ -139,7 +139,14 @@ def model_features(
         features.update(dict.fromkeys(UNCHECKED, unchecked))
     elif "backward_hooks" not in features:
         wide = room is None or room >= CHECK_VECTORS + WIDE_CHECK_VECTORS
-        faults, exact = _autograd_faults(model, example, params, wide)
+        try:
+            faults, exact = _autograd_faults(model, example, params, wide)
+        except UnsupportedError:  # no second derivatives: every backend's products need them
+            raise
+        except Exception:  # noqa: BLE001 (functional_call cannot run what torch.func refuses,
+            if not refused:  # nn.DataParallel: left to the backends that run it as it is)
+                raise
+            faults = {}
         features.update(faults)
         if not refused:
             features.update(_transform_faults(model, example, params, exact))
@@ -262,14 +269,7 @@ def _autograd_faults(
     of a float32 model, when ``wide``: the copy fits the memory budget); without them only the
     identities are checked, in float32 with 1e-3 allowed."""
     tangents = _tangents(params, example.device)
-    try:
-        exact = _double_backward(_probe(model, example), params, tangents)
-    except (NotImplementedError, RuntimeError) as error:
-        raise UnsupportedError(
-            "torch cannot differentiate the model's forward pass twice "
-            f"({first_line(error)[:160].rstrip('.')}), as every curvature product needs; "
-            "replace that operation by one torch differentiates twice."
-        ) from error
+    exact = _double_backward(_probe(model, example), params, tangents)
     form = _float64_form(model, example, params) if wide else None
     products = exact
     rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
@@ -331,19 +331,15 @@ def _transform_faults(
     of grad, and the logits' Jacobian products as jvp (``forward_mode``)."""
     tangents = _tangents(params, example.device)
     objective = _probe(model, example)
+    try:  # jvp's reference (where the double-vjp trick fails, only jvp's own failure counts)
+        jacobian = _jacobian_products(model, example, params, tangents)
+    except (NotImplementedError, RuntimeError):
+        jacobian = None
     routes = {
         "jvp_of_jacrev": ("Hessian", torch.func.jacrev(objective), exact),
         "jvp_of_grad": ("Hessian", torch.func.grad(objective), exact),
-        "forward_mode": ("Jacobian", _logits_of(model, example), None),
+        "forward_mode": ("Jacobian", _logits_of(model, example), jacobian),
     }
-    try:  # the reference of jvp (when the double-vjp trick fails, only jvp's failure counts)
-        routes["forward_mode"] = (
-            "Jacobian",
-            _logits_of(model, example),
-            _jacobian_products(model, example, params, tangents),
-        )
-    except (NotImplementedError, RuntimeError):
-        pass
     rounding = _rounding(exact.dtype)
     faults = {}
     for feature, (what, function, reference) in routes.items():
@@ -565,7 +561,9 @@ def _double_backward(
                 for n, g in zip(leaves, gradient)
                 if g is not None and g.requires_grad
             )
-            if isinstance(inner, Tensor):
+            if not isinstance(inner, Tensor):
+                continue
+            try:
                 rows = torch.autograd.grad(
                     inner,
                     list(leaves.values()),
@@ -573,7 +571,13 @@ def _double_backward(
                     allow_unused=True,
                     materialize_grads=True,
                 )
-                exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
+            except (NotImplementedError, RuntimeError) as error:
+                raise UnsupportedError(
+                    "torch cannot differentiate the model's forward pass twice "
+                    f"({first_line(error)[:160].rstrip('.')}), as every curvature product "
+                    "needs; replace that operation by one torch differentiates twice."
+                ) from error
+            exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
     return exact
 
 
