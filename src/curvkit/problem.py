@@ -729,7 +729,7 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
         if not named:
             raise InvalidInputError(
                 "the model has no parameters (nn.Parameter) to differentiate in; a quantized "
-                "or scripted model keeps its weights otherwise: analyse the float model."
+                "model keeps its weights otherwise: analyse the float model."
             )
         if not names:
             raise InvalidInputError(
