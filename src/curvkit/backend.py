@@ -23,7 +23,6 @@ per-example factors (``class_sums_route``).
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib
 import importlib.metadata
@@ -43,11 +42,11 @@ from curvkit.errors import (
     MissingDependencyError,
     UnsupportedError,
     finite,
-    first_line,
     listed,
     memory_text,
     shown,
 )
+from curvkit.features import deep_copy
 from curvkit.layers import kronecker_layers, kronecker_plan
 from curvkit.linalg.operator import (
     CLASS_SUMS_ROUTES,
@@ -548,7 +547,7 @@ class Backend:
         """A deep copy of the model in eval mode, only the selected parameters requiring
         gradients, and those parameters in the order of ``problem.names`` (for libraries that
         change or hook the model they work on)."""
-        model = evaluation_mode(_deep_copy(self.problem.model))
+        model = evaluation_mode(deep_copy(self.problem.model))
         named = dict(model.named_parameters())
         selected = set(self.problem.names)
         for n, p in named.items():
@@ -569,46 +568,6 @@ class Backend:
             for attribute in attributes:
                 if hasattr(p, attribute):
                     delattr(p, attribute)
-
-
-def _deep_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """``copy.deepcopy(model)``, also when a forward pass under autograd left a computed tensor
-    on a module (spectral_norm's ``weight``, rebuilt from its parameters by a pre-hook on every
-    forward): such tensors are copied detached, and left on the model as they were."""
-    computed = [
-        (vars(m), name, value)
-        for m in model.modules()
-        for name, value in vars(m).items()
-        if isinstance(value, Tensor) and value.grad_fn is not None
-    ]
-    for attributes, name, value in computed:
-        attributes[name] = value.detach()
-    try:
-        return copy.deepcopy(model, _uncopyable(model))
-    except Exception as error:  # noqa: BLE001 (whatever deepcopy raises, it cannot copy it)
-        raise InvalidInputError(
-            f"curvkit copies the model for the libraries, and copy.deepcopy fails on it "
-            f"({type(error).__name__}: {first_line(error)}); make the model deep-copyable."
-        ) from error
-    finally:
-        for attributes, name, value in computed:
-            attributes[name] = value
-
-
-def _uncopyable(model: torch.nn.Module) -> dict[int, Any]:
-    """A deepcopy memo that shares the modules' plain attributes deepcopy cannot copy (a
-    ``torch.library`` custom op kept as the activation: "cannot pickle _DispatchModule"),
-    as it shares functions."""
-    memo: dict[int, Any] = {}
-    for m in model.modules():
-        for value in vars(m).values():
-            if isinstance(value, (Tensor, torch.nn.Module, dict, list, tuple, set)):
-                continue
-            try:
-                copy.deepcopy(value)
-            except Exception:  # noqa: BLE001 (whatever deepcopy raises, it is shared)
-                memo[id(value)] = value
-    return memo
 
 
 class CountingBatches:

@@ -55,6 +55,7 @@ import copy
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +64,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from curvkit.errors import UnsupportedError, first_line, listed
+from curvkit.errors import InvalidInputError, UnsupportedError, first_line, listed
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 # the features tried on the example with torch.func (unchecked when they do not fit)
@@ -456,7 +457,7 @@ def _float64_form(
     if all(p.dtype == torch.float64 for p in params.values()):
         return model, example, params
     try:
-        double = copy.deepcopy(model).double()
+        double = deep_copy(model).double()
         double_params = {n: p.detach() for n, p in double.named_parameters() if n in params}
         double_example = example.double() if example.is_floating_point() else example
         with torch.no_grad():
@@ -464,6 +465,46 @@ def _float64_form(
     except Exception:  # noqa: BLE001 (whatever fails, the model is checked in its precision)
         return None
     return double, double_example, double_params
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also when a forward pass under autograd left a computed tensor
+    on a module (spectral_norm's ``weight``, rebuilt from its parameters by a pre-hook on every
+    forward): such tensors are copied detached, and left on the model as they were."""
+    computed = [
+        (vars(m), name, value)
+        for m in model.modules()
+        for name, value in vars(m).items()
+        if isinstance(value, Tensor) and value.grad_fn is not None
+    ]
+    for attributes, name, value in computed:
+        attributes[name] = value.detach()
+    try:
+        return copy.deepcopy(model, _uncopyable(model))
+    except Exception as error:  # noqa: BLE001 (whatever deepcopy raises, it cannot copy it)
+        raise InvalidInputError(
+            f"curvkit copies the model for the libraries, and copy.deepcopy fails on it "
+            f"({type(error).__name__}: {first_line(error)}); make the model deep-copyable."
+        ) from error
+    finally:
+        for attributes, name, value in computed:
+            attributes[name] = value
+
+
+def _uncopyable(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo that shares the modules' plain attributes deepcopy cannot copy (a
+    ``torch.library`` custom op kept as the activation: "cannot pickle _DispatchModule"),
+    as it shares functions."""
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, (Tensor, nn.Module, dict, list, tuple, set)):
+                continue
+            try:
+                copy.deepcopy(value)
+            except Exception:  # noqa: BLE001 (whatever deepcopy raises, it is shared)
+                memo[id(value)] = value
+    return memo
 
 
 def _logits_of(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
