@@ -89,6 +89,20 @@ def test_configs_are_read_safely(tmp_path):
     assert not marker.exists()
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word (``top_k: 3`` then ``top_k: 4``
+    ran with 4); merged defaults may still be overridden."""
+    with pytest.raises(curvkit.InvalidInputError, match="key 'top_k' is given twice"):
+        load_config(write(tmp_path / "twice.yaml", "top_k: 3\ntop_k: 4\n"))
+    with pytest.raises(curvkit.InvalidInputError, match="key 'trace_matvecs' is given twice"):
+        load_config(
+            write(tmp_path / "nested.yaml", "options: {trace_matvecs: 5, trace_matvecs: 7}")
+        )
+    merged = "options: {<<: {trace_matvecs: 5, lanczos_tol: 1.0e-8}, trace_matvecs: 7}"
+    options = load_config(write(tmp_path / "merged.yaml", merged))["options"]
+    assert options == {"trace_matvecs": 7, "lanczos_tol": 1e-8}
+
+
 class Exploit:
     def __init__(self, marker):
         self.marker = str(marker)

@@ -576,6 +576,11 @@ def test_output_path_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             main([*command, "--output", ""])
         assert "--output: an empty path; name a folder" in capsys.readouterr().err
+    # names the system refuses: a raw OSError ("File name too long") after argument checks
+    assert main(["analyze", "--quiet", "--output", str(tmp_path / ("x" * 300))]) == 2
+    assert "(File name too long)" in capsys.readouterr().err
+    with pytest.raises(InvalidInputError, match="embedded null byte"):
+        curvkit.report.check_writable(tmp_path / "a\x00b")
     run_config = tmp_path / "run.yaml"
     run_config.write_text("output: ' '\n")
     assert main(["analyze", "--quiet", "--config", str(run_config)]) == 2
@@ -1721,6 +1726,133 @@ def assert_top_eigenvalues_right(model, data, name, plain=None):
     rtol = 1e-4 if name == "pyhessian" else 1e-6
     for matrix, value in exact.items():
         assert getattr(report, matrix).top_eigenvalues[0] == pytest.approx(value, rel=rtol)
+
+
+class SwishWithoutSecondDerivativesBeyond(torch.autograd.Function):
+    """x·σ(x) whose backward keeps its graph for |x| ≤ ``bound`` and computes without gradients
+    beyond (a fast path for large inputs, say): double backward is wrong only on examples whose
+    activations reach past the bound."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, bound):
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.bound = inputs[1]
+
+    @staticmethod
+    def backward(ctx, gradient):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        derivative = s * (1 + x * (1 - s))
+        return gradient * torch.where(x.abs() > ctx.bound, derivative.detach(), derivative), None
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_fault_the_first_example_does_not_reach_is_found(name):
+    """The features check looked at the data's first example only: with the bound between its
+    largest activation and the data's, backpack and pyhessian reported the Hessian's λ₁ 1.484
+    for 1.369 (the probe that found it, on a tanh). The check now takes the first example and
+    the one with the largest logits, and the Hessian is refused on every backend; G, where
+    computed, is right (1e-6 against the dense G of the same network with torch's swish)."""
+    plain = SwishNet(nn.functional.silu)
+    data = digits_batches()
+    x, _ = reference.all_data(data)
+    with torch.no_grad():
+        reach = plain.net[0](x).abs().amax(dim=1)
+    assert reach[0] < reach.max() / 2  # the first example stays within half the bound
+    bound = float(reach[0] + reach.max()) / 2
+    model = SwishNet(lambda h: SwishWithoutSecondDerivativesBeyond.apply(h, bound))
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
+                             skip_unsupported=True, options=FEATURE_OPTIONS)  # fmt: skip
+    assert "second derivatives autograd gets wrong" in report.skipped["hessian"]
+    if name == "curvlinops":  # its G products need a jvp, which the function lacks
+        assert "jvp cannot take" in report.skipped["ggn"]
+        return
+    exact_ggn = float(torch.linalg.eigvalsh(reference.dense_ggn(plain, x))[-1])
+    rtol = 1e-4 if name == "pyhessian" else 1e-6
+    assert report.ggn.top_eigenvalues[0] == pytest.approx(exact_ggn, rel=rtol)
+
+
+class TanhReversingExamples(torch.autograd.Function):
+    """tanh whose ``vmap`` rule returns the examples in reverse order: right on one example, or
+    on copies of one (as the per-example check tried it)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, gradient):
+        (output,) = ctx.saved_tensors
+        return gradient * (1 - output * output)
+
+    @staticmethod
+    def vmap(info, in_dims, x):
+        if in_dims[0] is None:
+            return torch.tanh(x), None
+        return TanhReversingExamples.apply(x.movedim(in_dims[0], 0)).flip(0), 0
+
+
+def test_a_vmap_rule_that_reorders_examples_is_found():
+    """torchfunc's per-example Jacobians come from vmap; a batching rule that reverses the
+    examples passed the check on three copies of one example, and torchfunc reported the exact
+    tr G 6.3445 for 6.3228 (and the class means from the same factors). The check now runs on
+    two different examples in an order no reversal or mean keeps: the class means are refused,
+    and G's trace (estimated) is right."""
+    model, plain = SwishNet(TanhReversingExamples.apply), SwishNet(torch.tanh)
+    data = digits_batches()
+    report = curvkit.analyze(model, data, "torchfunc", ["ggn", "classmeans"], top_k=1,
+                             progress=False, skip_unsupported=True,
+                             options=FEATURE_OPTIONS)  # fmt: skip
+    assert "per-example Jacobians torch.func's vmap gets wrong" in report.skipped["classmeans"]
+    exact_trace = float(torch.trace(reference.dense_ggn(plain, reference.all_data(data)[0])))
+    assert report.ggn.trace_stderr > 0  # estimated: the exact trace needs per-example factors
+    assert abs(report.ggn.trace - exact_trace) <= 4 * report.ggn.trace_stderr
+
+
+class ForwardSetOnInstance(nn.Module):
+    """The tiny model whose first layer's forward is a lambda assigned on the instance, which
+    ``copy.deepcopy`` shares: a copy's forward reads the original's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        first = self.net[0]
+        first.forward = lambda x: nn.functional.linear(x, 2 * first.weight, first.bias)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_forward_that_copies_do_not_copy_is_found(name):
+    """BackPACK, PyHessian and curvlinops work on a deep copy of the model; with a forward set
+    on an instance the copy differentiated the original's weight, and all three raised torch's
+    raw "appears to not have been used in the graph". They now refuse with the reason;
+    torchfunc, which calls the model itself, is right (1e-6 against the dense Hessian)."""
+    model, data = ForwardSetOnInstance(), digits_batches()
+    report = curvkit.analyze(model, data, name, ["hessian", "classmeans"], top_k=1,
+                             progress=False, skip_unsupported=True,
+                             options=FEATURE_OPTIONS)  # fmt: skip
+    assert (
+        "a copy of the model runs on the model's own parameters net.0.bias, net.0.weight"
+        in (report.skipped["classmeans"])
+    )
+    if name != "torchfunc":
+        assert "a copy of the model runs" in report.skipped["hessian"]
+        return
+    x, y = reference.all_data(data)
+    exact = float(torch.linalg.eigvalsh(reference.dense_hessian(model, x, y))[-1])
+    assert report.hessian.top_eigenvalues[0] == pytest.approx(exact, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

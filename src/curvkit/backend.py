@@ -76,6 +76,8 @@ ROUTINES = {
 # come from autograd's or torch.func's second derivatives (every backend)
 SHARED_LIMITS = {
     "shared_parameters": ("kronecker_factors",),
+    # every backend's Kronecker factors and class sums by gradient passes run on a copy
+    "uncopied_forward": ("class_deltas", "kronecker_factors"),
     "wrong_hessian": ("hvp",),
     "wrong_jacobian_products": ("hvp", "ggnvp"),
 }

@@ -1,4 +1,4 @@
-"""Run configurations: a YAML file (read with ``yaml.safe_load`` only) plus command-line flags.
+"""Run configurations: a YAML file (read with PyYAML's safe loader only) plus command-line flags.
 
 ```yaml
 model: digits-mlp          # a zoo name, or {factory: "mypkg.models:make_model", checkpoint: w.pt}
@@ -41,7 +41,7 @@ import importlib
 import os
 import pickle
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +125,29 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any] | None = N
     return config
 
 
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last silently: ``top_k: 3`` then ``top_k: 4`` would run with 4 and no word). Merged keys
+    (``<<: *defaults``) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {shown(key)} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeysLoader)
     except FileNotFoundError as error:
         raise InvalidInputError(f"config file {path} does not exist.") from error
     except (OSError, UnicodeDecodeError) as error:  # a folder, no permission, not text

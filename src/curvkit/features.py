@@ -10,15 +10,20 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   directly besides its module (``h @ self.fc.weight.T``);
 - ``forward_hooks`` / ``backward_hooks``: hooks registered on the model's modules or globally;
 - ``parametrizations``: ``torch.nn.utils.parametrize`` (e.g. ``weight_norm``);
+- ``uncopied_forward``: a forward pass that a deep copy of the model runs on the original's
+  parameters (a function assigned on an instance, ``lin.forward = lambda x: ...``, or
+  ``torch.compile(model.forward)``: deepcopy shares functions), so that products on the
+  copies the libraries work on would differentiate nothing (a raw "appears to not have been
+  used in the graph" from BackPACK and curvlinops);
 - ``asymmetric_padding``: a Conv2d with ``padding="same"`` and an even kernel span
   (dilation · (kernel − 1) odd), which torch pads by one more at the end than at the start;
   the libraries' unfolds take one padding per side;
 - ``functional_transforms``: a forward pass that torch.func's transforms refuse
   (``torch.utils.checkpoint``'s saved-tensor hooks, a buffer updated in place), found by
-  trying ``torch.func.grad`` on the example;
+  trying ``torch.func.grad`` on the examples;
 - ``per_example_transforms``: a forward pass that ``vmap`` over the examples cannot batch
-  (Python control flow on the input's values, PReLU's batching rule), found by trying it on
-  copies of the example;
+  (Python control flow on the input's values, PReLU's batching rule, a user's ``vmap`` rule
+  that reverses the examples), found by trying it on the examples;
 - ``wrong_hessian``: a forward pass whose second derivatives autograd itself gets wrong, found
   as Hessian products that break the Hessian's symmetry (torch's ``weight_norm``: 2e-3 off,
   λ₁ 1.3715 for 1.3717) or, where backward's gradient is the derivative of the forward's
@@ -37,7 +42,7 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   route; curvlinops' G, by jvp of the logits) cannot take (no forward-mode derivative of
   ``silu_backward``, an ``autograd.Function`` without ``jvp``) or get wrong (torch's
   ``layer_norm`` with affine weights, 3–8 % off: pytorch/pytorch#196700), found by comparing
-  two products on the example with autograd's.
+  two products on the examples with autograd's.
 
 A forward pass that autograd itself cannot differentiate twice (``EmbeddingBag``) is no
 feature but a refusal: every backend's products need second derivatives. The transform checks
@@ -67,7 +72,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from curvkit.errors import InvalidInputError, UnsupportedError, first_line, listed
 
 FORWARD_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
-# the features tried on the example with torch.func (unchecked when they do not fit)
+# the features tried on the examples with torch.func (unchecked when they do not fit)
 UNCHECKED = ("jvp_of_jacrev", "jvp_of_grad", "forward_mode", "per_example_transforms")
 BACKWARD_HOOKS = ("_backward_hooks", "_backward_pre_hooks")
 
@@ -87,15 +92,17 @@ FINITE_SHIFT = 1e-3
 
 
 def model_features(
-    model: nn.Module, example: Tensor, selected: list[str] | None = None, room: int | None = None
+    model: nn.Module, examples: Tensor, selected: list[str] | None = None, room: int | None = None
 ) -> dict[str, str]:
-    """The features of ``model`` among those above, each with the words that say where; one
-    forward pass on ``example`` (a batch of one, without gradients) counts module calls.
+    """The features of ``model`` among those above, each with the words that say where, found
+    on ``examples`` (a batch of one or two: the data's first and, where the problem found one,
+    the one with the largest logits, as a fault of the derivatives may show on large
+    activations alone); one forward pass on the first counts module calls.
     ``room``: how many vectors of the selected parameters' size fit half the memory budget
     (None: no limit known); with fewer than CHECK_VECTORS the transforms are not tried and
     count as broken, so that no backend relies on them unchecked."""
     features = {}
-    shared = _shared(model, example)
+    shared = _shared(model, examples[:1])
     if shared:
         features["shared_parameters"] = shared
     for feature, attributes in (
@@ -110,6 +117,9 @@ def model_features(
     ]
     if parametrized:
         features["parametrizations"] = f"parametrized module(s) {listed(parametrized)}"
+    uncopied = _uncopied(model, examples[:1])
+    if uncopied:
+        features["uncopied_forward"] = uncopied
     unequal = [
         n
         for n, m in model.named_modules()
@@ -129,7 +139,7 @@ def model_features(
         for name, p in model.named_parameters()
         if selected is None or name in selected
     }
-    refused = _untransformable(model, example, params)
+    refused = _untransformable(model, examples, params)
     if refused and "backward_hooks" not in features:  # those are refused for their own reason
         features["functional_transforms"] = refused
     if room is not None and room < CHECK_VECTORS:
@@ -141,7 +151,7 @@ def model_features(
     elif "backward_hooks" not in features:
         wide = room is None or room >= CHECK_VECTORS + WIDE_CHECK_VECTORS
         try:
-            faults, exact = _autograd_faults(model, example, params, wide)
+            faults, exact = _autograd_faults(model, examples, params, wide)
         except UnsupportedError:  # no second derivatives: every backend's products need them
             raise
         except Exception:  # noqa: BLE001 (functional_call cannot run what torch.func refuses,
@@ -150,8 +160,8 @@ def model_features(
             faults = {}
         features.update(faults)
         if not refused:
-            features.update(_transform_faults(model, example, params, exact))
-            unbatchable = _unbatchable(model, example, params)
+            features.update(_transform_faults(model, examples, params, exact))
+            unbatchable = _unbatchable(model, examples, params)
             if unbatchable:
                 features["per_example_transforms"] = unbatchable
     return features
@@ -164,12 +174,12 @@ def _call(model: nn.Module, values: dict[str, Tensor], x: Tensor) -> Tensor:
     return torch.func.functional_call(model, {**dict(model.named_buffers()), **values}, (x,))
 
 
-def _untransformable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -> str:
+def _untransformable(model: nn.Module, examples: Tensor, params: dict[str, Tensor]) -> str:
     """Why torch.func cannot differentiate the model's forward pass ("" when it can): the
     gradient of the summed logits through ``functional_call``, as torch.func backends take it."""
 
     def total(values: dict[str, Tensor]) -> Tensor:
-        return _call(model, values, example).sum()
+        return _call(model, values, examples).sum()
 
     try:
         torch.func.grad(total)(params)
@@ -179,19 +189,20 @@ def _untransformable(model: nn.Module, example: Tensor, params: dict[str, Tensor
     return ""
 
 
-def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -> str:
+def _unbatchable(model: nn.Module, examples: Tensor, params: dict[str, Tensor]) -> str:
     """Why torch.func cannot batch per-example derivatives (``vmap`` over the examples of
     ``jacrev``, as torchfunc's per-example Jacobians for the class sums and Kronecker factors;
     "" when it can): e.g. Python control flow on the input's values, or an operation whose
-    batching rule mixes the two vmapped axes (PReLU's backward). Tried on three copies of the
-    example and two random combinations of the logits (6 P numbers, where the Jacobians would
-    take B·C·P), so that the two axes differ in size; each copy's Jacobian must equal
-    ``jacrev``'s on the example alone, with gradients on (under ``no_grad``, as torchfunc runs
-    it, vmap's Jacobians of ``linalg.det`` came out 245 off: torchfunc's exact tr G 1.06e7 for
-    87.4)."""
-    generator = torch.Generator(device=example.device).manual_seed(0)
+    batching rule mixes the two vmapped axes (PReLU's backward) or the examples (a user's
+    ``vmap`` rule that reverses them: torchfunc's exact tr G 6.3445 for 6.3228). Tried on
+    the examples as (first, second, second), an order no reversal or mean keeps, and two
+    random combinations of the logits (6 P numbers, where the Jacobians would take B·C·P), so
+    that the two axes differ in size; each row's Jacobian must equal ``jacrev``'s on its
+    example alone, with gradients on (under ``no_grad``, as torchfunc runs it, vmap's
+    Jacobians of ``linalg.det`` came out 245 off: torchfunc's exact tr G 1.06e7 for 87.4)."""
+    generator = torch.Generator(device=examples.device).manual_seed(0)
     with torch.no_grad():
-        out = _call(model, params, example)
+        out = _call(model, params, examples[:1])
     mix = torch.randn(out.shape[-1], 2, generator=generator, dtype=out.dtype, device=out.device)
 
     def combined(values: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -200,24 +211,27 @@ def _unbatchable(model: nn.Module, example: Tensor, params: dict[str, Tensor]) -
     with warnings.catch_warnings():  # vmap's fallback warnings (jacrev vmaps too) unshown
         warnings.simplefilter("ignore")
         try:
+            rows = [0, 1, 1] if len(examples) > 1 else [0, 0, 0]
             with torch.no_grad():
-                copies = example.expand(3, *example.shape[1:])
                 batched = torch.func.vmap(torch.func.jacrev(combined), in_dims=(None, 0))(
-                    params, copies
+                    params, examples[rows]
                 )
         except Exception as error:  # noqa: BLE001 (whatever it raises, vmap cannot run it)
             first = first_line(error).split(". ")[0][:120].rstrip(".") or type(error).__name__
             return f"a forward pass that torch.func cannot vmap over examples ({first})"
-        alone = tree_map(Tensor.detach, torch.func.jacrev(combined)(params, example[0]))
-    # relative to the Jacobian's norm, summed parameter by parameter (no flat copies: 8 P
-    # numbers at the peak, within CHECK_VECTORS)
-    error = sum(float((batched[n] - alone[n]).square().sum()) for n in params)
-    norm = 3 * sum(float(alone[n].square().sum()) for n in params)
+        # relative to the Jacobians' norm, summed parameter by parameter, one example's at a
+        # time (no flat copies: 8 P numbers at the peak, within CHECK_VECTORS)
+        error = norm = 0.0
+        for i in sorted(set(rows)):
+            alone = tree_map(Tensor.detach, torch.func.jacrev(combined)(params, examples[i]))
+            for k in (k for k, row in enumerate(rows) if row == i):
+                error += sum(float((batched[n][k] - alone[n]).square().sum()) for n in params)
+                norm += sum(float(alone[n].square().sum()) for n in params)
     off = (error / max(norm, 1e-300)) ** 0.5
-    if off > _rounding(next(iter(alone.values())).dtype):
+    if off > _rounding(next(iter(params.values())).dtype):
         return (
             f"a forward pass whose per-example Jacobians torch.func's vmap gets wrong ({off:.0e} "
-            "off jacrev's on the example alone; a torch batching-rule bug such as linalg.det's)"
+            "off jacrev's on each example alone; a torch batching-rule bug such as linalg.det's)"
         )
     return ""
 
@@ -230,12 +244,12 @@ def _rounding(dtype: torch.dtype) -> float:
     return 1e4 * torch.finfo(dtype).eps if dtype == torch.float64 else 1e-2
 
 
-def _probe(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
-    """``½‖f‖² + Σf`` on the example as a function of the parameters: its Hessian holds the
+def _probe(model: nn.Module, examples: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+    """``½‖f‖² + Σf`` on the examples as a function of the parameters: its Hessian holds the
     second derivatives of every operation of the forward pass."""
 
     def objective(values: dict[str, Tensor]) -> Tensor:
-        out = _call(model, values, example)
+        out = _call(model, values, examples)
         return 0.5 * (out * out).sum() + out.sum()
 
     return objective
@@ -251,7 +265,7 @@ def _tangents(params: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 
 
 def _autograd_faults(
-    model: nn.Module, example: Tensor, params: dict[str, Tensor], wide: bool
+    model: nn.Module, examples: Tensor, params: dict[str, Tensor], wide: bool
 ) -> tuple[dict[str, str], Tensor]:
     """``wrong_hessian`` and ``wrong_jacobian_products`` when autograd's own derivatives of the
     forward pass, on which every backend's products rest, disagree with each other; and
@@ -269,27 +283,27 @@ def _autograd_faults(
     backward gives zeros: G's λ₁ 0.17 for 0.67). Differences are taken in float64 (on a copy
     of a float32 model, when ``wide``: the copy fits the memory budget); without them only the
     identities are checked, in float32 with 1e-3 allowed."""
-    tangents = _tangents(params, example.device)
-    exact = _double_backward(_probe(model, example), params, tangents)
-    form = _float64_form(model, example, params) if wide else None
+    tangents = _tangents(params, examples.device)
+    exact = _double_backward(_probe(model, examples), params, tangents)
+    form = _float64_form(model, examples, params) if wide else None
     products = exact
     rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
     if form is not None:
-        model, example, params = form
+        model, examples, params = form
         params = _moved(params)
-        tangents = _tangents(params, example.device)
-        products = _double_backward(_probe(model, example), params, tangents)
+        tangents = _tangents(params, examples.device)
+        products = _double_backward(_probe(model, examples), params, tangents)
         rounding = _rounding(torch.float64)
     off = _asymmetry(_flat(tangents, params), products)
     with torch.no_grad():
-        outputs = _logits_of(model, example)(params)
+        outputs = _logits_of(model, examples)(params)
     generator = torch.Generator(device=outputs.device).manual_seed(2)
     cotangent = torch.randn(
         outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
     )
-    pulled = _pulled(model, example, params, tangents, cotangent)
+    pulled = _pulled(model, examples, params, tangents, cotangent)
     try:
-        jacobian = _jacobian_products(model, example, params, tangents)
+        jacobian = _jacobian_products(model, examples, params, tangents)
         trick = float(((jacobian @ cotangent - pulled[0]).abs() / pulled[1]).max())
     except (NotImplementedError, RuntimeError):
         trick = float("inf")
@@ -297,11 +311,11 @@ def _autograd_faults(
     if form is not None:
 
         def projected(values: dict[str, Tensor]) -> Tensor:
-            return (_logits_of(model, example)(values) @ cotangent).reshape(1)
+            return (_logits_of(model, examples)(values) @ cotangent).reshape(1)
 
         first_order = _steady_gap(projected, params, tangents, pulled[0][:, None])
         if first_order <= rounding:  # the gradient is the values' derivative: hold H to it
-            gradient = _gradient_of(_probe(model, example))
+            gradient = _gradient_of(_probe(model, examples))
             hessian_gap = _steady_gap(gradient, params, tangents, products)
     faults = {}
     if max(off, hessian_gap) > rounding:
@@ -325,21 +339,21 @@ def _autograd_faults(
 
 
 def _transform_faults(
-    model: nn.Module, example: Tensor, params: dict[str, Tensor], exact: Tensor
+    model: nn.Module, examples: Tensor, params: dict[str, Tensor], exact: Tensor
 ) -> dict[str, str]:
     """The routes of torch.func's transforms whose products fail, or differ from autograd's
     beyond rounding: the Hessian products of ``_probe`` (``exact``) as jvp of jacrev and as jvp
     of grad, and the logits' Jacobian products as jvp (``forward_mode``)."""
-    tangents = _tangents(params, example.device)
-    objective = _probe(model, example)
+    tangents = _tangents(params, examples.device)
+    objective = _probe(model, examples)
     try:  # jvp's reference (where the double-vjp trick fails, only jvp's own failure counts)
-        jacobian = _jacobian_products(model, example, params, tangents)
+        jacobian = _jacobian_products(model, examples, params, tangents)
     except (NotImplementedError, RuntimeError):
         jacobian = None
     routes = {
         "jvp_of_jacrev": ("Hessian", torch.func.jacrev(objective), exact),
         "jvp_of_grad": ("Hessian", torch.func.grad(objective), exact),
-        "forward_mode": ("Jacobian", _logits_of(model, example), jacobian),
+        "forward_mode": ("Jacobian", _logits_of(model, examples), jacobian),
     }
     rounding = _rounding(exact.dtype)
     faults = {}
@@ -450,21 +464,21 @@ def _central_difference(
 
 
 def _float64_form(
-    model: nn.Module, example: Tensor, params: dict[str, Tensor]
+    model: nn.Module, examples: Tensor, params: dict[str, Tensor]
 ) -> tuple[nn.Module, Tensor, dict[str, Tensor]] | None:
-    """The model, example and parameters in float64: themselves when the parameters are, else a
+    """The model, examples and parameters in float64: themselves when the parameters are, else a
     copy of the model; None when the model has no float64 form."""
     if all(p.dtype == torch.float64 for p in params.values()):
-        return model, example, params
+        return model, examples, params
     try:
         double = deep_copy(model).double()
         double_params = {n: p.detach() for n, p in double.named_parameters() if n in params}
-        double_example = example.double() if example.is_floating_point() else example
+        double_examples = examples.double() if examples.is_floating_point() else examples
         with torch.no_grad():
-            double(double_example)
+            double(double_examples)
     except Exception:  # noqa: BLE001 (whatever fails, the model is checked in its precision)
         return None
-    return double, double_example, double_params
+    return double, double_examples, double_params
 
 
 def deep_copy(model: nn.Module) -> nn.Module:
@@ -507,11 +521,11 @@ def _uncopyable(model: nn.Module) -> dict[int, Any]:
     return memo
 
 
-def _logits_of(model: nn.Module, example: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
-    """The example's logits, flat, as a function of the parameters."""
+def _logits_of(model: nn.Module, examples: Tensor) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The examples' logits, flat, as a function of the parameters."""
 
     def logits(values: dict[str, Tensor]) -> Tensor:
-        return _call(model, values, example).reshape(-1)
+        return _call(model, values, examples).reshape(-1)
 
     return logits
 
@@ -533,13 +547,13 @@ def _gradient_of(
 
 
 def _jacobian_products(
-    model: nn.Module, example: Tensor, params: dict[str, Tensor], tangents: dict[str, Tensor]
+    model: nn.Module, examples: Tensor, params: dict[str, Tensor], tangents: dict[str, Tensor]
 ) -> Tensor:
-    """J t of the example's flat logits for each tangent's two rows, as (2, outputs), by the
+    """J t of the examples' flat logits for each tangent's two rows, as (2, outputs), by the
     double-vjp trick J t = ∂/∂u ⟨Jᵀu, t⟩, as BackPACK's R-op and torchfunc's reverse route."""
     with torch.enable_grad():
         leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
-        logits = _logits_of(model, example)(leaves)
+        logits = _logits_of(model, examples)(leaves)
         dummy = torch.zeros_like(logits, requires_grad=True)
         pulled = torch.autograd.grad(
             logits, list(leaves.values()), dummy, create_graph=True, allow_unused=True
@@ -562,17 +576,17 @@ def _jacobian_products(
 
 def _pulled(
     model: nn.Module,
-    example: Tensor,
+    examples: Tensor,
     params: dict[str, Tensor],
     tangents: dict[str, Tensor],
     cotangent: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """``⟨Jᵀu, t⟩`` for each tangent's two rows, with u = ``cotangent`` on the example's flat
+    """``⟨Jᵀu, t⟩`` for each tangent's two rows, with u = ``cotangent`` on the examples' flat
     logits and Jᵀu by backward, and the bounds ``‖Jᵀu‖ ‖t‖`` of their size, as (2,) each."""
     with torch.enable_grad():
         leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
         pulled = torch.autograd.grad(
-            _logits_of(model, example)(leaves) @ cotangent,
+            _logits_of(model, examples)(leaves) @ cotangent,
             list(leaves.values()),
             allow_unused=True,
             materialize_grads=True,
@@ -697,6 +711,28 @@ def _shared(model: nn.Module, example: Tensor) -> str:
     ]
     shared = [f"shared parameters {listed(tied)}"] * bool(tied)
     return "; ".join(shared + reused[:3] + direct[:3])
+
+
+def _uncopied(model: nn.Module, example: Tensor) -> str:
+    """The parameters a deep copy's forward pass on ``example`` reaches on the original model
+    rather than on the copy, in words ("" for none). Run after ``module_calls``, which lets
+    every parameter require gradients (and a copy takes that over)."""
+    try:
+        twin = deep_copy(model)
+        with torch.enable_grad():
+            output = twin(example)
+    except Exception:  # noqa: BLE001 (the backends that copy the model say why it fails)
+        return ""
+    names = {id(p): n for n, p in model.named_parameters()}
+    reached = [names[i] for i in _uses(output) if i in names] if isinstance(output, Tensor) else []
+    if not reached:
+        return ""
+    return (
+        f"a forward pass that a copy of the model runs on the model's own parameters "
+        f"{listed(sorted(reached))} (a function assigned on an instance, such as "
+        "module.forward = lambda x: ..., which copy.deepcopy shares: define forward in the "
+        "class)"
+    )
 
 
 def _uses(output: Tensor) -> Counter[int]:

@@ -137,7 +137,8 @@ class Problem:
         self.model = model
         self.data = data
         self.first_pass: PassRecord | None = None
-        # the first two examples, kept by the scan for checks before computing (no data pass)
+        # two examples kept by the scan for checks before computing (no data pass): the first,
+        # and the one with the largest logits (the second where that is the first)
         self.sample: tuple[Tensor, Tensor] | None = None
         self.cache_mb = cache_mb
         self.cached: list[tuple[Tensor, Tensor]] | None = None
@@ -159,7 +160,7 @@ class Problem:
         ``forward``, a backbone run under ``torch.no_grad()``) have no gradient at all, which
         the libraries cannot take: left out of the default selection with a warning, refused
         when named in ``params``."""
-        pair = self.sample[0]  # the first one or two examples
+        pair = self.sample[0]  # one or two examples
         example, given = pair[:1], pair[:1].clone()
         with model_guard(self.model):
             before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
@@ -464,6 +465,7 @@ class Problem:
         num_samples, num_classes, counts, max_batch, index = 0, 0, None, 0, -1
         budget = cache_budget(self.cache_mb, self.device)
         cache: list[tuple[Tensor, Tensor]] | None = [] if budget > 0 else None
+        largest: tuple[float, Tensor, Tensor] | None = None  # logits' norm, its example
         with model_guard(self.model), torch.no_grad():
             for index, (x, y) in enumerate(self.batches()):
                 if self.sample is None:
@@ -527,12 +529,20 @@ class Problem:
                             else "."
                         )
                     )
+                norms = out.norm(dim=1)
+                norms[: 1 if num_samples == 0 else 0] = -1  # the first example is kept anyway
+                if norms.numel() and (largest is None or float(norms.max()) > largest[0]):
+                    i = int(norms.argmax())
+                    largest = (float(norms[i]), x[i : i + 1].clone(), y[i : i + 1].clone())
                 counts += torch.bincount(y.cpu(), minlength=num_classes)
                 num_samples += y.numel()
                 max_batch = max(max_batch, y.numel())
         if num_samples == 0 and self.group is None:
             raise InvalidInputError("the data yielded no examples; pass a non-empty loader.")
         counts_tuple = tuple(int(c) for c in counts) if counts is not None else ()
+        if largest is not None and largest[0] >= 0:
+            x, y = self.sample
+            self.sample = (torch.cat([x[:1], largest[1]]), torch.cat([y[:1], largest[2]]))
         self.cached = cache
         return DataSummary(num_samples, num_classes, counts_tuple, index + 1, max_batch)
 
@@ -601,11 +611,25 @@ class Problem:
     def features(self) -> dict[str, str]:
         """The model's features that some libraries cannot handle (see curvkit.features),
         found in eval mode (BatchNorm refuses one example in training mode, and would update
-        its running statistics) on the model, which comes back as it was."""
+        its running statistics) on the model, which comes back as it was; with a process
+        group, those of any rank (each checks its own examples), so that all refuse alike."""
         half = self.half_budget()
         room = None if half is None else int(half // (self.num_params * self.dtype.itemsize))
-        with model_guard(self.model):
-            return model_features(self.model, self.sample[0][:1], self.names, room)
+        try:
+            with model_guard(self.model):
+                found = model_features(self.model, self.sample[0], self.names, room)
+        except CurvkitError as error:  # a refusal (no second derivatives) stops every rank
+            if self.group is not None:
+                agree(error, self.group)
+            raise
+        if self.group is None:
+            return found
+        agree(None, self.group)
+        union: dict[str, str] = {}
+        for features in all_gather_objects(found, self.group):
+            for feature, where in features.items():
+                union.setdefault(feature, where)
+        return union
 
     @functools.cached_property
     def module_calls(self) -> Counter[str]:

@@ -21,7 +21,14 @@ from typing import Any
 import yaml
 from torch import Tensor
 
-from curvkit.errors import CurvkitError, InvalidInputError, MissingDependencyError, first_line
+from curvkit.errors import (
+    NAME_CHARS,
+    CurvkitError,
+    InvalidInputError,
+    MissingDependencyError,
+    cut,
+    first_line,
+)
 
 QUANTITIES = ("hessian", "ggn", "residual", "classmeans", "layerwise")
 
@@ -385,22 +392,23 @@ def write_atomically(path: Path, text: str) -> None:
 def check_writable(folder: Path) -> None:
     """Create ``folder`` and try a file in it, so that a bad output path fails before the work
     (a path that is a file, read-only, on a full disk, a folder where report.yaml will go) with
-    one InvalidInputError."""
-    if (folder / "report.yaml").is_dir():
-        raise InvalidInputError(
-            f"{folder / 'report.yaml'} is a folder, where the report.yaml file will go; remove it "
-            "or choose another output folder (--output on the command line)."
-        )
+    one InvalidInputError; a name the system refuses (too long, a NUL byte) too."""
     try:
+        if (folder / "report.yaml").is_dir():
+            raise InvalidInputError(
+                f"{folder / 'report.yaml'} is a folder, where the report.yaml file will go; "
+                "remove it or choose another output folder (--output on the command line)."
+            )
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:
             probe.write(b"curvkit")
             probe.flush()
             os.fsync(probe.fileno())
-    except OSError as error:
+    except (OSError, ValueError) as error:
+        why = getattr(error, "strerror", None) or error
         raise InvalidInputError(
-            f"cannot write into the output folder {folder} ({error.strerror or error}); choose "
-            "another (--output on the command line)."
+            f"cannot write into the output folder {cut(str(folder), NAME_CHARS)} ({why}); choose another "
+            "(--output on the command line)."
         ) from error
 
 

@@ -67,7 +67,7 @@ class BackPACKBackend(Backend):
             "asymmetric_padding",
         ),
         ("class_deltas", "kronecker_factors", "trace"),
-    )
+    ) | {"uncopied_forward": ("hvp", "ggnvp", "trace", "block_products")}  # all on its copy
 
     _extended_copy: tuple[nn.Module, list[Tensor], nn.Module] | None = None
     _positions: dict[str, int] | None = None

@@ -97,6 +97,7 @@ class CurvlinopsBackend(Backend):
         "jvp_of_jacrev": ("hvp",),  # its Hessian products
         "forward_mode": ("hvp", "ggnvp"),  # its G products: jvp, then vjp
         "asymmetric_padding": ("kronecker_factors",),  # its unfold: "Unequal padding"
+        "uncopied_forward": ("hvp", "ggnvp", "block_products"),  # its operators' model copy
     }
 
     def __init__(self, problem: Problem, options: Options | None = None) -> None:

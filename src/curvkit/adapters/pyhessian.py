@@ -113,6 +113,7 @@ class PyHessianBackend(Backend):
     library = "pyhessian"
     module = "pyhessian"
     extra = "pyhessian"
+    limits = {"uncopied_forward": ("hvp", "ggnvp", "block_products")}  # all on its copy
     capabilities = {
         "hvp": "native",  # hessian.dataloader_hv_product
         "ggnvp": "derived",  # the same on the Gauss–Newton surrogate criterion

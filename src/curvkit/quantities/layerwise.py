@@ -305,7 +305,7 @@ def layer_trace_penalty(
             f"the weight of layer {frozen[0]} does not require gradients; leave the layer out "
             "or enable requires_grad."
         )
-    fault = _second_derivative_fault(model, inputs[:1], [f"{n}.weight" for n in layers])
+    fault = _second_derivative_fault(model, inputs[:2], [f"{n}.weight" for n in layers])
     if fault:
         raise UnsupportedError(
             f"layer_trace_penalty probes the Hessian, and the model has {fault}; no estimate of "
@@ -320,15 +320,15 @@ def layer_trace_penalty(
 _SECOND_DERIVATIVE_FAULTS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
-def _second_derivative_fault(model: nn.Module, example: Tensor, names: list[str]) -> str:
+def _second_derivative_fault(model: nn.Module, examples: Tensor, names: list[str]) -> str:
     """Why autograd's Hessian of ``model`` in the parameters ``names`` is wrong (torch's
     weight_norm, an autograd.Function whose backward does not differentiate), "" when it is
-    right: curvkit.features' checks on ``example``, once per model (the model comes back as
-    it was)."""
+    right: curvkit.features' checks on ``examples`` (the first batch's first two), once per
+    model (the model comes back as it was)."""
     if model not in _SECOND_DERIVATIVE_FAULTS:
         with model_guard(model):
             try:
-                features = model_features(model, example, names)
+                features = model_features(model, examples, names)
             except UnsupportedError:
                 raise
             except Exception:  # noqa: BLE001 (a check that cannot run finds nothing)
