@@ -1891,8 +1891,9 @@ def test_gradients_stopped_on_purpose_are_no_wrong_derivatives(name):
     check refused G and the Hessian on every backend. The Hessian is held to those differences
     only where backward's gradient is the values' derivative, so the estimator's Hessian and G
     (autograd's, as the model trains) are computed, and right against the dense ones of
-    torch.func (1e-6; PyHessian's power iteration 1e-4)."""
-    assert_top_eigenvalues_right(StraightThrough(), digits_batches(), name)
+    torch.func (1e-6; PyHessian's power iteration 1e-4), with a warning that says so."""
+    with pytest.warns(UserWarning, match="gradients that are not the derivatives"):
+        assert_top_eigenvalues_right(StraightThrough(), digits_batches(), name)
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -1970,7 +1971,16 @@ def _swish_backward(ctx, gradient):
     return gradient * s * (1 + x * (1 - s))
 
 
+@torch.library.custom_op("curvkit_tests::swish_doubled", mutates_args=())
+def custom_swish_doubled(x: torch.Tensor) -> torch.Tensor:
+    """x·σ(x) whose registered backward (below) is twice its derivative: a wrong formula."""
+    return x * torch.sigmoid(x)
+
+
 custom_swish.register_autograd(_swish_backward, setup_context=_save_input)
+custom_swish_doubled.register_autograd(
+    lambda ctx, gradient: 2 * _swish_backward(ctx, gradient), setup_context=_save_input
+)
 custom_once.register_autograd(
     lambda ctx, gradient: custom_swish_derivative(ctx.saved_tensors[0], gradient),
     setup_context=_save_input,
@@ -2005,6 +2015,32 @@ def test_torch_library_custom_ops(name):
         with pytest.raises(UnsupportedError, match=words):
             curvkit.analyze(SwishNet(activation), data, name, ["ggn"], top_k=1,
                             progress=False, options=QUICK)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_wrong_backward_formula_is_stated(name):
+    """A ``torch.library`` op whose ``register_autograd`` formula is twice the derivative:
+    autograd's gradients are then not the derivatives of the outputs, and backpack and
+    pyhessian silently reported the curvature they define (on a tanh, the Hessian's λ₁ 4.67
+    for 1.37, G's 5.18 for 1.44). Nothing tells such a formula from a straight-through estimator, so it
+    is not refused, but every backend now warns that the gradients are not the outputs'
+    derivatives (found by central differences of the outputs, 3e-1 off here), and the numbers
+    are those of autograd's derivatives: G of the network with ``2 s(h) − s(h).detach()``, s
+    torch's swish, whose derivatives are the formula's (1e-6; PyHessian 1e-4)."""
+    data = digits_batches()
+    x, _ = reference.all_data(data)
+    silu = nn.functional.silu
+    plain = SwishNet(lambda h: 2 * silu(h) - silu(h).detach())
+    exact_ggn = float(torch.linalg.eigvalsh(reference.dense_ggn(plain, x))[-1])
+    with pytest.warns(UserWarning, match="gradients that are not the derivatives of the model"):
+        report = curvkit.analyze(SwishNet(custom_swish_doubled), data, name, ["ggn"], top_k=1,
+                                 progress=False, skip_unsupported=True,
+                                 options=QUICK)  # fmt: skip
+    if name in ("torchfunc", "curvlinops"):
+        assert "torch.func cannot transform" in report.skipped["ggn"]
+    else:
+        rtol = 1e-4 if name == "pyhessian" else 1e-6
+        assert report.ggn.top_eigenvalues[0] == pytest.approx(exact_ggn, rel=rtol)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

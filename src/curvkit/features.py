@@ -32,6 +32,12 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   0.99); a forward that stops gradients on purpose (``.detach()``, straight-through
   estimators) is held to symmetry only. Every backend's Hessian products come from those
   derivatives, so the Hessian is refused;
+- ``surrogate_gradients``: a forward pass whose gradients, as backward computes them, are not
+  the derivatives of its outputs' values (found as above): straight-through estimators and
+  ``.detach()`` on purpose, a wrong backward formula by mistake (a ``torch.library`` op whose
+  ``register_autograd`` doubles a tanh's derivative: λ₁ 4.67 for 1.37). No backend refuses it (every
+  one computes the curvature of autograd's derivatives, as training uses them); the problem
+  warns that the numbers are those, and checked for symmetry only;
 - ``wrong_jacobian_products``: a forward pass whose Jacobian products J v by the double-vjp
   trick (G's products on BackPACK, PyHessian and torchfunc's reverse route) fail or disagree
   with backward's own uᵀ J v = ⟨Jᵀu, v⟩ (an ``autograd.Function`` with a
@@ -307,7 +313,7 @@ def _autograd_faults(
         trick = float(((jacobian @ cotangent - pulled[0]).abs() / pulled[1]).max())
     except (NotImplementedError, RuntimeError):
         trick = float("inf")
-    hessian_gap = 0.0
+    hessian_gap = first_order = 0.0
     if form is not None:
 
         def projected(values: dict[str, Tensor]) -> Tensor:
@@ -328,6 +334,13 @@ def _autograd_faults(
             f"a forward pass whose second derivatives autograd gets wrong (Hessian products "
             f"{evidence}; a torch bug such as weight_norm's, or an autograd.Function whose "
             "backward does not differentiate)"
+        )
+    if first_order > rounding:
+        faults["surrogate_gradients"] = (
+            f"gradients that are not the derivatives of the model's outputs (backward's uᵀJ t "
+            f"{first_order:.0e} off their differences: straight-through estimators and "
+            ".detach() make them so on purpose, a wrong backward formula of an "
+            "autograd.Function or torch.library op by mistake)"
         )
     if trick > rounding:
         evidence = f"{trick:.0e} off backward's" if trick < float("inf") else "failing"

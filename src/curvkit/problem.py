@@ -33,6 +33,7 @@ from curvkit.distributed import (
     all_reduce,
     check_loader,
     current_group,
+    rank,
 )
 from curvkit.errors import (
     CurvkitError,
@@ -622,14 +623,20 @@ class Problem:
             if self.group is not None:
                 agree(error, self.group)
             raise
-        if self.group is None:
-            return found
-        agree(None, self.group)
-        union: dict[str, str] = {}
-        for features in all_gather_objects(found, self.group):
-            for feature, where in features.items():
-                union.setdefault(feature, where)
-        return union
+        if self.group is not None:
+            agree(None, self.group)
+            union: dict[str, str] = {}
+            for features in all_gather_objects(found, self.group):
+                for feature, where in features.items():
+                    union.setdefault(feature, where)
+            found = union
+        if "surrogate_gradients" in found and rank(self.group) == 0:
+            warn(
+                f"the model has {found['surrogate_gradients']}; curvkit measures the curvature "
+                "of autograd's derivatives, and can hold their second derivatives to symmetry "
+                "only."
+            )
+        return found
 
     @functools.cached_property
     def module_calls(self) -> Counter[str]:
