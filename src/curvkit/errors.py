@@ -4,6 +4,7 @@ warnings, attributed to the user's line."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import reprlib
 import sys
 import warnings
@@ -55,11 +56,12 @@ def memory_text(count: float) -> str:
 
 def warn(message: str) -> None:
     """A UserWarning attributed to the first caller outside curvkit (a fixed stacklevel would
-    point into curvkit or contextlib, depending on the route that raised it)."""
+    point into curvkit, contextlib or functools' cached_property, depending on the route that
+    raised it)."""
     frame, level = sys._getframe(1), 2
     while frame is not None and (
         frame.f_globals.get("__name__", "").partition(".")[0] == "curvkit"
-        or frame.f_code.co_filename == contextlib.__file__
+        or frame.f_code.co_filename in (contextlib.__file__, functools.__file__)
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(cut(message, MESSAGE_CHARS), stacklevel=level)

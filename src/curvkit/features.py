@@ -299,8 +299,8 @@ def _autograd_faults(
     products = exact
     rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
     if form is not None:
-        model, examples, params = form
-        params = _moved(params)
+        model, examples, unmoved = form
+        params = _moved(unmoved)
         tangents = _tangents(params, examples.device)
         products = _double_backward(_probe(model, examples), params, tangents)
         rounding = _rounding(torch.float64)
@@ -327,6 +327,10 @@ def _autograd_faults(
         if first_order <= FINITE_TOLERANCE:  # the gradient is the values' derivative: H too
             gradient = _gradient_of(_probe(model, examples))
             hessian_gap = _steady_gap(gradient, params, tangents, products)
+        else:  # confirmed at the model's own point: a backward that recomputes the forward
+            # (torch.utils.checkpoint) runs on the module's parameters, not functional_call's
+            own = _pulled(model, examples, unmoved, tangents, cotangent)
+            first_order = _steady_gap(projected, unmoved, tangents, own[0][:, None])
     faults = {}
     if off > rounding or hessian_gap > FINITE_TOLERANCE:
         evidence = (
