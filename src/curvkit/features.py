@@ -277,9 +277,10 @@ def _tangents(params: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 def _autograd_faults(
     model: nn.Module, examples: Tensor, params: dict[str, Tensor], wide: bool
 ) -> tuple[dict[str, str], Tensor]:
-    """``wrong_hessian`` and ``wrong_jacobian_products`` when autograd's own derivatives of the
-    forward pass, on which every backend's products rest, disagree with each other; and
-    autograd's Hessian products of ``_probe`` (2, P), the reference for torch.func's routes.
+    """``wrong_hessian``, ``wrong_jacobian_products`` and ``surrogate_gradients`` when
+    autograd's own derivatives of the forward pass, on which every backend's products rest,
+    disagree with each other; and autograd's Hessian products of ``_probe`` (2, P), the
+    reference for torch.func's routes.
 
     A Hessian is symmetric (double backward of torch's weight_norm is 2e-3 off: λ₁ 1.3715 for
     1.3717), and where autograd's gradient is the derivative of the forward's values its
@@ -290,9 +291,10 @@ def _autograd_faults(
     Hessian is then held to symmetry only. G's products take J v by the double-vjp trick
     ∂/∂u ⟨Jᵀu, v⟩ (BackPACK's R-op, torchfunc's reverse route, the surrogates' double
     backward), which must give uᵀ J v = ⟨Jᵀu, v⟩ of backward itself (a ``once_differentiable``
-    backward gives zeros: G's λ₁ 0.17 for 0.67). Differences are taken in float64 (on a copy
-    of a float32 model, when ``wide``: the copy fits the memory budget); without them only the
-    identities are checked, in float32 with 1e-3 allowed."""
+    backward gives zeros: G's λ₁ 0.17 for 0.67). And ``surrogate_gradients`` where backward's
+    uᵀ J t itself differs from the differences of uᵀ f. Differences are taken in float64 (on a
+    copy of a float32 model, when ``wide``: the copy fits the memory budget); without them only
+    the identities are checked, in float32 with 1e-3 allowed."""
     tangents = _tangents(params, examples.device)
     exact = _double_backward(_probe(model, examples), params, tangents)
     form = _float64_form(model, examples, params) if wide else None
@@ -305,32 +307,26 @@ def _autograd_faults(
         products = _double_backward(_probe(model, examples), params, tangents)
         rounding = _rounding(torch.float64)
     off = _asymmetry(_flat(tangents, params), products)
-    with torch.no_grad():
-        outputs = _logits_of(model, examples)(params)
-    generator = torch.Generator(device=outputs.device).manual_seed(2)
-    cotangent = torch.randn(
-        outputs.shape, generator=generator, dtype=outputs.dtype, device=outputs.device
+    cotangent, inner, bounds, jacobian = _backward_products(model, examples, params, tangents)
+    trick = (
+        float("inf")
+        if jacobian is None
+        else float(((jacobian @ cotangent - inner).abs() / bounds).max())
     )
-    pulled = _pulled(model, examples, params, tangents, cotangent)
-    try:
-        jacobian = _jacobian_products(model, examples, params, tangents)
-        trick = float(((jacobian @ cotangent - pulled[0]).abs() / pulled[1]).max())
-    except (NotImplementedError, RuntimeError):
-        trick = float("inf")
     hessian_gap = first_order = 0.0
     if form is not None:
 
         def projected(values: dict[str, Tensor]) -> Tensor:
             return (_logits_of(model, examples)(values) @ cotangent).reshape(1)
 
-        first_order = _steady_gap(projected, params, tangents, pulled[0][:, None])
+        first_order = _steady_gap(projected, params, tangents, inner[:, None])
         if first_order <= FINITE_TOLERANCE:  # the gradient is the values' derivative: H too
             gradient = _gradient_of(_probe(model, examples))
             hessian_gap = _steady_gap(gradient, params, tangents, products)
         else:  # confirmed at the model's own point: a backward that recomputes the forward
             # (torch.utils.checkpoint) runs on the module's parameters, not functional_call's
-            own = _pulled(model, examples, unmoved, tangents, cotangent)
-            first_order = _steady_gap(projected, unmoved, tangents, own[0][:, None])
+            own = _backward_products(model, examples, unmoved, tangents)[1]
+            first_order = _steady_gap(projected, unmoved, tangents, own[:, None])
     faults = {}
     if off > rounding or hessian_gap > FINITE_TOLERANCE:
         evidence = (
@@ -367,10 +363,8 @@ def _transform_faults(
     of grad, and the logits' Jacobian products as jvp (``forward_mode``)."""
     tangents = _tangents(params, examples.device)
     objective = _probe(model, examples)
-    try:  # jvp's reference (where the double-vjp trick fails, only jvp's own failure counts)
-        jacobian = _jacobian_products(model, examples, params, tangents)
-    except (NotImplementedError, RuntimeError):
-        jacobian = None
+    # jvp's reference (where the double-vjp trick fails, only jvp's own failure counts)
+    jacobian = _backward_products(model, examples, params, tangents)[3]
     routes = {
         "jvp_of_jacrev": ("Hessian", torch.func.jacrev(objective), exact),
         "jvp_of_grad": ("Hessian", torch.func.grad(objective), exact),
@@ -567,54 +561,61 @@ def _gradient_of(
     return gradient
 
 
-def _jacobian_products(
+def _backward_products(
     model: nn.Module, examples: Tensor, params: dict[str, Tensor], tangents: dict[str, Tensor]
-) -> Tensor:
-    """J t of the examples' flat logits for each tangent's two rows, as (2, outputs), by the
-    double-vjp trick J t = ∂/∂u ⟨Jᵀu, t⟩, as BackPACK's R-op and torchfunc's reverse route."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """With u a fixed random cotangent on the examples' flat logits: u; ``⟨Jᵀu, t⟩`` for each
+    tangent's two rows, Jᵀu by backward, and the bounds ``‖Jᵀu‖ ‖t‖`` of their size, as (2,)
+    each; and J t by the double-vjp trick J t = ∂/∂u ⟨Jᵀu, t⟩, as BackPACK's R-op and
+    torchfunc's reverse route take it, as (2, outputs), or None where the trick fails. One
+    forward and one backward give both: with u as a cotangent that requires gradients, the
+    trick's first pull is Jᵀu itself (a backward that cannot build a graph, a numpy one, is
+    run again without)."""
     with torch.enable_grad():
         leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
         logits = _logits_of(model, examples)(leaves)
-        dummy = torch.zeros_like(logits, requires_grad=True)
-        pulled = torch.autograd.grad(
-            logits, list(leaves.values()), dummy, create_graph=True, allow_unused=True
+        generator = torch.Generator(device=logits.device).manual_seed(2)
+        cotangent = torch.randn(
+            logits.shape, generator=generator, dtype=logits.dtype, device=logits.device
         )
-        rows = []
-        for i in range(2):
-            inner = sum(
-                (g * tangents[n][i]).sum()
-                for n, g in zip(leaves, pulled)
-                if g is not None and g.requires_grad
+        u = cotangent.clone().requires_grad_()
+        try:
+            pulled = torch.autograd.grad(
+                logits, list(leaves.values()), u, create_graph=True, materialize_grads=True
             )
-            row = torch.zeros_like(logits)
-            if isinstance(inner, Tensor):
-                row = torch.autograd.grad(
-                    inner, dummy, retain_graph=True, allow_unused=True, materialize_grads=True
-                )[0]
-            rows.append(row.detach())
-    return torch.stack(rows)
-
-
-def _pulled(
-    model: nn.Module,
-    examples: Tensor,
-    params: dict[str, Tensor],
-    tangents: dict[str, Tensor],
-    cotangent: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """``⟨Jᵀu, t⟩`` for each tangent's two rows, with u = ``cotangent`` on the examples' flat
-    logits and Jᵀu by backward, and the bounds ``‖Jᵀu‖ ‖t‖`` of their size, as (2,) each."""
-    with torch.enable_grad():
-        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
-        pulled = torch.autograd.grad(
-            _logits_of(model, examples)(leaves) @ cotangent,
-            list(leaves.values()),
-            allow_unused=True,
-            materialize_grads=True,
-        )
+        except (NotImplementedError, RuntimeError):
+            u, logits = None, _logits_of(model, examples)(leaves)
+            pulled = torch.autograd.grad(
+                logits, list(leaves.values()), cotangent, materialize_grads=True
+            )
+        jacobian = None
+        if u is not None:
+            try:
+                jacobian = torch.stack(
+                    [_trick_row(pulled, leaves, tangents, i, u) for i in range(2)]
+                )
+            except (NotImplementedError, RuntimeError):
+                pass
     inner = sum((g[None] * tangents[n]).reshape(2, -1).sum(1) for n, g in zip(leaves, pulled))
     norms = sum(g.square().sum() for g in pulled) ** 0.5 * _flat(tangents, params).norm(dim=1)
-    return inner.detach(), norms.detach().clamp_min(1e-300)
+    return cotangent, inner.detach(), norms.detach().clamp_min(1e-300), jacobian
+
+
+def _trick_row(
+    pulled: tuple[Tensor, ...],
+    leaves: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+    i: int,
+    u: Tensor,
+) -> Tensor:
+    """∂/∂u ⟨Jᵀu, t_i⟩ = J t_i from ``pulled`` = Jᵀu built with a graph (zeros where no
+    pulled gradient depends on u: a ``once_differentiable`` backward)."""
+    inner = sum((g * tangents[n][i]).sum() for n, g in zip(leaves, pulled) if g.requires_grad)
+    if not isinstance(inner, Tensor):
+        return torch.zeros_like(u).detach()
+    return torch.autograd.grad(
+        inner, u, retain_graph=True, allow_unused=True, materialize_grads=True
+    )[0].detach()
 
 
 def _double_backward(
