@@ -531,7 +531,8 @@ class Problem:
                         )
                     )
                 norms = out.norm(dim=1)
-                norms[: 1 if num_samples == 0 else 0] = -1  # the first example is kept anyway
+                if num_samples == 0 and norms.numel():
+                    norms[0] = -1  # the first example is kept anyway
                 if norms.numel() and (largest is None or float(norms.max()) > largest[0]):
                     i = int(norms.argmax())
                     largest = (float(norms[i]), x[i : i + 1].clone(), y[i : i + 1].clone())
