@@ -1855,6 +1855,58 @@ def test_a_forward_that_copies_do_not_copy_is_found(name):
     assert report.hessian.top_eigenvalues[0] == pytest.approx(exact, rel=1e-6)
 
 
+class ComputedInInit(nn.Module):
+    """A head whose weight ``w2 = 2 w`` is computed once in ``__init__`` (kept as an attribute,
+    a buffer or in a list), so every forward pass reuses that tensor and its autograd graph."""
+
+    def __init__(self, keep: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(64, 8), nn.Tanh()).double()
+        self.w = nn.Parameter(0.1 * torch.randn(10, 8, dtype=torch.float64))
+        self.keep = keep
+        if keep == "buffer":
+            self.register_buffer("w2", 2 * self.w)
+        elif keep == "list":
+            self.ws = [2 * self.w]
+        else:
+            self.w2 = 2 * self.w
+
+    def forward(self, x):
+        return self.body(x) @ (self.ws[0] if self.keep == "list" else self.w2).T
+
+
+@pytest.mark.parametrize("keep", ["attribute", "buffer", "list"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_tensor_computed_from_parameters_outside_forward_is_refused(name, keep):
+    """Such a tensor's graph is freed by the first backward pass (the check of the model's
+    gradients), and a copy or a functional call leaves it at the old parameters: all four
+    backends raised torch's raw "does not require grad" or "appears to not have been used in
+    the graph". The model is refused before any pass, saying where the tensor is kept."""
+    where = "ws" if keep == "list" else "w2"
+    with pytest.raises(
+        InvalidInputError,
+        match=f"forward pass uses {where}, computed from parameters outside forward",
+    ):
+        curvkit.analyze(ComputedInInit(keep), digits_batches(), name, ["hessian", "ggn"],
+                        top_k=1, progress=False, options=QUICK)  # fmt: skip
+
+
+def test_a_tensor_rebuilt_by_every_forward_pass_is_no_stale_graph():
+    """spectral_norm's ``weight`` is rebuilt from its parameters by a pre-hook on every
+    forward pass, so the one a pass under autograd left on the module is not reused: no
+    refusal, and G's λ₁ is right (1e-8 against the dense G of the model in eval mode)."""
+    model = tiny_model()
+    nn.utils.spectral_norm(model[0])
+    data = digits_batches()
+    model(data[0][0])  # leaves a computed weight on the layer
+    report = curvkit.analyze(model, data, "torchfunc", ["ggn"], top_k=1, progress=False,
+                             options=QUICK)  # fmt: skip
+    x, _ = reference.all_data(data)
+    exact = float(torch.linalg.eigvalsh(reference.dense_ggn(model.eval(), x))[-1])
+    assert report.ggn.top_eigenvalues[0] == pytest.approx(exact, rel=1e-8)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_kinks_at_the_point_are_no_wrong_derivatives(name):
     """A zero-bias ReLU CNN at initialisation sits on kinks: over blank pixels a

@@ -65,7 +65,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -759,21 +759,45 @@ def _uncopied(model: nn.Module, example: Tensor) -> str:
 
 def _uses(output: Tensor) -> Counter[int]:
     """How often each leaf tensor (by id) enters the autograd graph of ``output``."""
-    uses: Counter[int] = Counter()
+    return Counter(id(node.variable) for node in _graph_edges(output) if hasattr(node, "variable"))
+
+
+def _graph_edges(output: Tensor) -> Iterator[Any]:
+    """The node each edge of ``output``'s autograd graph leads to: every inner node once, a
+    leaf's gradient accumulator once per edge into it."""
     if output.grad_fn is None:
-        return uses
+        return
     seen, stack = {output.grad_fn}, [output.grad_fn]
     while stack:
         for node, _ in stack.pop().next_functions:
-            if node is None:
+            if node is None or node in seen:
                 continue
-            leaf = getattr(node, "variable", None)
-            if leaf is not None:
-                uses[id(leaf)] += 1
-            elif node not in seen:
+            yield node
+            if not hasattr(node, "variable"):
                 seen.add(node)
                 stack.append(node)
-    return uses
+
+
+def kept_graphs(model: nn.Module) -> dict[Any, str]:
+    """The autograd nodes of the computed tensors kept on the model's modules (attributes, also
+    in lists, tuples and dicts, and buffers), by where they are kept, for ``stale_graphs``."""
+    return {
+        leaf.grad_fn: f"{name}.{attribute}" if name else attribute
+        for name, m in model.named_modules()
+        for attribute, value in [*vars(m).items(), *m.named_buffers(recurse=False)]
+        if attribute not in ("_parameters", "_buffers", "_modules")
+        for leaf in tree_leaves(value)
+        if isinstance(leaf, Tensor) and leaf.grad_fn is not None
+    }
+
+
+def stale_graphs(kept: dict[Any, str], output: Tensor) -> list[str]:
+    """Where the computed tensors that ``output``'s graph reaches are kept, of ``kept`` (taken
+    before the forward pass that made ``output``): a tensor computed from the parameters once,
+    outside the forward pass (``self.w2 = self.w * 2`` in ``__init__``), whose graph backward
+    frees after one use and which functional calls leave at the old parameters. A tensor the
+    forward pass rebuilds (spectral_norm's ``weight``, by a pre-hook) is a new node."""
+    return sorted({kept[node] for node in _graph_edges(output) if node in kept})
 
 
 def _hooked(model: nn.Module, attributes: tuple[str, ...]) -> str:

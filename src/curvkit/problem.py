@@ -44,7 +44,13 @@ from curvkit.errors import (
     shown,
     warn,
 )
-from curvkit.features import low_precision, model_features, module_calls
+from curvkit.features import (
+    kept_graphs,
+    low_precision,
+    model_features,
+    module_calls,
+    stale_graphs,
+)
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
 
@@ -167,6 +173,7 @@ class Problem:
             before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
             for p in self.params:
                 p.requires_grad_(True)
+            kept = kept_graphs(self.model)
             try:
                 logits = self.model(example)
                 with torch.no_grad():
@@ -179,6 +186,14 @@ class Problem:
                     "model must accept any batch size."
                 ) from error
             changed = [n for n, p in self.model.named_parameters() if not torch.equal(p, before[n])]
+            stale = stale_graphs(kept, logits)
+            if stale:
+                raise InvalidInputError(
+                    f"the model's forward pass uses {listed(stale)}, computed from parameters "
+                    "outside forward (e.g. self.w2 = self.w * 2 in __init__): autograd frees its "
+                    "graph after one backward pass, and it does not follow the parameters; "
+                    "compute it inside forward."
+                )
             grads = [None] * len(self.params)
             if logits.requires_grad:
                 try:
