@@ -1855,6 +1855,40 @@ def test_a_forward_that_copies_do_not_copy_is_found(name):
     assert report.hessian.top_eigenvalues[0] == pytest.approx(exact, rel=1e-6)
 
 
+class AliasedHead(nn.Module):
+    """The tiny model with its head registered under a second name (``self.alias = ...``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.alias = self.net[2]
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_module_under_two_names_gives_the_hessian_and_g(name):
+    """torch's functional_call leaves its arguments in place of the Parameters of a module
+    reachable by two names (pytorch/pytorch#164759); curvlinops, which looks its parameters up
+    in its model copy whenever it builds an operator's products, then raised a raw ValueError
+    on its second operator (G after the Hessian). λ₁ of both is right on every backend (1e-6
+    against the dense matrices; PyHessian's power iteration 1e-4), and the model comes back
+    with its own Parameters."""
+    model, data = AliasedHead(), digits_batches()
+    before = list(model.parameters())
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
+                             options=FEATURE_OPTIONS)  # fmt: skip
+    x, y = reference.all_data(data)
+    rtol = 1e-4 if name == "pyhessian" else 1e-6
+    for spectrum, dense in ((report.hessian, reference.dense_hessian(model.net, x, y)),
+                            (report.ggn, reference.dense_ggn(model.net, x))):  # fmt: skip
+        exact = float(torch.linalg.eigvalsh(dense)[-1])
+        assert spectrum.top_eigenvalues[0] == pytest.approx(exact, rel=rtol)
+    assert all(a is b for a, b in zip(model.parameters(), before))
+    assert all(type(p) is nn.Parameter for p in model.alias.parameters())
+
+
 class ComputedInInit(nn.Module):
     """A head whose weight ``w2 = 2 w`` is computed once in ``__init__`` (kept as an attribute,
     a buffer or in a list), so every forward pass reuses that tensor and its autograd graph."""

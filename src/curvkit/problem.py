@@ -948,6 +948,22 @@ def evaluation_mode(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def entries_kept(model: nn.Module) -> Iterator[None]:
+    """The same Parameter and buffer objects in every module's entries after the block, also
+    on error: a forward may rebind a buffer, a library replace a Parameter, and
+    ``torch.func.functional_call`` leaves its arguments in place of the Parameters of a module
+    reachable by two names (pytorch/pytorch#164759)."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, parameters, buffers in saved:
+            for entries, kept in ((m._parameters, parameters), (m._buffers, buffers)):
+                entries.clear()
+                entries.update(kept)
+
+
+@contextlib.contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
 
@@ -964,16 +980,15 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
     saved_modules = [(m, m.training, _hook_dicts(m)) for m in model.modules()]
-    # the objects themselves: a forward may rebind a buffer, a library replace a Parameter
-    saved_entries = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     saved_tensors = [(m, _tensor_attributes(m)) for m in model.modules()]
     sparse = [m for m in model.modules() if isinstance(m, SPARSE_GRADIENTS) and m.sparse]
     try:
-        if eval_mode:
-            evaluation_mode(model)
-        for m in sparse:
-            m.sparse = False
-        yield model
+        with entries_kept(model):
+            if eval_mode:
+                evaluation_mode(model)
+            for m in sparse:
+                m.sparse = False
+            yield model
     finally:
         for m in sparse:
             m.sparse = True
@@ -987,10 +1002,6 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
                 p.grad = grad
             for b, value in saved_buffers:
                 _restore(b, value)
-        for m, parameters, buffers in saved_entries:
-            for entries, saved in ((m._parameters, parameters), (m._buffers, buffers)):
-                entries.clear()
-                entries.update(saved)
         for m, tensors in saved_tensors:
             for name in _tensor_attributes(m).keys() - tensors.keys():
                 del vars(m)[name]

@@ -16,7 +16,7 @@ curvlinops' public API only.
 
 curvlinops works on a copy of the model (its KFAC installs hooks while it runs) and draws its
 probes from torch's global generator, which curvkit forks and seeds around each routine. Under
-torch.distributed each operator's products are summed over the ranks (``RankSummed``), so that
+torch.distributed each operator's products are summed over the ranks (``CopyKept``), so that
 curvlinops' routines see the whole data set.
 """
 
@@ -36,7 +36,7 @@ from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimat
 from curvkit.linalg.krylov import broadened_density
 from curvkit.linalg.operator import density, instead, top_eigen, trace
 from curvkit.linalg.trace import mean_and_stderr
-from curvkit.problem import Problem
+from curvkit.problem import Problem, entries_kept
 from curvkit.report import Provenance
 
 
@@ -56,16 +56,22 @@ class Criterion(torch.nn.Module):
         return self.criterion(logits, labels) / len(labels)
 
 
-class RankSummed:
-    """A curvlinops operator applied to this rank's shard, its products summed over the ranks:
-    what curvlinops' routines use of an operator (``shape``, ``dtype``, ``device``, ``@``)."""
+class CopyKept:
+    """A curvlinops operator as curvlinops' routines use it (``shape``, ``dtype``, ``device``,
+    ``@``), whose products leave the model copy it works on as it was (torch's functional_call
+    inside them swaps the Parameters of a module reachable by two names for its arguments,
+    pytorch/pytorch#164759, and curvlinops looks them up in the copy when it builds its next
+    operator's products: a raw ValueError) and, under torch.distributed, are summed over the
+    ranks' shards."""
 
-    def __init__(self, operator: Any, problem: Problem) -> None:
-        self.operator, self.problem = operator, problem
+    def __init__(self, operator: Any, model: torch.nn.Module, problem: Problem) -> None:
+        self.operator, self.model, self.problem = operator, model, problem
         self.shape, self.dtype, self.device = operator.shape, operator.dtype, operator.device
 
     def __matmul__(self, x: Tensor) -> Tensor:
-        return self.problem.all_reduce(self.operator @ x)
+        with entries_kept(self.model):
+            product = self.operator @ x
+        return product if self.problem.group is None else self.problem.all_reduce(product)
 
 
 class CurvlinopsBackend(Backend):
@@ -122,15 +128,12 @@ class CurvlinopsBackend(Backend):
         if key not in self._operators:
             from curvlinops import GGNLinearOperator, HessianLinearOperator
 
-            _, copies = self.working_copy()
+            model, copies = self.working_copy()
             params = [copies[self.problem.names.index(n)] for n in self.problem.selected(param)]
             criterion = Criterion(self.problem.loss.criterion(matrix))
             common = self._common(params, self.problem.num_samples, criterion)
             kind = GGNLinearOperator if matrix == "ggn" else HessianLinearOperator
-            op = kind(**common)
-            self._operators[key] = (
-                op if self.problem.group is None else RankSummed(op, self.problem)
-            )
+            self._operators[key] = CopyKept(kind(**common), model, self.problem)
         return self._operators[key]
 
     def _apply(self, matrix: str, V: Tensor, param: str | None) -> Tensor:
