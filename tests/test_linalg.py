@@ -72,6 +72,23 @@ def test_lanczos_outliers_converge_in_few_steps():
     assert result.converged and result.matvecs < 40
 
 
+@pytest.mark.parametrize("block", [1, 4])
+def test_lanczos_converges_on_a_low_rank_operator(block):
+    """A rank-18 PSD operator (G of two examples): its Krylov space becomes invariant, and so
+    does every fresh block in the complement, the null space (A v = 0 up to rounding). Each
+    such block restarted the complement check, which then never saw a finished block: exact
+    eigenvalues reported as not converged after max_iter products. An invariant complement
+    block's top eigenvalue is exact, and below θ_k it shows the complement explored (block 1:
+    140 products, not converged; block 4: converged at P = 200 products)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(N, 18, generator=g, dtype=torch.float64))[0]
+    values = torch.linspace(1, 0.5, 18, dtype=torch.float64)  # no gap: converged when invariant
+    a = basis @ torch.diag(values) @ basis.T
+    result = lanczos(lambda v: a @ v, N, 12, block=block)
+    assert result.converged and result.matvecs <= 18 + 2 * block + 4  # the space, two blocks more
+    np.testing.assert_allclose(result.values.numpy(), values[:12].numpy(), rtol=1e-12)
+
+
 def test_block_lanczos_applies_blocks():
     """Each product is one block of ``block`` vectors (one data pass for a curvature operator)."""
     a = symmetric(spectra()["outliers"])

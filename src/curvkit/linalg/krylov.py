@@ -92,6 +92,7 @@ class _Krylov:
         self.blocks: list[slice] = []  # the basis columns of each block
         self.size = 0  # columns of the basis in use
         self.restart = 0
+        self.complement_top: float | None = None  # see extend
         self.matvecs = 0
         self._largest = 0.0
         self._append(self._orthonormal_columns(start)[0])
@@ -191,6 +192,17 @@ class _Krylov:
         self.projected[block, : self.size] = coefficients.T
         columns, coupling = self._orthonormal_columns(w)
         if columns.shape[1] == 0:  # invariant: continue in the complement, uncoupled
+            # a block started in the complement whose space is invariant too holds the
+            # complement's largest eigenvalue exactly (a random start reaches every direction)
+            self.complement_top = (
+                float(
+                    torch.linalg.eigvalsh(
+                        self.projected[self.restart : self.size, self.restart : self.size]
+                    )[-1]
+                )
+                if self.restart
+                else None
+            )
             self.restart = self.size
             fresh = random_rademacher((self.dim, self.width), self.generator, w.dtype, w.device)
             columns = self._orthonormal_columns(self._project_out(fresh)[0])[0]
@@ -210,12 +222,13 @@ class _Krylov:
         return theta, s, residuals
 
     def complement_explored(self, theta_k: float, tol: float) -> bool:
-        """After a restart: has the newest block converged its top Ritz value below θ_k?"""
+        """After a restart: has the newest block converged its top Ritz value below θ_k (or,
+        when it has not begun, did the block before it, whose space became invariant)?"""
         start, done = self.restart, self.done
         if start == 0:
             return True
         if done <= start:
-            return False
+            return self.complement_top is not None and self.complement_top < theta_k - tol
         values, vectors = torch.linalg.eigh(self.projected[start:done, start:done])
         top = float((self.projected[done : self.size, start:done] @ vectors[:, -1]).norm())
         return top <= tol and float(values[-1]) < theta_k - tol
