@@ -175,6 +175,19 @@ def test_papyans_claims_against_dense(
     assert result.confidence_spread == pytest.approx(float(torch.stack(spreads).mean()), rel=1e-10)
 
 
+def test_one_example_per_class_has_no_confidence_spread(digits_problem):
+    """A spread within classes needs two examples of a class: with one of each of two classes
+    it was the mean of nothing, NaN in the report and "nan" in the summary."""
+    model, loader = digits_problem
+    x, y = reference.all_data(loader)
+    second = int((y != y[0]).nonzero()[0])
+    data = [(x[[0, second]], y[[0, second]])]
+    report = curvkit.analyze(model, data, "torchfunc", ["classmeans"], top_k=2, progress=False,
+                             options={"trace_matvecs": 0})  # fmt: skip
+    assert report.classmeans.confidence_spread is None
+    assert "spread of log10 √p within classes n/a (no class has two examples)" in str(report)
+
+
 def test_group_gram_and_coordinates(result, dense_mlp):
     assert np.array(result.group_gram).shape == (100, 100)
     assert np.array(result.class_gram).shape == (10, 10)

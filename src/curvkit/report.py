@@ -297,12 +297,13 @@ class Report:
                 "overlap of span{δ_c} with top-C eigenspace: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in self.classmeans.overlap.items()),
             ]
-            gap = self.classmeans.gap
+            gap, spread = self.classmeans.gap, self.classmeans.confidence_spread
             if gap:  # reports before these numbers have none
                 lines.append(
                     f"G's top-C eigenvalues against G_class's: relative gap {gap['class']:.3f}; "
                     f"against G on span{{δ_c}} (Rayleigh–Ritz): {gap['ritz']:.3f}; spread of "
-                    f"log10 √p within classes {self.classmeans.confidence_spread:.2f}"
+                    "log10 √p within classes "
+                    + ("n/a (no class has two examples)" if spread is None else f"{spread:.2f}")
                 )
         if self.layerwise:
             rows = [

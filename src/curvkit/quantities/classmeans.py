@@ -256,9 +256,12 @@ def relative_gap(measured: list[float], predicted: list[float]) -> float:
     return math.dist(measured[:k], predicted[:k]) / scale if scale else math.nan
 
 
-def confidence_spread(log_sqrt_p: Tensor, counts: Tensor) -> float:
+def confidence_spread(log_sqrt_p: Tensor, counts: Tensor) -> float | None:
     """The mean over groups (c, c') with n_c ≥ 2 of the standard deviation (over the examples of
-    class c) of log10 √p_{i,c'}, from the sums in ``ClassDeltas.log_sqrt_p``."""
+    class c) of log10 √p_{i,c'}, from the sums in ``ClassDeltas.log_sqrt_p``; None when no
+    class has two examples."""
+    if not bool((counts >= 2).any()):
+        return None
     n = counts.to(log_sqrt_p)[:, None]
     mean = log_sqrt_p[0] / n.clamp_min(1)
     variance = (log_sqrt_p[1] / n.clamp_min(1) - mean**2).clamp_min(0)
