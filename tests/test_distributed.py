@@ -245,6 +245,42 @@ def test_a_failing_rank_stops_the_others_at_once(tmp_path):
     assert "data raised OSError" in (tmp_path / "1.txt").read_text()
 
 
+def _going_on_worker(rank: int, world: int, init: str, folder: str) -> None:
+    """Each rank analyses twice in a row, whatever the first analysis gave, then once more on
+    a new group."""
+    torch.set_num_threads(1)
+    messages = []
+    for group in range(2):
+        dist.init_process_group("gloo", init_method=f"{init}-{group}", rank=rank,
+                                world_size=world)  # fmt: skip
+        try:
+            for loader in [FailsOnRankOne(rank), [FailsOnRankOne(rank).batches[0]]][group:]:
+                try:
+                    curvkit.analyze(digits_mlp(), loader, quantities=["hessian"], top_k=2,
+                                    progress=False, cache_mb=0)  # fmt: skip
+                    messages.append("no error")
+                except curvkit.CurvkitError as error:
+                    messages.append(f"{type(error).__name__}: {error}")
+        finally:
+            dist.destroy_process_group()
+    Path(folder, f"{rank}.txt").write_text("\n".join(messages))
+
+
+def test_a_group_an_analysis_failed_on_is_refused_until_it_is_renewed(tmp_path):
+    """After rank 1's loader failed, rank 1 went straight on to a new analysis and sent its
+    first collective's data into rank 0's abandoned all-reduce: gloo aborted both processes
+    (SIGABRT, "Is there a distributed collective mismatch?"). Both ranks now refuse the group,
+    saying to renew it, and analyse again on a new one."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_going_on_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
+    first = {"0": "PeerFailedError: rank 1 failed", "1": "InvalidInputError: the data raised"}
+    for rank in "01":
+        messages = (tmp_path / f"{rank}.txt").read_text().split("\n")
+        assert messages[0].startswith(first[rank]), messages[0]
+        assert "an earlier analysis failed on this process group" in messages[1], messages[1]
+        assert messages[2] == "no error", messages[2]
+
+
 MISMATCHES = {  # the keyword arguments of rank 0 and of rank 1, and the error both must raise
     "seed": ({"seed": 0}, {"seed": 1}, "different seed \\(0 on rank 0, 1 on rank 1\\)"),
     "quantities": (

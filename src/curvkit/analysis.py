@@ -17,6 +17,7 @@ from curvkit.choice import AUTO_ORDER, choice_path, saved_choice
 from curvkit.distributed import (
     Group,
     all_gather_objects,
+    check_usable,
     checked_on_every_rank,
     current_group,
     rank,
@@ -181,6 +182,7 @@ def analyze(
     >>> report.hessian.top_eigenvalues[:3]                           # doctest: +SKIP
     """
     group = current_group(process_group)
+    check_usable(group)
     with checked_on_every_rank(group):  # a rank's bad argument stops every rank
         names, top_k, seed, options = check_arguments(
             backend, quantities, top_k, seed, options, loss

@@ -127,12 +127,17 @@ def _store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
+# the process groups on which an analysis failed on this rank inside ``stop_all_on_failure``
+# (kept alive, so that a later group cannot take one's id)
+_broken_groups: list[dist.ProcessGroup] = []
+
+
 @contextlib.contextmanager
 def stop_all_on_failure(group: Group) -> Iterator[None]:
     """Within this block, a rank that fails (an error or an interrupt) writes its error to the
     group's store, and every other rank's pending collective raises PeerFailedError with it at
     once, instead of waiting for the group's timeout (30 min by default). The group's pending
-    work is left undefined: end the group after such a failure."""
+    work is then undefined on every rank, and ``check_usable`` refuses it from then on."""
     if group is None:
         yield
         return
@@ -140,8 +145,10 @@ def stop_all_on_failure(group: Group) -> Iterator[None]:
     try:
         yield
     except PeerFailedError:
+        _broken_groups.append(group)
         raise
     except BaseException as error:
+        _broken_groups.append(group)
         _store().set(
             _failure_key.get(),
             f"rank {rank(group)} failed: {type(error).__name__}: {first_line(error)}",
@@ -149,6 +156,18 @@ def stop_all_on_failure(group: Group) -> Iterator[None]:
         raise
     finally:
         _failure_key.reset(token)
+
+
+def check_usable(group: Group) -> None:
+    """Refuse a group on which an analysis failed on this rank (``stop_all_on_failure``): its
+    ranks' collectives no longer match (a rank that went on to a new analysis sent its data
+    into another's abandoned all-reduce, and gloo aborted both processes)."""
+    if any(broken is group for broken in _broken_groups):
+        raise InvalidInputError(
+            "an earlier analysis failed on this process group and left its ranks' collectives "
+            "unmatched; end the group (torch.distributed.destroy_process_group()) and start a "
+            "new one before analysing again."
+        )
 
 
 def agree(error: CurvkitError | None, group: Group) -> None:
