@@ -1149,6 +1149,34 @@ def same_padding(kernel: int) -> nn.Sequential:
     ).double()  # fmt: skip
 
 
+def circular_padding() -> nn.Sequential:
+    """A convolution padded circularly over the digits as 8 × 8 images: BackPACK's unfolds pad
+    with zeros, and its exact traces and class means came out 0.2 % off, with no error bar."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 3, 3, padding=1, padding_mode="circular"),
+        nn.Tanh(), nn.Flatten(), nn.Linear(192, 10),
+    ).double()  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+def test_padding_other_than_zeros_gets_no_backpack_exact_trace(mode):
+    """BackPACK's DiagHessian and DiagGGNExact unfold with zeros: its exact traces of a CNN
+    padded circularly, by reflection or by replication were 0.2 % off (tr G 13.932 for 13.962)
+    with a standard error of 0. The feature padding_modes now routes its traces to Hutchinson
+    on its (right) products: within 4 standard errors of the dense traces."""
+    model = circular_padding()
+    model[1].padding_mode = mode
+    data = digits_batches()
+    report = curvkit.analyze(model, data, "backpack", ["hessian", "ggn"], top_k=1,
+                             progress=False, options=FEATURE_OPTIONS)  # fmt: skip
+    x, y = reference.all_data(data)
+    for spectrum, dense in ((report.hessian, reference.dense_hessian(model, x, y)),
+                            (report.ggn, reference.dense_ggn(model, x))):  # fmt: skip
+        assert spectrum.trace_stderr > 0
+        assert abs(spectrum.trace - float(torch.trace(dense))) <= 4 * spectrum.trace_stderr
+
+
 def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
     """Models with a feature some library cannot handle, each with a plain model computing the
     same function that torch.func's dense G can be built on."""
@@ -1187,6 +1215,7 @@ def featured_models() -> dict[str, tuple[nn.Module, nn.Module]]:
         "PReLU (its batching rule mixes vmap's axes)": (prelu, written_out),
         "padding='same'": (same_padding(3), same_padding(3)),
         "padding='same', padded unequally": (same_padding(4), same_padding(4)),
+        "padding_mode='circular'": (circular_padding(), circular_padding()),
     }
 
 
@@ -1228,7 +1257,7 @@ def test_model_features_give_right_numbers_or_a_refusal(name, case):
         assert re.search(
             "shared parameters|runs 2 times|used 2 times|hooks on|parametrized|does not|"
             "torch.func cannot|computes nothing for parameter|cannot convert|gets wrong|"
-            "pads unequally",
+            "pads unequally|padding other than zeros",
             why,
         ), why
         for other in advised(why):  # the advice holds: each advised backend computes it

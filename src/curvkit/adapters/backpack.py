@@ -65,6 +65,7 @@ class BackPACKBackend(Backend):
             "backward_hooks",
             "parametrizations",
             "asymmetric_padding",
+            "padding_modes",  # its unfolds pad with zeros
         ),
         ("class_deltas", "kronecker_factors", "trace"),
     ) | {"uncopied_forward": ("hvp", "ggnvp", "trace", "block_products")}  # all on its copy
