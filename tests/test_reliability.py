@@ -413,6 +413,22 @@ def test_the_callers_autograd_context_changes_nothing(name):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
+def test_the_callers_autocast_changes_nothing(name):
+    """Under the caller's torch.autocast (a mixed-precision training loop) a float32 model's
+    logits came out bfloat16, and every backend refused the model for a cast it does not
+    make. Autocast is lifted for the analysis: the same report, and the caller's autocast on
+    afterwards."""
+    model = tiny_model().float()
+    data = [(x.float(), y) for x, y in digits_batches()]
+    kwargs = dict(backend=name, quantities=["hessian"], top_k=2, progress=False, options=QUICK)
+    plain = curvkit.analyze(model, data, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = curvkit.analyze(model, data, **kwargs)
+        assert torch.is_autocast_enabled("cpu")
+    assert report.hessian.top_eigenvalues == plain.hessian.top_eigenvalues
+
+
+@pytest.mark.parametrize("name", BACKENDS)
 def test_the_callers_parametrization_cache_changes_nothing(name):
     """Under torch.nn.utils.parametrize.cached() the weight_norm layer's weight is computed
     once, so no derivative reached its parameters: they were left out as unused ("the model's

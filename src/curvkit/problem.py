@@ -867,20 +867,24 @@ def _tensor_attributes(module: nn.Module) -> dict[str, Tensor]:
 @contextlib.contextmanager
 def differentiable_kernels() -> Iterator[None]:
     """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``,
-    anomaly detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot
-    batch: a raw RuntimeError on three backends), and attention through its plain math kernel
-    (the fused scaled-dot-product kernels have no second derivative and MultiheadAttention's
-    inference fast path no forward-mode one: raw errors on every backend). The caller's
-    settings come back after."""
+    the caller's ``torch.autocast`` off (curvkit computes in the parameters' precision: the
+    logits came out bfloat16, and the model was refused for a cast it does not make), anomaly
+    detection off (its NaN checks call ``.item()``, which torch.func's vmap cannot batch: a raw
+    RuntimeError on three backends), and attention through its plain math kernel (the fused
+    scaled-dot-product kernels have no second derivative and MultiheadAttention's inference
+    fast path no forward-mode one: raw errors on every backend). The caller's settings come
+    back after."""
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autograd.set_detect_anomaly(False),
-            sdpa_kernel(SDPBackend.MATH),
-        ):
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad())
+            stack.enter_context(torch.autograd.set_detect_anomaly(False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
