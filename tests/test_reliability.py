@@ -581,7 +581,14 @@ def test_output_path_is_checked_before_the_work(tmp_path, monkeypatch, capsys):
     blocked = tmp_path / "file"
     blocked.write_text("")
     assert main(["analyze", "--quiet", "--output", str(blocked)]) == 2
-    assert "cannot write into the output folder" in capsys.readouterr().err
+    assert "cannot write into the folder" in capsys.readouterr().err
+    # the choice file's folder too, named by its flag (before: checked after the whole bench,
+    # and the error named --output)
+    monkeypatch.setattr("curvkit.cli._problem", lambda *a, **k: pytest.fail("the work started"))
+    assert main(["bench", "--save-choice", "--choice-file", str(blocked / "choices.yaml")]) == 2
+    assert "choose another (--choice-file on the command line)" in capsys.readouterr().err
+    assert main(["bench", "--backends", ",,"]) == 2  # before: an empty table, exit 0
+    assert "the list of backends is empty" in capsys.readouterr().err
     (tmp_path / "out" / "report.yaml").mkdir(parents=True)  # a folder where the report goes
     assert main(["analyze", "--quiet", "--output", str(tmp_path / "out")]) == 2
     assert (

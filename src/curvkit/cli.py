@@ -219,7 +219,7 @@ def _analyze(args: argparse.Namespace, config: dict) -> int:
     with start_from_environment(config["device"]) as group:
         main_rank = rank(group) == 0
         if main_rank:
-            check_writable(Path(config["output"]))  # before the work, not after
+            check_writable(Path(config["output"]), "--output")  # before the work, not after
         progress = not args.quiet and main_rank
         model, data = build(config, progress=progress, group=group)
         if args.quick:  # the report's run config records the settings used
@@ -273,7 +273,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     if not args.report.exists():
         raise InvalidInputError(f"report {args.report} does not exist.")
-    check_writable(args.output or args.report.parent)
+    check_writable(args.output or args.report.parent, "--output")
     for path in plot_report(Report.load(args.report), args.output or args.report.parent):
         print(f"figure written to {path}")
     return 0
@@ -281,12 +281,15 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace, config: dict) -> int:
     from curvkit.benchmark import bench
+    from curvkit.choice import choice_path
     from curvkit.report import check_writable
 
     if args.repeats < 1:
         raise InvalidInputError(f"--repeats must be ≥ 1, got {args.repeats}.")
     if args.output is not None:
-        check_writable(args.output)
+        check_writable(args.output, "--output")
+    if args.save_choice:
+        check_writable(choice_path(args.choice_file).parent, "--choice-file")
     model, data = _problem(args, config)
     result = bench(
         model,

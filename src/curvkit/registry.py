@@ -83,6 +83,11 @@ def backend_list(names: Sequence[str] | str | None) -> list[str]:
     if isinstance(names, str):
         names = [name.strip() for name in names.split(",") if name.strip()]
     names = list(names)
+    if not names:  # e.g. --backends ",": before, an empty benchmark
+        raise InvalidInputError(
+            "the list of backends is empty; name at least one (e.g. torchfunc), or none for "
+            "every installed backend."
+        )
     for name in names:  # unknown or missing backends fail now, not after the first run
         get_backend(name)
     repeated = sorted({name for name in names if names.count(name) > 1})

@@ -390,15 +390,17 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, flag: str | None = None) -> None:
     """Create ``folder`` and try a file in it, so that a bad output path fails before the work
     (a path that is a file, read-only, on a full disk, a folder where report.yaml will go) with
-    one InvalidInputError; a name the system refuses (too long, a NUL byte) too."""
+    one InvalidInputError, naming the command line's ``flag`` that set it; a name the system
+    refuses (too long, a NUL byte) too."""
+    where = f" ({flag} on the command line)" if flag else ""
     try:
         if (folder / "report.yaml").is_dir():
             raise InvalidInputError(
                 f"{folder / 'report.yaml'} is a folder, where the report.yaml file will go; "
-                "remove it or choose another output folder (--output on the command line)."
+                f"remove it or choose another output folder{where}."
             )
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder) as probe:
@@ -408,8 +410,8 @@ def check_writable(folder: Path) -> None:
     except (OSError, ValueError) as error:
         why = getattr(error, "strerror", None) or error
         raise InvalidInputError(
-            f"cannot write into the output folder {cut(str(folder), NAME_CHARS)} ({why}); choose another "
-            "(--output on the command line)."
+            f"cannot write into the folder {cut(str(folder), NAME_CHARS)} ({why}); choose "
+            f"another{where}."
         ) from error
 
 
