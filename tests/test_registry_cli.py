@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -118,6 +120,27 @@ def test_cli_argument_errors_come_before_training(arguments, match, monkeypatch,
     monkeypatch.setattr("curvkit.config.build", no_training)
     assert main([*arguments, "--quiet"]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "environment, match",
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE is 'two', not a number of processes"),
+        (
+            {"WORLD_SIZE": "2"},
+            "WORLD_SIZE is 2, but torch.distributed cannot start from the "
+            "environment (.*RANK expected, but not set)",
+        ),  # fmt: skip
+    ],
+)
+def test_a_bad_torchrun_environment_is_refused(environment, match, monkeypatch, capsys):
+    """WORLD_SIZE set outside torchrun: raw ValueErrors from int() and torch's rendezvous."""
+    monkeypatch.delenv("RANK", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("curvkit.config.build", lambda *a, **k: pytest.fail("the work started"))
+    assert main(["analyze", "--quiet"]) == 2
+    assert re.search(match, capsys.readouterr().err)
 
 
 def test_cli_version(capsys):

@@ -256,13 +256,26 @@ def start_from_environment(device: str = "cpu") -> Iterator[Group]:
     if current_group() is not None:
         yield current_group()
         return
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise InvalidInputError(
+            f"the environment variable WORLD_SIZE is {shown(size)}, not a number of processes; "
+            "run under torchrun, which sets it, or unset it."
+        )
+    if int(size) <= 1:
         yield None
         return
     cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    except (ValueError, RuntimeError) as error:  # e.g. RANK or MASTER_ADDR not set
+        raise InvalidInputError(
+            f"WORLD_SIZE is {size}, but torch.distributed cannot start from the environment "
+            f"({first_line(error)}); run under torchrun, which sets RANK, WORLD_SIZE, "
+            "MASTER_ADDR and MASTER_PORT, or unset WORLD_SIZE."
+        ) from error
     try:
         yield dist.group.WORLD
     finally:
