@@ -299,8 +299,9 @@ def _lanczos(op: Operator, k: int, options: Options, seed: int) -> tuple[EigenRe
 
 
 def lanczos_block(k: int, options: Options) -> int:
-    """The block size of curvkit's Lanczos for the top ``k``."""
-    return options.lanczos_block or min(4, -(-k // 4))
+    """The block size of curvkit's Lanczos for the top ``k``: never more than k, as
+    ``lanczos`` takes it (a memory need reckoned with a larger one refused runs that fit)."""
+    return min(options.lanczos_block, k) if options.lanczos_block else min(4, -(-k // 4))
 
 
 def least_vectors(k: int, size: int, options: Options, density: bool = True) -> int:
