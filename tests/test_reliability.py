@@ -259,6 +259,20 @@ BAD_ARGUMENTS = {
 }
 
 
+@pytest.mark.parametrize(
+    "name", [p for p in BACKENDS if p.values[0] in ("pyhessian", "curvlinops")]
+)
+def test_the_advice_of_a_refusal_heeds_the_options(name):
+    """class_sums='per-example' on a backend without per-example factors: the advice named
+    the other such backend too (checked with the default options), which then refused."""
+    with pytest.raises(UnsupportedError) as caught:
+        curvkit.analyze(tiny_model(), digits_batches(), name, ["classmeans"], top_k=2,
+                        progress=False, options={"class_sums": "per-example"})  # fmt: skip
+    advised = re.search(r"; backend (.*) can\.$", str(caught.value)).group(1)
+    assert set(re.findall(r"'(\w+)'", advised)) <= {"backpack", "torchfunc"}
+    assert "'torchfunc'" in advised
+
+
 def test_a_lanczos_block_beyond_top_k_is_top_k():
     """Lanczos takes at most k columns per block, but its memory need was reckoned with the
     block given: lanczos_block 10⁶ was refused for 27.3 GiB on a 610-parameter model."""

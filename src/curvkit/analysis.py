@@ -272,7 +272,7 @@ def analyze(
                 reasons = all_gather_objects(engine.refusal(name), problem.group)
                 reason = next((r for r in reasons if r), None)
                 if reason:
-                    reason = f"{reason}; {advice(problem, name, backend)}"
+                    reason = f"{reason}; {advice(problem, name, backend, per_quantity[name])}"
             if reason:
                 error = UnsupportedError(f"{reason}.")
                 if not skip_unsupported:
@@ -299,7 +299,7 @@ def analyze(
                             engine, name, k, seed, report, not (name == "ggn" and exact_trace)
                         )
                 except UnsupportedError as error:  # found only while computing
-                    advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend)}."
+                    advised = f"{str(error).rstrip('.')}; {advice(problem, name, backend, per_quantity[name])}."
                     if not skip_unsupported or problem.group is not None:  # maybe this rank only
                         raise UnsupportedError(advised) from error
                     report.skipped[name] = advised
@@ -377,15 +377,16 @@ def memory_shortfall(engine: Backend, quantity: str, k: int) -> str | None:
     )
 
 
-def advice(problem: Problem, quantity: str, failed: str) -> str:
-    """Which installed backends can compute ``quantity`` for this problem's model, from their
-    capabilities, declared limits and own checks (``Backend.refusal``), as advice."""
+def advice(problem: Problem, quantity: str, failed: str, options: Options) -> str:
+    """Which installed backends can compute ``quantity`` for this problem's model with these
+    ``options`` (``class_sums='per-example'`` rules out those without per-example factors),
+    from their capabilities, declared limits and own checks (``Backend.refusal``), as advice."""
     able = []
     for name, row in backends().items():
         if name == failed or not row["installed"]:
             continue
         try:
-            if get_backend(name)(problem).refusal(quantity) is None:
+            if get_backend(name)(problem, options).refusal(quantity) is None:
                 able.append(name)
         except UnsupportedError:  # e.g. PyHessian under torch.distributed
             continue
