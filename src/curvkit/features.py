@@ -18,6 +18,11 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
 - ``asymmetric_padding``: a Conv2d with ``padding="same"`` and an even kernel span
   (dilation · (kernel − 1) odd), which torch pads by one more at the end than at the start;
   the libraries' unfolds take one padding per side;
+- ``overridden_call``: a module whose class overrides ``nn.Module.__call__`` (work done
+  around ``forward``, such as scaling its output), which BackPACK's hooks and converter never
+  see (its exact traces and class means were those of the model without it: tr G 6.32 for
+  25.51); torch's own wrappers (``torch.fx`` graph modules, ``torch.compile``) only call
+  ``forward``;
 - ``padding_modes``: a convolution that pads with ``padding_mode`` "circular", "reflect" or
   "replicate", which BackPACK's unfolds take as zeros (its exact traces and class means 0.2 %
   off on a digits CNN, with no error bar);
@@ -144,6 +149,16 @@ def model_features(
         features["asymmetric_padding"] = (
             f"padding='same' that torch pads unequally (an even kernel span) in module(s) "
             f"{listed(unequal)}"
+        )
+    called = [
+        n or "<root>"
+        for n, m in model.named_modules()
+        if type(m).__call__ is not nn.Module.__call__
+        and getattr(type(m).__call__, "__module__", "").partition(".")[0] != "torch"
+    ]
+    if called:
+        features["overridden_call"] = (
+            f"a __call__ overriding nn.Module's in module(s) {listed(called)}"
         )
     padded = [
         f"{n} ({m.padding_mode!r})"

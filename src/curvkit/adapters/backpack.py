@@ -66,6 +66,7 @@ class BackPACKBackend(Backend):
             "parametrizations",
             "asymmetric_padding",
             "padding_modes",  # its unfolds pad with zeros
+            "overridden_call",  # its hooks and converter see forward alone
         ),
         ("class_deltas", "kronecker_factors", "trace"),
     ) | {"uncopied_forward": ("hvp", "ggnvp", "trace", "block_products")}  # all on its copy
