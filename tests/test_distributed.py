@@ -25,7 +25,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    SequentialSampler,
+    TensorDataset,
+)
 
 import curvkit
 from curvkit.datasets import digits_tensors
@@ -167,14 +174,40 @@ def _bad_sharding_worker(rank: int, world: int, init: str, folder: str) -> None:
             except curvkit.InvalidInputError as error:
                 message = str(error)
             Path(folder, f"{case}-{rank}.txt").write_text(message)
+        # shard_loader on loaders without indices or without a batch_size
+        by_sampler = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 2, False))
+        report = curvkit.analyze(digits_mlp(), shard_loader(by_sampler), quantities=["ggn"],
+                                 top_k=2, progress=False)  # fmt: skip
+        Path(folder, f"batch_sampler-{rank}.txt").write_text(str(report.model.num_samples))
+        for case, loader in {
+            "iterable": DataLoader(Streamed(data), batch_size=2),
+            "unbatched": DataLoader(data, batch_size=None),
+        }.items():
+            try:
+                shard_loader(loader)
+                message = "no error"
+            except curvkit.InvalidInputError as error:
+                message = str(error)
+            Path(folder, f"{case}-{rank}.txt").write_text(message)
     finally:
         dist.destroy_process_group()
+
+
+class Streamed(IterableDataset):
+    """A data set's examples as a stream, without indices."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.dataset = dataset
+
+    def __iter__(self):
+        return (self.dataset[i] for i in range(len(self.dataset)))
 
 
 def test_bad_sharding_is_refused(tmp_path):
     """5 examples on 2 ranks: DistributedSampler repeats one to make 6, and a loader given to
     every rank unsharded counts each example twice; both would change the loss (the second
-    only its N, silently, before)."""
+    only its N, silently, before). shard_loader shards a batch_sampler's loader in its batch
+    size, and refuses a loader without indices or batches."""
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_bad_sharding_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
@@ -182,6 +215,14 @@ def test_bad_sharding_is_refused(tmp_path):
         assert "pads 5 examples to 6" in padded and "shard_loader" in padded
         unsharded = (tmp_path / f"unsharded-{rank}.txt").read_text()
         assert "every rank holds the same 5 examples" in unsharded, unsharded
+        # shard_loader kept batch_size=None from a batch_sampler's loader: single examples
+        # (collate's "stack expects each tensor to be equal size", blamed on the loader)
+        assert (tmp_path / f"batch_sampler-{rank}.txt").read_text() == "5"
+        # an IterableDataset: a raw TypeError ("has no len()")
+        iterable = (tmp_path / f"iterable-{rank}.txt").read_text()
+        assert "is an IterableDataset, which has none" in iterable, iterable
+        unbatched = (tmp_path / f"unbatched-{rank}.txt").read_text()
+        assert "yields single examples (batch_size=None)" in unbatched, unbatched
 
 
 def test_a_group_of_one_rank_is_the_single_process_run(tmp_path, digits_problem):

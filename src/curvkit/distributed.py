@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
 
 from curvkit.errors import CurvkitError, InvalidInputError, PeerFailedError, first_line, shown
 
@@ -239,10 +239,28 @@ def shard_loader(loader: DataLoader, group: Group = None) -> DataLoader:
             "(drop_last=True or N divisible by the number of ranks)."
         )
     dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise InvalidInputError(
+            f"curvkit shards a data set by its indices, and the {type(dataset).__name__} of "
+            "this DataLoader is an IterableDataset, which has none; give each rank a loader "
+            "of its own examples instead."
+        )
+    # a loader built from a batch_sampler has batch_size None: its sampler's size, else refused
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    if not isinstance(batch_size, int):
+        how = (
+            "yields single examples (batch_size=None)"
+            if loader.batch_sampler is None
+            else f"takes its batches from a {type(loader.batch_sampler).__name__} without one"
+        )
+        raise InvalidInputError(
+            f"curvkit shards a DataLoader into batches of its batch_size, and this one {how}; "
+            "give it a batch_size, or give each rank a loader of its own examples."
+        )
     indices = range(rank(group), len(dataset), world_size(group))
     return DataLoader(
         Subset(dataset, indices),
-        batch_size=loader.batch_size,
+        batch_size=batch_size,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
     )
