@@ -15,9 +15,11 @@ the original. Everything BackPACK stores on the copy's parameters is removed aft
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
+import sys
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -214,7 +216,7 @@ class BackPACKBackend(Backend):
         model, params, loss_fn = self._extended()
         label = "/".join(type(e).__name__ for e in extensions)
         try:
-            with backpack(*extensions), warnings.catch_warnings():
+            with backpack(*extensions), warnings.catch_warnings(), _stderr_unless_failing():
                 # BackPACK's hooks fire on outputs when inputs need no gradient: harmless
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 # KFLR's note on transposed convolutions, whose factors layerwise leaves out
@@ -405,3 +407,15 @@ def mc_seeded(device: torch.device, seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def _stderr_unless_failing() -> Iterator[None]:
+    """What the block writes to stderr, held back and written out unless the block raises: a
+    model BackPACK's converter made (a torch.fx graph module) prints a traceback of its
+    failing line before it raises, and curvkit turns that error into its refusal (four raw
+    tracebacks on the terminal beside a clean report before)."""
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
