@@ -163,7 +163,7 @@ def model_features(
     padded = [
         f"{n} ({m.padding_mode!r})"
         for n, m in model.named_modules()
-        if isinstance(m, nn.modules.conv._ConvNd)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
         and m.padding_mode != "zeros"
         and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
     ]
