@@ -26,6 +26,7 @@ from tests import reference
 from tests.conftest import backend_params
 
 BACKENDS = backend_params(minimal=False)
+BACKPACK = [p for p in BACKENDS if p.values[0] == "backpack"]  # skipped where not installed
 QUICK = {"trace_matvecs": 6, "density_probes": 1, "density_steps": 5}
 
 
@@ -1209,8 +1210,9 @@ def circular_padding() -> nn.Sequential:
     ).double()  # fmt: skip
 
 
+@pytest.mark.parametrize("name", BACKPACK)
 @pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
-def test_padding_other_than_zeros_gets_no_backpack_exact_trace(mode):
+def test_padding_other_than_zeros_gets_no_backpack_exact_trace(name, mode):
     """BackPACK's DiagHessian and DiagGGNExact unfold with zeros: its exact traces of a CNN
     padded circularly, by reflection or by replication were 0.2 % off (tr G 13.932 for 13.962)
     with a standard error of 0. The feature padding_modes now routes its traces to Hutchinson
@@ -1218,8 +1220,8 @@ def test_padding_other_than_zeros_gets_no_backpack_exact_trace(mode):
     model = circular_padding()
     model[1].padding_mode = mode
     data = digits_batches()
-    report = curvkit.analyze(model, data, "backpack", ["hessian", "ggn"], top_k=1,
-                             progress=False, options=FEATURE_OPTIONS)  # fmt: skip
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
+                             options=FEATURE_OPTIONS)  # fmt: skip
     x, y = reference.all_data(data)
     for spectrum, dense in ((report.hessian, reference.dense_hessian(model, x, y)),
                             (report.ggn, reference.dense_ggn(model, x))):  # fmt: skip
@@ -1262,7 +1264,7 @@ class ScaledInPlace(nn.Module):
         return self.net[2](self.net[1](hidden))
 
 
-@pytest.mark.parametrize("name", [p for p in BACKENDS if p.values[0] == "backpack"])
+@pytest.mark.parametrize("name", BACKPACK)
 def test_a_refusal_prints_no_traceback(name, capfd):
     """torch.fx's graph modules print a traceback of the failing line to stderr before they
     raise: BackPACK's refusal of the class means came with four raw tracebacks on the
@@ -1273,13 +1275,14 @@ def test_a_refusal_prints_no_traceback(name, capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_an_overridden_call_gets_no_backpack_exact_trace():
+@pytest.mark.parametrize("name", BACKPACK)
+def test_an_overridden_call_gets_no_backpack_exact_trace(name):
     """BackPACK's hooks see forward alone: its exact traces and class means were those of the
     model without the doubling (tr G 6.3228 for 25.506), with no error bar. The feature
     overridden_call now routes its traces to Hutchinson on its (right) products: within 4
     standard errors of the dense traces, and the class means refused."""
     data = digits_batches()
-    report = curvkit.analyze(DoubledByCall(), data, "backpack", ["hessian", "ggn", "classmeans"],
+    report = curvkit.analyze(DoubledByCall(), data, name, ["hessian", "ggn", "classmeans"],
                              top_k=1, progress=False, skip_unsupported=True,
                              options=FEATURE_OPTIONS)  # fmt: skip
     assert "a __call__ overriding nn.Module's in module(s) <root>" in report.skipped["classmeans"]
