@@ -1087,6 +1087,32 @@ class CountsCalls(nn.Module):
         return self.net(x)
 
 
+class Bookkeeping(nn.Module):
+    """A forward that keeps Python attributes: a call counter and the last hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.hidden = self.net[1](self.net[0](x))
+        return self.net[2](self.hidden)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_attributes_a_forward_sets_come_back_as_they_were(name):
+    """The model comes back with every module's attributes as they were, as objects: the
+    counter was left at 256 calls by torchfunc and 38 by the others."""
+    model = Bookkeeping()
+    model(digits_batches()[0][0])
+    calls, hidden = model.calls, model.hidden
+    curvkit.analyze(model, digits_batches(), name, ["hessian", "classmeans"], top_k=1,
+                    progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
+    assert model.calls == calls and model.hidden is hidden
+
+
 class Checkpointed(nn.Module):
     """torch.utils.checkpoint's saved-tensor hooks, which torch.func's transforms refuse."""
 
@@ -1232,6 +1258,44 @@ def test_padding_other_than_zeros_gets_no_backpack_exact_trace(name, mode):
     data = digits_batches()
     report = curvkit.analyze(model, data, name, ["hessian", "ggn"], top_k=1, progress=False,
                              options=FEATURE_OPTIONS)  # fmt: skip
+    assert_estimated_traces_right(report, model, data)
+
+
+class ViewBetweenConvolutions(nn.Module):
+    """A digits CNN whose hidden feature maps (8 × 8) are re-viewed between its convolutions
+    by ``view``: the same shape and address, other strides (or values)."""
+
+    def __init__(self, view: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.view = view
+        self.first, self.second = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.act, self.head = nn.Tanh(), nn.Linear(128, 10)
+        self.double()
+
+    def forward(self, x):
+        h = self.act(self.first(x.view(-1, 1, 8, 8)))
+        if self.view == "mT":
+            h = h.mT
+        elif self.view == "swapdims":
+            h = h.swapdims(2, 3)
+        else:
+            h = h[:, :1].expand(-1, 2, -1, -1)
+        return self.head(self.act(self.second(h)).flatten(1))
+
+
+@pytest.mark.parametrize("name", BACKPACK)
+@pytest.mark.parametrize("view", ["mT", "swapdims", "expand"])
+def test_a_view_between_modules_gets_no_backpack_exact_trace(name, view):
+    """BackPACK finds what it backpropagates to a tensor by its address: a view taken outside
+    modules with the address of a module's output but another layout got that output's
+    quantity, so its exact traces and class means were 0.5 % off (tr G 6.9319 for 6.9165 with
+    swapdims) with a standard error of 0. Now its traces come from Hutchinson on its (right)
+    products, within 4 standard errors of the dense traces, and the class means are refused."""
+    model, data = ViewBetweenConvolutions(view), digits_batches()
+    report = curvkit.analyze(model, data, name, ["hessian", "ggn", "classmeans"], top_k=1,
+                             progress=False, skip_unsupported=True, options=FEATURE_OPTIONS)  # fmt: skip
+    assert "would misread the input of module second" in report.skipped["classmeans"]
     assert_estimated_traces_right(report, model, data)
 
 

@@ -860,10 +860,6 @@ def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
     }
 
 
-def _tensor_attributes(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v for k, v in vars(module).items() if isinstance(v, Tensor)}
-
-
 @contextlib.contextmanager
 def differentiable_kernels() -> Iterator[None]:
     """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``,
@@ -973,8 +969,9 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
 
     Restored: the same Parameter and buffer objects in every module, with their values,
     ``.grad`` fields and ``requires_grad``, each module's train/eval mode, its hook
-    dictionaries and its other tensor attributes (a forward under autograd may leave a computed
-    one, e.g. spectral_norm's ``weight``, holding a graph). Inside, the model is in eval mode by
+    dictionaries and its other attributes, as objects: a forward may set some (a computed
+    tensor holding a graph, e.g. spectral_norm's ``weight``; a call counter, left at 422 by
+    torchfunc's passes before), and a library others. Inside, the model is in eval mode by
     default, and its embeddings give dense gradients (``sparse=False``: the same numbers, in the
     layout every library takes).
     """
@@ -983,19 +980,16 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     saved_params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in params]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    saved_modules = [(m, m.training, _hook_dicts(m)) for m in model.modules()]
-    saved_tensors = [(m, _tensor_attributes(m)) for m in model.modules()]
-    sparse = [m for m in model.modules() if isinstance(m, SPARSE_GRADIENTS) and m.sparse]
+    saved_modules = [(m, dict(vars(m)), _hook_dicts(m)) for m in model.modules()]
     try:
         with entries_kept(model):
             if eval_mode:
                 evaluation_mode(model)
-            for m in sparse:
-                m.sparse = False
+            for m in model.modules():
+                if isinstance(m, SPARSE_GRADIENTS):
+                    m.sparse = False
             yield model
     finally:
-        for m in sparse:
-            m.sparse = True
         with torch.no_grad():  # only what changed is written back: a write bumps a tensor's
             # version, and the caller's graph that saved it could not be backpropagated
             for (p, value, grad, requires_grad), grad_value in zip(saved_params, saved_grads):
@@ -1006,16 +1000,11 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
                 p.grad = grad
             for b, value in saved_buffers:
                 _restore(b, value)
-        for m, tensors in saved_tensors:
-            for name in _tensor_attributes(m).keys() - tensors.keys():
-                del vars(m)[name]
-            vars(m).update(tensors)
-        for m, training, hooks in saved_modules:
-            m.training = training
-            for name in list(vars(m)):
-                if "hook" in name and isinstance(vars(m)[name], dict) and name not in hooks:
-                    vars(m)[name].clear()
+        for m, attributes, hooks in saved_modules:
+            current = vars(m)
+            for name in current.keys() - attributes.keys():
+                del current[name]
+            current.update(attributes)
             for name, value in hooks.items():
-                current = vars(m)[name]
-                current.clear()
-                current.update(value)
+                current[name].clear()
+                current[name].update(value)

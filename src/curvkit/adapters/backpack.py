@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from curvkit.backend import Backend, KroneckerFactors
 from curvkit.distributed import all_gather_objects
-from curvkit.errors import UnsupportedError, first_line
+from curvkit.errors import UnsupportedError, first_line, listed
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
@@ -221,7 +221,17 @@ class BackPACKBackend(Backend):
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 # KFLR's note on transposed convolutions, whose factors layerwise leaves out
                 warnings.filterwarnings("ignore", message="The Kronecker factors stored in")
-                loss_fn(model(x), y).backward()
+                loss = loss_fn(model(x), y)
+                misread = _misread_inputs(model, loss_fn)
+                if misread:
+                    raise UnsupportedError(
+                        f"BackPACK's {label} would misread the input of {listed(misread)}: it "
+                        "finds what it backpropagates to a tensor by the tensor's address, and "
+                        "that input is a view of another module's output with another layout, "
+                        "taken outside modules (h.mT, swapdims, movedim, expand), so it would "
+                        "get the quantity of the output it views."
+                    )
+                loss.backward()
         except (NotImplementedError, AssertionError, RuntimeError) as error:
             # AssertionError: BackPACK lost track of the graph, e.g. a functional call
             # (torch.tanh) where it expects a module (nn.Tanh); RuntimeError: e.g. an in-place
@@ -385,6 +395,40 @@ def kronecker_extension(kind: str, mc_samples: int) -> Any:
     for batch_norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         extension.set_module_extension(batch_norm, HBPBaseModule(BatchNormNdDerivatives()))
     return extension
+
+
+def _misread_inputs(model: nn.Module, loss_fn: nn.Module) -> list[str]:
+    """The modules (or "the loss") whose input BackPACK would take for another tensor, read
+    from the inputs and outputs its hooks stored in the forward pass just run: it keys what it
+    backpropagates by ``data_ptr()``, so an input that shares its address with a module's
+    output but neither has that output's shape and strides nor is a reshape of it (both
+    contiguous) is a view with other values at the same address (``h.mT``, ``h[:, :1].expand``).
+    Its exact traces and class means took them for the output itself: 0.5 % off on a digits
+    CNN with ``swapdims`` between its convolutions, with no error bar."""
+    layouts: dict[int, list[Tensor]] = {}
+    for module in model.modules():
+        output = getattr(module, "output", None)
+        if next(module.children(), None) is None and isinstance(output, Tensor):
+            layouts.setdefault(output.data_ptr(), []).append(output)
+    misread = []
+    consumers = [*model.named_modules(), ("the loss", loss_fn)]
+    for name, module in consumers:
+        inputs = [v for k, v in vars(module).items() if re.fullmatch(r"input\d+", k)]
+        for tensor in inputs:
+            if not isinstance(tensor, Tensor) or not tensor.requires_grad:
+                continue
+            outputs = layouts.get(tensor.data_ptr(), [])
+            if outputs and not any(_same_values(tensor, output) for output in outputs):
+                misread.append(name if name == "the loss" else f"module {name}")
+    return misread
+
+
+def _same_values(view: Tensor, output: Tensor) -> bool:
+    """Whether ``view`` at ``output``'s address holds its values in their order."""
+    if view.dtype != output.dtype or view.numel() != output.numel():
+        return False
+    same_layout = view.shape == output.shape and view.stride() == output.stride()
+    return same_layout or (view.is_contiguous() and output.is_contiguous())
 
 
 def _rule(error: Exception) -> str:
