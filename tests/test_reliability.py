@@ -1299,6 +1299,32 @@ def test_a_view_between_modules_gets_no_backpack_exact_trace(name, view):
     assert_estimated_traces_right(report, model, data)
 
 
+class KeywordInput(nn.Module):
+    """The tiny model with its last layer given its input as a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x):
+        return self.net[2](input=self.net[1](self.net[0](x)))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_layer_given_its_input_by_keyword_gets_no_kronecker_factors(name):
+    """Forward hooks are given positional inputs only: layerwise raised a raw IndexError
+    (torchfunc), ValueError (curvlinops) or AttributeError (BackPACK, for every extension).
+    Now that layer's Kronecker factors are left out with the reason (its exact block is
+    analysed), and BackPACK refuses its extension passes, naming the layer."""
+    report = curvkit.analyze(KeywordInput(), digits_batches(), name, ["classmeans", "layerwise"],
+                             top_k=1, progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
+    if name == "backpack":
+        assert "cannot read the input of module(s) net.2" in report.skipped["classmeans"]
+    if report.layerwise is not None:
+        assert "as a keyword argument" in report.layerwise["net.2"].kronecker["skipped"]
+        assert "skipped" not in report.layerwise["net.0"].kronecker
+
+
 class DoubledByCall(nn.Sequential):
     """The tiny model as a Sequential whose ``__call__`` doubles what ``forward`` returns."""
 

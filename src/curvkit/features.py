@@ -718,13 +718,23 @@ def low_precision(model: nn.Module, example: Tensor) -> str:
     return watcher.found
 
 
-def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tensor]:
+def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], set[str], Tensor]:
     """How often each module holding parameters runs in a forward pass on ``example``, with
-    gradients on every parameter (the guard around the features restores requires_grad), and
-    the output."""
+    gradients on every parameter (the guard around the features restores requires_grad), the
+    modules given no positional input (``layer(input=x)``: hooks see no input), and the
+    output."""
     calls: Counter[str] = Counter()
+    by_keyword: set[str] = set()
+
+    def count(name: str, args: tuple[Any, ...]) -> None:
+        calls.update([name])
+        if not args:
+            by_keyword.add(name)
+
     handles = [
-        m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+        m.register_forward_pre_hook(
+            lambda _, args, kwargs, name=name: count(name, args), with_kwargs=True
+        )
         for name, m in model.named_modules()
         if next(m.parameters(recurse=False), None) is not None
     ]
@@ -736,7 +746,7 @@ def module_calls(model: nn.Module, example: Tensor) -> tuple[Counter[str], Tenso
     finally:
         for handle in handles:
             handle.remove()
-    return calls, output
+    return calls, by_keyword, output
 
 
 def _shared(model: nn.Module, example: Tensor) -> str:
@@ -748,7 +758,7 @@ def _shared(model: nn.Module, example: Tensor) -> str:
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
     tied = [" = ".join(group) for group in names.values() if len(group) > 1]
-    calls, output = module_calls(model, example)
+    calls, _, output = module_calls(model, example)
     uses = _uses(output)
     reused = [f"module {n} runs {k} times per forward pass" for n, k in calls.items() if k > 1]
     direct = [  # a layer's forward uses each of its parameters once per call

@@ -40,7 +40,7 @@ def kronecker_plan(problem: Problem, budget: float | None) -> tuple[list[str], d
         outside = (
             _overridden_forward(modules[name])
             or _unusual_convolution(modules[name])
-            or _idle(problem, name)
+            or _input_unseen(problem, name)
         )
         if outside:
             skipped[name] = outside
@@ -72,18 +72,27 @@ def _overridden_forward(module: torch.nn.Module) -> str:
     )
 
 
-def _idle(problem: Problem, name: str) -> str:
-    """Why a layer whose forward never runs gets no Kronecker factors ("" for others): its
-    parent uses the weight directly (MultiheadAttention its ``out_proj``), so there is no layer
-    input and output to read them from (a layer that runs several times is a shared one,
-    refused for the whole model by ``Backend.limits``)."""
-    if problem.module_calls[name]:
-        return ""
-    return (
-        "its forward never runs (its parent uses the weight directly, as MultiheadAttention "
-        "does its out_proj), so there is no layer input and output to read Kronecker factors "
-        "from; the exact block is analysed without them"
-    )
+def _input_unseen(problem: Problem, name: str) -> str:
+    """Why a layer whose input the libraries' hooks cannot see gets no Kronecker factors (""
+    for others): its forward never runs, as its parent uses the weight directly
+    (MultiheadAttention its ``out_proj``), or it gets its input as a keyword argument, which
+    forward hooks are not given (raw errors from torchfunc and curvlinops before). A layer
+    that runs several times is a shared one, refused for the whole model by
+    ``Backend.limits``."""
+    calls, by_keyword = problem.module_calls
+    if not calls[name]:
+        return (
+            "its forward never runs (its parent uses the weight directly, as MultiheadAttention "
+            "does its out_proj), so there is no layer input and output to read Kronecker "
+            "factors from; the exact block is analysed without them"
+        )
+    if name in by_keyword:
+        return (
+            "the model gives it its input as a keyword argument (layer(input=x)), which the "
+            "libraries' hooks cannot read Kronecker factors from (pass it positionally); the "
+            "exact block is analysed without them"
+        )
+    return ""
 
 
 def _unusual_convolution(module: torch.nn.Module) -> str:

@@ -655,11 +655,13 @@ class Problem:
         return found
 
     @functools.cached_property
-    def module_calls(self) -> Counter[str]:
+    def module_calls(self) -> tuple[Counter[str], set[str]]:
         """How often each module holding parameters runs in one example's forward pass (in eval
-        mode, on the model, which comes back as it was)."""
+        mode, on the model, which comes back as it was), and those given their input as a
+        keyword argument."""
         with model_guard(self.model):
-            return module_calls(self.model, self.sample[0][:1])[0]
+            calls, by_keyword, _ = module_calls(self.model, self.sample[0][:1])
+        return calls, by_keyword
 
     def _weights_digest(self) -> str:
         """A hash of the values of every parameter and buffer, selected or not (a frozen

@@ -211,7 +211,7 @@ class BackPACKBackend(Backend):
         """One backward pass on a batch with BackPACK's ``extensions``; yields the parameters
         holding what they stored (``every_parameter``: each of them, or an UnsupportedError),
         which is removed again afterwards."""
-        from backpack import backpack
+        from backpack import backpack, memory_cleanup
 
         model, params, loss_fn = self._extended()
         label = "/".join(type(e).__name__ for e in extensions)
@@ -221,16 +221,12 @@ class BackPACKBackend(Backend):
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 # KFLR's note on transposed convolutions, whose factors layerwise leaves out
                 warnings.filterwarnings("ignore", message="The Kronecker factors stored in")
+                for module in model.modules():  # what an earlier forward pass stored
+                    memory_cleanup(module)
                 loss = loss_fn(model(x), y)
-                misread = _misread_inputs(model, loss_fn)
-                if misread:
-                    raise UnsupportedError(
-                        f"BackPACK's {label} would misread the input of {listed(misread)}: it "
-                        "finds what it backpropagates to a tensor by the tensor's address, and "
-                        "that input is a view of another module's output with another layout, "
-                        "taken outside modules (h.mT, swapdims, movedim, expand), so it would "
-                        "get the quantity of the output it views."
-                    )
+                fault = _stored_io_fault(model, loss_fn)
+                if fault:
+                    raise UnsupportedError(f"BackPACK's {label} {fault}.")
                 loss.backward()
         except (NotImplementedError, AssertionError, RuntimeError) as error:
             # AssertionError: BackPACK lost track of the graph, e.g. a functional call
@@ -397,30 +393,47 @@ def kronecker_extension(kind: str, mc_samples: int) -> Any:
     return extension
 
 
-def _misread_inputs(model: nn.Module, loss_fn: nn.Module) -> list[str]:
-    """The modules (or "the loss") whose input BackPACK would take for another tensor, read
-    from the inputs and outputs its hooks stored in the forward pass just run: it keys what it
-    backpropagates by ``data_ptr()``, so an input that shares its address with a module's
-    output but neither has that output's shape and strides nor is a reshape of it (both
-    contiguous) is a view with other values at the same address (``h.mT``, ``h[:, :1].expand``).
-    Its exact traces and class means took them for the output itself: 0.5 % off on a digits
-    CNN with ``swapdims`` between its convolutions, with no error bar."""
-    layouts: dict[int, list[Tensor]] = {}
-    for module in model.modules():
-        output = getattr(module, "output", None)
-        if next(module.children(), None) is None and isinstance(output, Tensor):
-            layouts.setdefault(output.data_ptr(), []).append(output)
+def _stored_io_fault(model: nn.Module, loss_fn: nn.Module) -> str:
+    """Why BackPACK's backward pass would fail or be wrong after the forward pass just run ("" if
+    it would not), read from the inputs and outputs its hooks stored on every module.
+
+    - A module given its input as a keyword argument (``layer(input=x)``) gets no ``input0``:
+      a raw AttributeError from BackPACK's rules.
+    - BackPACK keys what it backpropagates by ``data_ptr()``: an input (or the loss's) that
+      shares its address with a module's output but neither has that output's shape and
+      strides nor is a reshape of it (both contiguous) is a view with other values at the same
+      address (``h.mT``, ``h[:, :1].expand``), which gets the output's quantity. Its exact
+      traces and class means were 0.5 % off on a digits CNN with ``swapdims`` between its
+      convolutions, with no error bar.
+    """
+    leaves = [(n, m) for n, m in model.named_modules() if next(m.children(), None) is None]
+    unread = [n for n, m in leaves if hasattr(m, "output") and not hasattr(m, "input0")]
+    if unread:
+        return (
+            f"cannot read the input of module(s) {listed(unread)}, which the model calls with "
+            "its input as a keyword argument (layer(input=x)) that BackPACK's hooks do not "
+            "record: pass it positionally"
+        )
+    outputs: dict[int, list[Tensor]] = {}
+    for _, module in leaves:
+        if isinstance(getattr(module, "output", None), Tensor):
+            outputs.setdefault(module.output.data_ptr(), []).append(module.output)
     misread = []
-    consumers = [*model.named_modules(), ("the loss", loss_fn)]
-    for name, module in consumers:
-        inputs = [v for k, v in vars(module).items() if re.fullmatch(r"input\d+", k)]
-        for tensor in inputs:
-            if not isinstance(tensor, Tensor) or not tensor.requires_grad:
+    for name, module in [*leaves, ("the loss", loss_fn)]:
+        for key, tensor in vars(module).items():
+            if not (re.fullmatch(r"input\d+", key) and isinstance(tensor, Tensor)):
                 continue
-            outputs = layouts.get(tensor.data_ptr(), [])
-            if outputs and not any(_same_values(tensor, output) for output in outputs):
+            viewed = outputs.get(tensor.data_ptr(), []) if tensor.requires_grad else []
+            if viewed and not any(_same_values(tensor, output) for output in viewed):
                 misread.append(name if name == "the loss" else f"module {name}")
-    return misread
+    if misread:
+        return (
+            f"would misread the input of {listed(misread)}: it finds what it backpropagates to "
+            "a tensor by the tensor's address, and that input is a view of another module's "
+            "output with another layout, taken outside modules (h.mT, swapdims, movedim, "
+            "expand), so it would get the quantity of the output it views"
+        )
+    return ""
 
 
 def _same_values(view: Tensor, output: Tensor) -> bool:
