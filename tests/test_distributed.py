@@ -444,6 +444,40 @@ def test_ranks_with_different_memory_take_the_same_routes(tmp_path):
         assert report["ggn"]["provenance"]["trace"]["routine"] == "curvkit.hutchinson"
 
 
+def _two_sizes_worker(rank: int, world: int, init: str, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    x, y = digits_tensors(samples_per_class=6)
+    images = x.float().view(-1, 1, 8, 8)
+    shard = [(images[rank * 20 : rank * 20 + 20], y[rank * 20 : rank * 20 + 20])]
+    if rank == 0:  # a batch of larger images on rank 0 alone
+        large = torch.nn.functional.interpolate(images[40:], size=(12, 12), mode="bilinear")
+        shard.append((large, y[40:]))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 10))  # fmt: skip
+    report = curvkit.analyze(model, shard, "backpack", ["ggn"], top_k=1, progress=False,
+                             options={"trace_matvecs": 12})  # fmt: skip
+    Path(folder, f"{rank}.json").write_text(json.dumps(report.to_dict()))
+    dist.destroy_process_group()
+
+
+def test_a_batch_that_stops_backpack_on_one_rank_moves_every_rank_to_its_products(tmp_path):
+    """BackPACK's exact trace stops at a batch its converted copy gets wrong (larger images
+    through an adaptive pool), here on rank 0 alone. That rank fell back to Hutchinson while
+    the other gathered its exact sums: their collectives mismatched (raw TypeErrors on both).
+    Now the ranks agree after the pass, and both take the products' route: one report."""
+    pytest.importorskip("backpack")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_two_sizes_worker, (2, init, str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert _differences(reports[1], reports[0]) == []
+    trace = reports[0]["ggn"]["provenance"]["trace"]
+    assert "off the model's" in trace["note"], trace
+
+
 def test_without_a_process_group_nothing_is_sharded(digits_problem):
     _, loader = digits_problem
     assert not dist.is_initialized() and os.environ.get("WORLD_SIZE") is None

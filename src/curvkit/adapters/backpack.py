@@ -364,6 +364,7 @@ class BackPACKBackend(Backend):
             ggn = DiagGGNMC(mc_samples=self.config["mc_samples"]) if mc else DiagGGNExact()
             extensions["diag_ggn_mc" if mc else "diag_ggn_exact"] = ggn
         per_batch: list[tuple[int, float]] = []
+        failure = None
         try:
             with mc_seeded(self.problem.device, seed):
                 for x, y in self.data_pass(f"backpack {matrix} diagonal"):
@@ -377,9 +378,15 @@ class BackPACKBackend(Backend):
                     else:
                         per_batch.append((len(y), sum(parts.values())))
         except UnsupportedError as error:  # e.g. DiagHessian on a converted residual network
-            why = f"from BackPACK's products: {error}"
+            failure = str(error)
+        # a batch of one rank's may stop it (inputs of another size): every rank then takes
+        # the products' route, whose collectives match (raw TypeErrors from mismatched ones)
+        gathered = all_gather_objects((per_batch, failure), self.problem.group)
+        failure = next((f for _, f in gathered if f), None)
+        if failure:
+            why = f"from BackPACK's products: {failure}"
             return instead(trace, op, options, seed, why=why, derived=True)
-        per_batch = [b for rank in all_gather_objects(per_batch, self.problem.group) for b in rank]
+        per_batch = [b for batches, _ in gathered for b in batches]
         value = math.fsum(s for _, s in per_batch) / self.problem.num_samples
         routine = "backpack." + "+".join(type(e).__name__ for e in extensions.values())
         stderr = batch_stderr(per_batch) if mc else 0.0
