@@ -369,10 +369,16 @@ class BackPACKBackend(Backend):
             with mc_seeded(self.problem.device, seed):
                 for x, y in self.data_pass(f"backpack {matrix} diagonal"):
                     with self._backward(x, y, *extensions.values()) as params:
-                        parts = {
-                            key: math.fsum(float(getattr(q, key).sum()) for q in params)
+                        sums = {
+                            key: [float(getattr(q, key).sum()) for q in params]
                             for key in extensions
                         }
+                    if not all(math.isfinite(v) for column in sums.values() for v in column):
+                        raise UnsupportedError(  # inputs of 1e300: NaN reported, 7.56 right
+                            f"BackPACK's diagonal is not finite on this data (its terms "
+                            f"overflow in {self.problem.dtype} where its products do not)"
+                        )
+                    parts = {key: math.fsum(column) for key, column in sums.items()}
                     if matrix == "residual":
                         per_batch.append((len(y), parts.pop("diag_h") - sum(parts.values())))
                     else:
