@@ -330,17 +330,21 @@ def backpack_with(model, loader, **settings):
 def test_backpack_monte_carlo_options(digits_problem, dense_mlp):
     """KFAC's B and DiagGGNMC's trace are unbiased Monte-Carlo estimates of KFLR's B and tr G.
 
-    With 1000 sampled classes per example, B's max-entry error measured 0.015–0.018 (it falls
-    as 1/sqrt(samples): 0.15 at 10, 0.033 at 200); 0.05 is three times that. KFAC's A is exact.
-    """
+    With C = 10 sampled classes per example (the most curvkit allows: beyond, the exact
+    extensions cost less), B's max-entry error measured 0.16 and 0.24 for the two layers (it
+    falls as 1/sqrt(samples): 0.016 at 1000); 0.75 is three times the larger, and a B scaled
+    by 2 or by the samples' number is off by 1 or more. KFAC's A is exact. Eleven samples are
+    refused."""
     model, loader = digits_problem
     with model_guard(model):
         kflr = make_backend("backpack", model, loader).kronecker_factors()
-        kfac = backpack_with(model, loader, kronecker="kfac", mc_samples=1000).kronecker_factors()
+        kfac = backpack_with(model, loader, kronecker="kfac", mc_samples=10).kronecker_factors()
         for name, factors in kflr.items():
             assert reference.rel_err(kfac[name].A, factors.A) < RTOL
-            assert 1e-4 < reference.rel_err(kfac[name].B, factors.B) < 0.05
-        backend = backpack_with(model, loader, ggn_trace="mc", mc_samples=20)
+            assert 1e-4 < reference.rel_err(kfac[name].B, factors.B) < 0.75
+        with pytest.raises(curvkit.InvalidInputError, match="more than the 10 classes"):
+            backpack_with(model, loader, kronecker="kfac", mc_samples=11)
+        backend = backpack_with(model, loader, ggn_trace="mc", mc_samples=10)
         estimate, _ = trace(backend.operator("ggn"), backend.options, 0)
     exact = float(torch.trace(dense_mlp["ggn"]))
     assert 0 < estimate.stderr < 0.2 * exact

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from curvkit.backend import Backend, KroneckerFactors
 from curvkit.distributed import all_gather_objects
-from curvkit.errors import UnsupportedError, first_line, listed
+from curvkit.errors import InvalidInputError, UnsupportedError, first_line, listed
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
@@ -77,6 +77,21 @@ class BackPACKBackend(Backend):
     ) | {"uncopied_forward": ("hvp", "ggnvp", "trace", "block_products")}  # all on its copy
 
     _extended_copy: tuple[nn.Module, list[Tensor], nn.Module] | None = None
+
+    def configure(self, options: Options) -> None:
+        """Also: Monte-Carlo extensions draw ``mc_samples`` classes per example, each a
+        backward pass's worth of memory; more than the C classes cost more than the exact
+        extensions (C columns, no sampling error), and 10¹² samples tried to allocate 16 TB
+        before BackPACK failed."""
+        super().configure(options)
+        sampled = self.config["kronecker"] == "kfac" or self.config["ggn_trace"] == "mc"
+        c = self.problem.num_classes
+        if sampled and self.config["mc_samples"] > c:
+            raise InvalidInputError(
+                f"setting 'mc_samples' of backend 'backpack' is {self.config['mc_samples']}, more "
+                f"than the {c} classes: the exact extensions (kronecker: kflr, ggn_trace: exact) "
+                f"cost {c} samples' worth with no sampling error; use them, or at most {c} samples."
+            )
 
     def refusal(self, quantity: str) -> str | None:
         """Also BackPACK's module coverage: the extension that ``quantity`` needs, tried on two
