@@ -135,6 +135,20 @@ class Wrapped(nn.Module):
         return self.change(x, self.net)
 
 
+class Stateful(nn.Module):
+    """A forward that adds a running mean of its hidden layer, kept between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.state = torch.zeros(8, dtype=torch.float64)
+
+    def forward(self, x):
+        hidden = self.net[1](self.net[0](x))
+        self.state = 0.9 * self.state + hidden.mean(0).detach()
+        return self.net[2](hidden + self.state)
+
+
 def bad_models():
     nan_model = tiny_model()
     with torch.no_grad():
@@ -175,8 +189,9 @@ def bad_models():
         # silent wrong numbers before: noise drawn on every product, input scaled on every pass
         "random forward": (
             Wrapped(lambda x, net: net(x + 0.1 * torch.randn_like(x))),
-            "forward pass is random in eval mode",
+            "forward pass is random or keeps state in eval mode",
         ),
+        "state kept between calls": (Stateful(), "keep no state from one call to the next"),
         "input changed in place": (
             Wrapped(lambda x, net: net(x.mul_(1.5))),
             "forward pass changes its input in place",

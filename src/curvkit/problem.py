@@ -222,14 +222,12 @@ class Problem:
                 ".half() inside forward), whose rounding (≥ 1e-3) swamps the curvature's small "
                 "eigenvalues and traces; analyse it with float32 or float64 throughout."
             )
-        # beyond rounding: 1e3 ulps in float64; in float32 1e-2, as a GPU's TF32 convolutions
-        # (on by default) round to 1e-3 and may differ between batch sizes
-        relative = 1e3 * torch.finfo(again.dtype).eps if again.dtype == torch.float64 else 1e-2
-        rounding = relative * (1 + float(again.abs().max()))
+        rounding = rounding_gap(again)
         if float((logits.detach() - again).abs().max()) > rounding:
             raise InvalidInputError(
-                "the model's forward pass is random in eval mode (two passes over one example "
-                "differ); curvature needs one fixed function: switch the noise off in eval mode."
+                "the model's forward pass is random or keeps state in eval mode (two passes "
+                "over one example differ); curvature needs one fixed function: switch the noise "
+                "off in eval mode and keep no state from one call to the next."
             )
         if float((together - again).abs().max()) > rounding:
             raise InvalidInputError(
@@ -847,6 +845,14 @@ def _select_params(model: nn.Module, names: Sequence[str] | None) -> tuple[list[
                 f"parameter {n!r} contains NaN or Inf; curvature is undefined there."
             )
     return list(names), params
+
+
+def rounding_gap(logits: Tensor) -> float:
+    """How far two computations of the same ``logits`` may differ by rounding alone: 1e3 ulps
+    in float64; in float32 1e-2, as a GPU's TF32 convolutions (on by default) round to 1e-3 and
+    may differ between batch sizes; relative to 1 + their largest magnitude."""
+    relative = 1e3 * torch.finfo(logits.dtype).eps if logits.dtype == torch.float64 else 1e-2
+    return relative * (1 + float(logits.abs().max()))
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -35,11 +35,9 @@ from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
 from curvkit.linalg.trace import batch_stderr
+from curvkit.problem import rounding_gap
 from curvkit.report import Provenance
 
-# how far the converted copy's logits may be from the model's, in units of the largest one's
-# rounding: the same operations in another order round differently, by a few units
-CONVERSION_ULPS = 1000
 STORED = ("sqrt_ggn_exact", "kflr", "kfac", "diag_h", "diag_ggn_exact", "diag_ggn_mc")
 
 
@@ -271,8 +269,8 @@ class BackPACKBackend(Backend):
             self.clean(params, STORED)
 
     def _unlike_model(self, x: Tensor, output: Tensor) -> str:
-        """Why the extended copy's logits on ``x`` are not the model's ("" when they agree to
-        CONVERSION_ULPS of their largest magnitude): BackPACK's converter and curvkit's
+        """Why the extended copy's logits on ``x`` are not the model's ("" when they agree up to
+        rounding, ``rounding_gap``): BackPACK's converter and curvkit's
         rewrites (``_as_backpack_modules``) must compute the model's function on every batch,
         and an adaptive pool runs as the fixed pool it equals at the sample's size (with inputs
         of two sizes its exact traces and class means were 3 % off, with no error bar)."""
@@ -280,8 +278,7 @@ class BackPACKBackend(Backend):
         with torch.no_grad():
             expected = plain(x)
         gap = float((output.detach() - expected).abs().max())
-        scale = float(expected.abs().max())
-        if gap <= CONVERSION_ULPS * torch.finfo(expected.dtype).eps * scale:
+        if gap <= rounding_gap(expected):
             return ""
         return (
             f"runs on a copy converted into modules it supports (an AdaptiveAvgPool2d as the "
