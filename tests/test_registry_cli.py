@@ -62,6 +62,19 @@ def test_cli_analyze_writes_report(tmp_path, capsys):
     assert data["model"]["num_samples"] == 1797
 
 
+def test_cli_warnings_are_one_line_each(tmp_path, capsys):
+    """A warning on the command line reads "curvkit: warning: …", without Python's path of the
+    entry script and its line ``sys.exit(main())``."""
+    code = main(["analyze", "--epochs", "1", "--quantities", "hessian", "--top-k", "1",
+                 "--samples-per-class", "5", "--backend", "auto", "--choice-file",
+                 str(tmp_path / "none.yaml"), "--output", str(tmp_path), "--quiet",
+                 "--no-plots"])  # fmt: skip
+    assert code == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[0].startswith("curvkit: warning: backend='auto' used")
+    assert all(line.startswith("curvkit: warning: ") for line in lines), lines
+
+
 def test_cli_analyze_quick_uses_the_quick_settings_unless_set(tmp_path):
     """--quick: compare's settings (top-k 5, 30 trace products, SLQ 2 × 20), recorded in the
     report's run config; a --top-k given beside it wins."""

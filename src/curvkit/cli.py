@@ -364,9 +364,23 @@ def _backends() -> int:
     return 0
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """A warning on the command line as one line, ``curvkit: warning: …``: Python's format
+    adds the entry script's path and its line ``sys.exit(main())``, which say nothing here."""
+    text = str(message).removeprefix("curvkit: ")
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    print(f"curvkit: warning: {kind}{text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # BackPACK and PyHessian import torch.jit.script, which torch now deprecates: not the user's concern
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    with warnings.catch_warnings():  # the caller's warning settings come back after
+        # BackPACK and PyHessian import torch.jit.script, which torch now deprecates
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+        warnings.showwarning = _print_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
