@@ -89,6 +89,23 @@ def test_lanczos_converges_on_a_low_rank_operator(block):
     np.testing.assert_allclose(result.values.numpy(), values[:12].numpy(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_lanczos_converges_where_the_top_k_reach_the_null_space(block, rank):
+    """The zero operator (the residual Hess − G of a linear classifier) and a rank-3 one asked
+    for its top 6: θ_k is 0, and so is the top of every complement block. A tie is no larger
+    eigenvalue, yet "below θ_k" never held: exact values reported as not converged after
+    max_iter products (125 for the residual)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(N, 3, generator=g, dtype=torch.float64))[0][:, :rank]
+    values = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)[:rank]
+    a = basis @ torch.diag(values) @ basis.T
+    result = lanczos(lambda v: a @ v, N, 6, block=block)
+    assert result.converged and result.matvecs <= rank + 3 * block + 4
+    expected = torch.cat([values, torch.zeros(6 - rank, dtype=torch.float64)])
+    np.testing.assert_allclose(result.values.numpy(), expected.numpy(), atol=1e-12)
+
+
 def test_block_lanczos_applies_blocks():
     """Each product is one block of ``block`` vectors (one data pass for a curvature operator)."""
     a = symmetric(spectra()["outliers"])

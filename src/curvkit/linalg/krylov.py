@@ -222,16 +222,18 @@ class _Krylov:
         return theta, s, residuals
 
     def complement_explored(self, theta_k: float, tol: float) -> bool:
-        """After a restart: has the newest block converged its top Ritz value below θ_k (or,
-        when it has not begun, did the block before it, whose space became invariant)?"""
+        """After a restart: has the newest block converged its top Ritz value at most θ_k (or,
+        when it has not begun, did the block before it, whose space became invariant)? A tie
+        is explored: another copy of θ_k changes no top-k value (the residual of a linear
+        classifier, exactly zero, "did not converge" in 125 products before)."""
         start, done = self.restart, self.done
         if start == 0:
             return True
         if done <= start:
-            return self.complement_top is not None and self.complement_top < theta_k - tol
+            return self.complement_top is not None and self.complement_top <= theta_k + tol
         values, vectors = torch.linalg.eigh(self.projected[start:done, start:done])
         top = float((self.projected[done : self.size, start:done] @ vectors[:, -1]).norm())
-        return top <= tol and float(values[-1]) < theta_k - tol
+        return top <= tol and float(values[-1]) <= theta_k + tol
 
 
 def lanczos(
