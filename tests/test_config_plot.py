@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -261,6 +263,26 @@ def test_layers_figure_without_traces():
     left = layers(report).axes[0]
     assert left.get_yscale() == "log"
     assert "trace tr(H_l): not computed" in [t.get_text() for t in left.get_legend().get_texts()]
+
+
+def test_layers_figure_of_zero_curvature_draws_without_warnings():
+    """A model whose hidden layer is zero (its weights zero, as is the next layer's) has zero
+    curvature in every layer's weight block: the figure's log axis drew them with
+    matplotlib's "no positive values" warning."""
+    from curvkit.plot import layers
+
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+    with torch.no_grad():
+        for p in (model[0].weight, model[0].bias, model[2].weight):
+            p.zero_()
+    report = curvkit.analyze(model.double(), [(x, y)], quantities=["layerwise"], top_k=2,
+                             progress=False, options={"trace_matvecs": 0})  # fmt: skip
+    assert all(layer.top_eigenvalues == [0.0, 0.0] for layer in report.layerwise.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers(report).savefig(io.BytesIO())
 
 
 @pytest.mark.slow

@@ -216,14 +216,17 @@ def layers(report: Report) -> Figure | None:
     left.plot(x, maxima, "s", label="λ_max(H_l)")
     left.set_xticks(x, names)
     left.set_xlabel("layer (module name)")
-    positive = min(v for v in traces + maxima if not math.isnan(v)) > 0
+    shown = [v for v in traces + maxima if not math.isnan(v)]
+    positive = bool(shown) and min(shown) > 0
     left.set_ylabel("value (log scale)" if positive else "value")
     left.set_yscale("log" if positive else "linear")
     left.set_title("Per-layer Hessian trace and λ_max")
     left.legend(fontsize="small")
     for i, n in enumerate(names):
         layer = report.layerwise[n]
-        exact, kron = layer.top_eigenvalues, layer.kronecker["top_eigenvalues"]
+        # a log axis shows the positive ones (matplotlib warned on a block of zeros)
+        exact = [v for v in layer.top_eigenvalues if v > 0]
+        kron = [v for v in layer.kronecker["top_eigenvalues"] if v > 0]
         right.semilogy(range(1, len(exact) + 1), exact, "o-", color=f"C{i}", label=f"{n}: exact")
         right.semilogy(range(1, len(kron) + 1), kron, "x--", color=f"C{i}", label=f"{n}: B ⊗ A")
     right.xaxis.get_major_locator().set_params(integer=True)
