@@ -3,6 +3,7 @@ mistake, the model restored after an interrupt, identical reports for identical 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import re
@@ -1352,6 +1353,40 @@ def test_an_overflowing_backpack_diagonal_gives_way_to_its_products(name):
                              progress=False, options=FEATURE_OPTIONS)  # fmt: skip
     assert "not finite" in report.hessian.provenance["trace"].note
     assert_estimated_traces_right(report, tiny_model(), data)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("context", ["none", "backpack(DiagGGNExact())", "backpack.disable()"])
+def test_a_model_the_caller_extended_with_backpack_is_analysed_as_it_is(name, context):
+    """A model the caller extended with ``backpack.extend`` carries BackPACK's hooks: taken for
+    the user's, they made torchfunc and curvlinops refuse every quantity and BackPACK its
+    class means. Inside the caller's ``with backpack(...)`` every backend raised BackPACK's
+    raw AssertionError (the caller's extension ran in curvkit's passes), and inside
+    ``with backpack.disable()`` BackPACK's own passes a raw AttributeError. Now G's λ₁ is
+    right (rtol 1e-4, PyHessian's power iteration 1e-3), the class means are computed, and the
+    model keeps its hooks and flag."""
+    backpack = pytest.importorskip("backpack")
+    from backpack.extensions import DiagGGNExact
+
+    model, data = backpack.extend(tiny_model()), digits_batches()
+
+    def state():
+        return [(dict(m._forward_hooks), dict(m._backward_hooks), vars(m).get("_backpack_extend"))
+                for m in model.modules()]  # fmt: skip
+
+    before = state()
+    contexts = {"none": contextlib.nullcontext(), "backpack.disable()": backpack.disable(),
+                "backpack(DiagGGNExact())": backpack.backpack(DiagGGNExact())}  # fmt: skip
+    with contexts[context]:
+        report = curvkit.analyze(model, data, name, ["ggn", "classmeans"], top_k=1,
+                                 progress=False, options=QUICK)  # fmt: skip
+    dense = reference.dense_ggn(tiny_model(), reference.all_data(data)[0])
+    lam = float(torch.linalg.eigvalsh(dense)[-1])
+    assert report.ggn.top_eigenvalues[0] == pytest.approx(
+        lam, rel=1e-3 if name == "pyhessian" else 1e-4
+    )
+    assert report.classmeans is not None
+    assert state() == before
 
 
 class KeywordInput(nn.Module):

@@ -903,7 +903,11 @@ def callers_contexts_lifted() -> Iterator[None]:
       curvlinops refused every quantity, blaming the model);
     - ``torch.nn.utils.parametrize.cached()``, whose cached weights hide the parametrizations'
       parameters from every derivative (they were left out as unused, and G of the others
-      reported): caching off, the caller's cache untouched.
+      reported): caching off, the caller's cache untouched;
+    - BackPACK's ``with backpack(...)`` and ``with backpack.disable()`` (global state): the
+      caller's extensions ran in curvkit's backward passes through a model the caller
+      extended, and without stored inputs BackPACK's own passes failed (raw errors on every
+      backend).
     """
     autograd = torch._C._autograd
     lifted = []
@@ -913,7 +917,13 @@ def callers_contexts_lifted() -> Iterator[None]:
             autograd._pop_saved_tensors_default_hooks()
     caching, parametrize._cache_enabled = parametrize._cache_enabled, 0
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            backpack = sys.modules.get("backpack")  # imported: the caller's state may be set
+            if backpack is not None:
+                stack.enter_context(backpack.backpack())  # no extensions, BackPACK's defaults
+                stored, backpack.disable.store_io = backpack.disable.store_io, True
+                stack.callback(setattr, backpack.disable, "store_io", stored)
+            yield
     finally:
         parametrize._cache_enabled = caching
         for pack, unpack in reversed(lifted):
@@ -971,6 +981,22 @@ def entries_kept(model: nn.Module) -> Iterator[None]:
                 entries.update(kept)
 
 
+def _lift_backpack_extension(model: nn.Module) -> None:
+    """Remove BackPACK's hooks and flag from a model the caller extended (``model_guard``
+    puts them back): inert outside BackPACK's context, they were taken for the user's hooks
+    (torchfunc and curvlinops refused every quantity), and a copy flagged as extended got no
+    hooks of curvkit's own BackPACK run."""
+    backpack = sys.modules.get("backpack")
+    if backpack is None:  # never imported: no model is extended
+        return
+    installed = (backpack.hook_store_io, backpack.hook_run_extensions)
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._backward_hooks):
+            for key in [k for k, hook in hooks.items() if hook in installed]:
+                del hooks[key]
+        vars(module).pop("_backpack_extend", None)
+
+
 @contextlib.contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run a block on ``model`` and restore it exactly afterwards, also on error or interrupt.
@@ -980,8 +1006,9 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     dictionaries and its other attributes, as objects: a forward may set some (a computed
     tensor holding a graph, e.g. spectral_norm's ``weight``; a call counter, left at 422 by
     torchfunc's passes before), and a library others. Inside, the model is in eval mode by
-    default, and its embeddings give dense gradients (``sparse=False``: the same numbers, in the
-    layout every library takes).
+    default, its embeddings give dense gradients (``sparse=False``: the same numbers, in the
+    layout every library takes), and what ``backpack.extend`` installed is lifted
+    (``_lift_backpack_extension``).
     """
     check_module(model)
     params = list(model.parameters())
@@ -996,6 +1023,7 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
             for m in model.modules():
                 if isinstance(m, SPARSE_GRADIENTS):
                     m.sparse = False
+            _lift_backpack_extension(model)
             yield model
     finally:
         with torch.no_grad():  # only what changed is written back: a write bumps a tensor's
