@@ -456,6 +456,22 @@ def test_the_callers_autograd_context_changes_nothing(name):
         assert report.classmeans.trace == plain.classmeans.trace, context
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's make_dual loads jit decompositions
+@pytest.mark.parametrize("name", BACKENDS)
+def test_the_callers_forward_ad_level_is_refused_in_one_sentence(name):
+    """torch does not nest forward-mode AD, and leaving the caller's dual level would drop
+    its tangents: inside ``forward_ad.dual_level()`` every backend raised torch's raw
+    "Nested forward mode AD is not supported"; now one sentence, and the level is intact."""
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(torch.ones(2), torch.full((2,), 3.0))
+        with pytest.raises(InvalidInputError, match="inside torch.autograd.forward_ad.dual_level"):
+            curvkit.analyze(tiny_model(), digits_batches(), name, ["hessian"], top_k=1,
+                            progress=False, options=QUICK)  # fmt: skip
+        assert torch.equal(forward_ad.unpack_dual(dual).tangent, torch.full((2,), 3.0))
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_the_callers_autocast_changes_nothing(name):
     """Under the caller's torch.autocast (a mixed-precision training loop) a float32 model's

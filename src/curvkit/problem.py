@@ -21,6 +21,7 @@ from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.jit import ScriptModule
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -908,7 +909,17 @@ def callers_contexts_lifted() -> Iterator[None]:
       caller's extensions ran in curvkit's backward passes through a model the caller
       extended, and without stored inputs BackPACK's own passes failed (raw errors on every
       backend).
+
+    The caller's ``torch.autograd.forward_ad.dual_level()`` cannot be lifted (leaving it
+    drops the caller's tangents) and torch does not nest forward-mode AD, which the checks and
+    libraries use: it is refused (a raw RuntimeError on every backend before).
     """
+    if forward_ad._current_level >= 0:
+        raise InvalidInputError(
+            "curvkit was called inside torch.autograd.forward_ad.dual_level(), and torch does "
+            "not nest forward-mode AD, which its checks and the libraries use; call it outside "
+            "the dual level."
+        )
     autograd = torch._C._autograd
     lifted = []
     if hasattr(autograd, "_top_saved_tensors_default_hooks"):  # torch ≥ 2.2
