@@ -270,10 +270,10 @@ class BackPACKBackend(Backend):
 
     def _unlike_model(self, x: Tensor, output: Tensor) -> str:
         """Why the extended copy's logits on ``x`` are not the model's ("" when they agree up to
-        rounding, ``rounding_gap``): BackPACK's converter and curvkit's
-        rewrites (``_as_backpack_modules``) must compute the model's function on every batch,
-        and an adaptive pool runs as the fixed pool it equals at the sample's size (with inputs
-        of two sizes its exact traces and class means were 3 % off, with no error bar)."""
+        rounding, ``rounding_gap``): BackPACK's converter and curvkit's rewrites
+        (``_as_backpack_modules``) must compute the model's function on every batch, and an
+        adaptive pool runs as the fixed pool it equals at the sample's size (with inputs of two
+        sizes its exact traces and class means were 3 % off, with no error bar)."""
         plain, _ = self.working_copy()
         with torch.no_grad():
             expected = plain(x)
@@ -281,10 +281,10 @@ class BackPACKBackend(Backend):
         if gap <= rounding_gap(expected):
             return ""
         return (
-            f"runs on a copy converted into modules it supports (an AdaptiveAvgPool2d as the "
-            f"AvgPool2d it equals at the first example's size) whose logits on a batch of "
-            f"inputs of shape {tuple(x.shape)} are {gap:.1e} off the model's: give inputs "
-            "of one size"
+            f"runs on a copy converted into modules it supports whose logits on a batch of "
+            f"inputs of shape {tuple(x.shape)} are {gap:.1e} off the model's (an "
+            "AdaptiveAvgPool2d runs there as the AvgPool2d it equals at the first example's "
+            "size: give inputs of one size)"
         )
 
     def _unsupported(self, error: Exception, extension: str) -> UnsupportedError:
