@@ -352,6 +352,26 @@ def test_backpack_monte_carlo_options(digits_problem, dense_mlp):
 
 
 @needs_backpack
+def test_backpack_monte_carlo_trace_error_bars_are_honest():
+    """DiagGGNMC's trace on data in two batches: its standard error came from the spread of
+    the two batch sums (one degree of freedom), and over 60 seeds the errors spread over 9.5
+    of them, up to 54. Batches are now split into at least 30 groups: over 40 seeds the
+    errors spread over about one standard error (below 1.5; the groups' spread also counts
+    the data's, so it errs large) and none reaches 4."""
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=4)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.Tanh(),
+                                torch.nn.Linear(8, 10)).double()  # fmt: skip
+    data = [(x[:20].double(), y[:20]), (x[20:].double(), y[20:])]
+    exact = float(torch.trace(reference.dense_ggn(model, x.double())))
+    with model_guard(model):
+        backend = backpack_with(model, data, ggn_trace="mc", mc_samples=1)
+        estimates = [trace(backend.operator("ggn"), backend.options, s)[0] for s in range(40)]
+    z = np.array([(e.value - exact) / e.stderr for e in estimates])
+    assert z.std() < 1.5 and np.abs(z).max() < 4, (z.std(), np.abs(z).max())
+
+
+@needs_backpack
 def test_backpack_monte_carlo_is_seeded_and_leaves_the_callers_generator(digits_problem):
     """DiagGGNMC and KFAC sample from torch's global generator: curvkit forks and seeds it, so
     the same seed gives the same numbers and the caller's generator does not move."""
