@@ -487,8 +487,9 @@ def _stored_io_fault(model: nn.Module, loss_fn: nn.Module) -> str:
         return (
             f"would misread the input of {listed(misread)}: it finds what it backpropagates to "
             "a tensor by the tensor's address, and that input is a view of another module's "
-            "output with another layout, taken outside modules (h.mT, swapdims, movedim, "
-            "expand), so it would get the quantity of the output it views"
+            "output with another layout, taken outside modules (a slice such as out[:, 0], "
+            "h.mT, swapdims, movedim, expand), so it would get the quantity of the output it "
+            "views"
         )
     return ""
 
