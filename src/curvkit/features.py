@@ -51,6 +51,11 @@ a native routine that it breaks is replaced by curvkit's own (provenance says wh
   with backward's own uᵀ J v = ⟨Jᵀu, v⟩ (an ``autograd.Function`` with a
   ``once_differentiable`` backward gives zeros: G's λ₁ 0.17 for 0.67); G and the Hessian are
   refused;
+- ``rop_hessian``: a forward pass whose Hessian products by the same trick on the gradient
+  (BackPACK's R-op Hessian products, a third derivative) fail or disagree with double
+  backward's (a ``ConvTranspose2d`` with ``output_padding``: torch's third derivative passes
+  it on to a plain convolution, a raw RuntimeError on BackPACK's first product); BackPACK's
+  Hessian products are refused;
 - ``jvp_of_jacrev`` / ``jvp_of_grad`` / ``forward_mode``: a forward pass whose products these
   routes of torch.func's transforms (curvlinops' Hessian; torchfunc's forward-over-reverse
   route; curvlinops' G, by jvp of the logits) cannot take (no forward-mode derivative of
@@ -304,7 +309,7 @@ def _tangents(params: dict[str, Tensor], device: torch.device) -> dict[str, Tens
 def _autograd_faults(
     model: nn.Module, examples: Tensor, params: dict[str, Tensor], wide: bool
 ) -> tuple[dict[str, str], Tensor]:
-    """``wrong_hessian``, ``wrong_jacobian_products`` and ``surrogate_gradients`` when
+    """``wrong_hessian``, ``wrong_jacobian_products``, ``rop_hessian`` and ``surrogate_gradients`` when
     autograd's own derivatives of the forward pass, on which every backend's products rest,
     disagree with each other; and autograd's Hessian products of ``_probe`` (2, P), the
     reference for torch.func's routes.
@@ -324,6 +329,7 @@ def _autograd_faults(
     the identities are checked, in float32 with 1e-3 allowed."""
     tangents = _tangents(params, examples.device)
     exact = _double_backward(_probe(model, examples), params, tangents)
+    rop = _rop_gap(_probe(model, examples), params, tangents, exact)
     form = _float64_form(model, examples, params) if wide else None
     products = exact
     rounding = _rounding(torch.float64) if exact.dtype == torch.float64 else 1e-3
@@ -372,6 +378,12 @@ def _autograd_faults(
             f"{first_order:.0e} off their differences: straight-through estimators and "
             ".detach() make them so on purpose, a wrong backward formula of an "
             "autograd.Function or torch.library op by mistake)"
+        )
+    if rop:
+        faults["rop_hessian"] = (
+            "a forward pass whose Hessian products by the double-vjp trick on its gradient "
+            f"(an R-op, a third derivative) torch gets wrong ({rop}; a torch bug such as "
+            "ConvTranspose2d's with output_padding)"
         )
     if trick > rounding:
         evidence = f"{trick:.0e} off backward's" if trick < float("inf") else "failing"
@@ -683,6 +695,51 @@ def _double_backward(
                 ) from error
             exact[i] = torch.cat([h.reshape(-1) for h in rows]).to(exact)
     return exact
+
+
+def _rop_gap(
+    objective: Callable[[dict[str, Tensor]], Tensor],
+    params: dict[str, Tensor],
+    tangents: dict[str, Tensor],
+    exact: Tensor,
+) -> str:
+    """How far the Hessian products of ``objective`` by the double-vjp trick on its gradient g,
+    H t = ∂/∂w ⟨∂⟨g, w⟩/∂θ, t⟩ at w = 0 (BackPACK's R-op Hessian products), are from double
+    backward's ``exact`` (2, P), as words ("" within rounding): the trick differentiates the
+    forward pass three times, which torch cannot for every operation (the double backward
+    of a ConvTranspose2d with output_padding passes it on to a plain convolution: a raw
+    RuntimeError on BackPACK's first Hessian product)."""
+    with torch.enable_grad():
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        gradient = torch.autograd.grad(
+            objective(leaves), list(leaves.values()), create_graph=True, allow_unused=True
+        )
+        live = [(n, g) for n, g in zip(leaves, gradient) if g is not None and g.requires_grad]
+        if not live:
+            return ""
+        weights = [torch.zeros_like(g, requires_grad=True) for _, g in live]
+        try:
+            pulled = torch.autograd.grad(
+                [g for _, g in live], list(leaves.values()), weights, create_graph=True,
+                allow_unused=True, materialize_grads=True,
+            )  # fmt: skip
+            inner = [sum((g * tangents[n][i]).sum() for n, g in zip(leaves, pulled)) for i in range(2)]
+            rows = exact.new_zeros(exact.shape)
+            for i in range(2):
+                if isinstance(inner[i], Tensor) and inner[i].requires_grad:
+                    pieces = torch.autograd.grad(
+                        inner[i], weights, retain_graph=True, allow_unused=True,
+                        materialize_grads=True,
+                    )  # fmt: skip
+                    found = dict(zip((n for n, _ in live), pieces))
+                    rows[i] = torch.cat(
+                        [found[n].reshape(-1) if n in found else torch.zeros_like(p).reshape(-1)
+                         for n, p in params.items()]
+                    ).to(rows)  # fmt: skip
+        except (NotImplementedError, RuntimeError) as error:
+            return f"failing: {first_line(error)[:120].rstrip('.')}"
+    off = float((rows - exact).abs().max() / exact.abs().max().clamp_min(1e-300))
+    return f"{off:.0e} off double backward's" if off > _rounding(exact.dtype) else ""
 
 
 class _LowPrecisionOps(TorchDispatchMode):

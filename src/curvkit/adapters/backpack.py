@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from curvkit.backend import Backend, KroneckerFactors
 from curvkit.distributed import all_gather_objects
-from curvkit.errors import InvalidInputError, UnsupportedError, first_line, listed
+from curvkit.errors import (
+    CurvkitError,
+    InvalidInputError,
+    UnsupportedError,
+    first_line,
+    listed,
+)
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
@@ -75,7 +81,10 @@ class BackPACKBackend(Backend):
             "overridden_call",  # its hooks and converter see forward alone
         ),
         ("class_deltas", "kronecker_factors", "trace"),
-    ) | {"uncopied_forward": ("hvp", "ggnvp", "trace", "block_products")}  # all on its copy
+    ) | {
+        "uncopied_forward": ("hvp", "ggnvp", "trace", "block_products"),  # all on its copy
+        "rop_hessian": ("hvp", "block_products"),  # its Hessian products are R-ops
+    }
 
     _extended_copy: tuple[nn.Module, list[Tensor], nn.Module] | None = None
 
@@ -247,10 +256,14 @@ class BackPACKBackend(Backend):
                 if fault:
                     raise UnsupportedError(f"BackPACK's {label} {fault}.")
                 loss.backward()
-        except (NotImplementedError, AssertionError, RuntimeError) as error:
+        except CurvkitError:
+            self.clean(params, STORED)
+            raise
+        except (NotImplementedError, AssertionError, RuntimeError, ValueError, TypeError) as error:
             # AssertionError: BackPACK lost track of the graph, e.g. a functional call
             # (torch.tanh) where it expects a module (nn.Tanh); RuntimeError: e.g. an in-place
-            # ReLU on a tensor that BackPACK's hooks return (torchvision's ResNets)
+            # ReLU on a tensor that BackPACK's hooks return (torchvision's ResNets); ValueError:
+            # e.g. its AvgPool2d rule on a pool with ceil_mode, whose output it cannot size
             self.clean(params, STORED)
             raise self._unsupported(error, label) from error
         missed = [
