@@ -723,7 +723,9 @@ def _rop_gap(
                 [g for _, g in live], list(leaves.values()), weights, create_graph=True,
                 allow_unused=True, materialize_grads=True,
             )  # fmt: skip
-            inner = [sum((g * tangents[n][i]).sum() for n, g in zip(leaves, pulled)) for i in range(2)]
+            inner = [
+                sum((g * tangents[n][i]).sum() for n, g in zip(leaves, pulled)) for i in range(2)
+            ]
             rows = exact.new_zeros(exact.shape)
             for i in range(2):
                 if isinstance(inner[i], Tensor) and inner[i].requires_grad:
