@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -25,9 +26,11 @@ from curvkit.distributed import (
     stop_all_on_failure,
 )
 from curvkit.errors import (
+    CurvkitError,
     InvalidInputError,
     MissingDependencyError,
     UnsupportedError,
+    first_line,
     memory_text,
     shown,
     warn,
@@ -141,6 +144,25 @@ def check_arguments(
     if backend not in (None, "auto"):
         get_backend(backend)
     return names, top_k, seed, options
+
+
+@contextlib.contextmanager
+def library_failures_said(backend: str, quantity: str) -> Iterator[None]:
+    """A wrapped library's (or torch's) own exception while computing ``quantity`` as an
+    UnsupportedError that names the backend and quotes it, the original chained: a model
+    feature no check foresaw (a forward that registers a tensor of torch.func's transform as a
+    buffer broke curvlinops' next product with torch's internal assert) gets one sentence
+    and the advice of other backends, not a library's traceback. Memory errors and curvkit's
+    own errors pass as they are."""
+    try:
+        yield
+    except (CurvkitError, MemoryError):
+        raise
+    except Exception as error:  # noqa: BLE001 (any library failure, said in one sentence)
+        raise UnsupportedError(
+            f"backend {backend!r} failed while computing {quantity} on this model "
+            f"({type(error).__name__}: {first_line(error).rstrip('.') or 'no message'})."
+        ) from error
 
 
 @differentiable_kernels()
@@ -294,7 +316,7 @@ def analyze(
                 start, passes = time.perf_counter(), engine.passes
                 engine.configure(per_quantity[name])
                 try:
-                    with computing(name):
+                    with computing(name), library_failures_said(backend, name):
                         result = _compute(
                             engine, name, k, seed, report, not (name == "ggn" and exact_trace)
                         )

@@ -75,6 +75,7 @@ is checked, in the model's precision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections import Counter
@@ -209,11 +210,39 @@ def model_features(
     return features
 
 
+@contextlib.contextmanager
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's attributes as the same objects after the block, also on error, and the
+    contents of those that are dicts or sets: its registered Parameters, buffers and
+    submodules, its hook dictionaries. A forward may rebind a buffer, add a submodule or a
+    buffer on its first call (under a torch.func transform a tensor of that transform, which
+    the next transform tripped over: a raw internal assert), or keep a counter; a library may
+    replace a Parameter; and ``torch.func.functional_call`` leaves its arguments in place of
+    the Parameters of a module reachable by two names (pytorch/pytorch#164759)."""
+    saved = [
+        (m, dict(vars(m)), [(v, copy.copy(v)) for v in vars(m).values() if isinstance(v, (dict, set))])
+        for m in model.modules()
+    ]  # fmt: skip
+    try:
+        yield
+    finally:
+        for m, attributes, containers in saved:
+            current = vars(m)
+            for name in current.keys() - attributes.keys():
+                del current[name]
+            current.update(attributes)
+            for container, contents in containers:
+                container.clear()
+                container.update(contents)
+
+
 def _call(model: nn.Module, values: dict[str, Tensor], x: Tensor) -> Tensor:
     """The model's output on ``x`` at the parameters ``values``, with its buffers passed too:
     a forward that rebinds one (``self.calls = self.calls + 1``) then leaves no tensor of a
-    finished transform on the model for the next check to trip over."""
-    return torch.func.functional_call(model, {**dict(model.named_buffers()), **values}, (x,))
+    finished transform on the model for the next check to trip over, nor does one that adds an
+    attribute (``state_kept``)."""
+    with state_kept(model):
+        return torch.func.functional_call(model, {**dict(model.named_buffers()), **values}, (x,))
 
 
 def _untransformable(model: nn.Module, examples: Tensor, params: dict[str, Tensor]) -> str:

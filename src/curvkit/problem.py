@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import sys
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -51,6 +51,7 @@ from curvkit.features import (
     model_features,
     module_calls,
     stale_graphs,
+    state_kept,
 )
 from curvkit.loss import make_loss
 from curvkit.progress import progress_bar
@@ -863,12 +864,6 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _hook_dicts(module: nn.Module) -> dict[str, OrderedDict]:
-    return {
-        k: OrderedDict(v) for k, v in vars(module).items() if "hook" in k and isinstance(v, dict)
-    }
-
-
 @contextlib.contextmanager
 def differentiable_kernels() -> Iterator[None]:
     """Gradients on under the caller's ``torch.no_grad()`` or ``torch.inference_mode()``,
@@ -976,22 +971,6 @@ def evaluation_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def entries_kept(model: nn.Module) -> Iterator[None]:
-    """The same Parameter and buffer objects in every module's entries after the block, also
-    on error: a forward may rebind a buffer, a library replace a Parameter, and
-    ``torch.func.functional_call`` leaves its arguments in place of the Parameters of a module
-    reachable by two names (pytorch/pytorch#164759)."""
-    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, parameters, buffers in saved:
-            for entries, kept in ((m._parameters, parameters), (m._buffers, buffers)):
-                entries.clear()
-                entries.update(kept)
-
-
 def _lift_backpack_extension(model: nn.Module) -> None:
     """Remove BackPACK's hooks and flag from a model the caller extended (``model_guard``
     puts them back): inert outside BackPACK's context, they were taken for the user's hooks
@@ -1026,9 +1005,8 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
     saved_params = [(p, p.detach().clone(), p.grad, p.requires_grad) for p in params]
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    saved_modules = [(m, dict(vars(m)), _hook_dicts(m)) for m in model.modules()]
     try:
-        with entries_kept(model):
+        with state_kept(model):
             if eval_mode:
                 evaluation_mode(model)
             for m in model.modules():
@@ -1047,11 +1025,3 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]
                 p.grad = grad
             for b, value in saved_buffers:
                 _restore(b, value)
-        for m, attributes, hooks in saved_modules:
-            current = vars(m)
-            for name in current.keys() - attributes.keys():
-                del current[name]
-            current.update(attributes)
-            for name, value in hooks.items():
-                current[name].clear()
-                current[name].update(value)

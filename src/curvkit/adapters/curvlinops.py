@@ -32,11 +32,12 @@ from torch import Tensor
 
 from curvkit.backend import Backend, CountingBatches, KroneckerFactors
 from curvkit.errors import UnsupportedError, finite, first_line
+from curvkit.features import state_kept
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
 from curvkit.linalg.operator import density, instead, top_eigen, trace
 from curvkit.linalg.trace import mean_and_stderr
-from curvkit.problem import Problem, entries_kept
+from curvkit.problem import Problem
 from curvkit.report import Provenance
 
 
@@ -69,7 +70,7 @@ class CopyKept:
         self.shape, self.dtype, self.device = operator.shape, operator.dtype, operator.device
 
     def __matmul__(self, x: Tensor) -> Tensor:
-        with entries_kept(self.model):
+        with state_kept(self.model):
             product = self.operator @ x
         return product if self.problem.group is None else self.problem.all_reduce(product)
 

@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from curvkit.backend import Backend
 from curvkit.errors import InvalidInputError, UnsupportedError, first_line
+from curvkit.features import state_kept
 from curvkit.layers import unfolded_input
 
 DENSE_LIMIT_BYTES = 2 * 1024**3
@@ -164,7 +165,8 @@ class TorchFuncBackend(Backend):
                     self._aliases[name] = first[id(tensor)]
         values = {**self._buffers, **params}
         swapped = {n: values[first] for n, first in self._aliases.items() if first in values}
-        return functional_call(model, swapped, (x,), tie_weights=False)
+        with state_kept(model):  # what a forward adds holds tensors of this transform
+            return functional_call(model, swapped, (x,), tie_weights=False)
 
     # -- per-batch primitives -------------------------------------------------------------------
     def batch_hvp(self, x: Tensor, y: Tensor, V: Tensor, param: str | None) -> Tensor:
