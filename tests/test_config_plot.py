@@ -391,3 +391,34 @@ def test_resnet18_for_small_images():
     assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, torch.nn.Identity)
     with pytest.raises(curvkit.InvalidInputError, match="flat square inputs"):
         curvkit.models.zoo_model("lenet", (10,), 10)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        ({"top_eigenvalues": ["a", 1.0]}, r"hessian.top_eigenvalues\[0\] is 'a', not float"),
+        ({"trace": "big"}, "hessian.trace is 'big', not float"),
+        ({"density": "x"}, r"hessian.density is 'x', not dict\[str, Any\]"),
+        (
+            {"density": {"grid": [0.0, 1.0], "values": [1.0]}},
+            "spectral_density.png cannot be drawn",
+        ),
+    ],
+)
+def test_an_edited_report_is_refused_in_one_sentence(tmp_path, capsys, edit, match):
+    """A report whose numbers were edited into other types drew raw TypeErrors in ``curvkit
+    plot`` (``'>' not supported between 'str' and 'int'``), and one whose density's grid and
+    values differ in length a raw ValueError from matplotlib. Loading now checks each field
+    against the type the Report declares, and a figure that cannot be drawn is one sentence."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 10)).double()
+    x, y = curvkit.datasets.digits_tensors(samples_per_class=3)
+    report = curvkit.analyze(model, [(x, y)], quantities=["hessian"], top_k=2, progress=False,
+                             options={"trace_matvecs": 6, "density_probes": 1, "density_steps": 5})  # fmt: skip
+    data = report.to_dict()
+    data["hessian"].update(edit)
+    path = tmp_path / "report.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["plot", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and err.count("\n") == 1

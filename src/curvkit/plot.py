@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from curvkit.errors import MissingDependencyError
+from curvkit.errors import InvalidInputError, MissingDependencyError, first_line
 from curvkit.report import Report
 
 if TYPE_CHECKING:
@@ -48,7 +48,13 @@ def plot_report(report: Report, folder: str | os.PathLike) -> list[Path]:
     }
     written = []
     for name, make in figures.items():
-        figure = make(report)
+        try:
+            figure = make(report)
+        except (TypeError, ValueError, KeyError, IndexError) as error:  # an edited report
+            raise InvalidInputError(
+                f"the report's numbers for {name} cannot be drawn ({type(error).__name__}: "
+                f"{first_line(error)[:120]}); draw a report as curvkit wrote it."
+            ) from error
         if figure is not None:
             figure.savefig(folder / name, dpi=120)
             written.append(folder / name)

@@ -13,6 +13,8 @@ import math
 import numbers
 import os
 import tempfile
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,39 +221,32 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        def provenance(d: dict) -> dict[str, Provenance]:
-            return {k: Provenance(**v) for k, v in d.items()}
+        """The Report of ``to_dict``'s output; a field of another type than the dataclasses
+        declare is a TypeError naming it (a hand-edited report drew raw errors in plot)."""
 
-        def spectrum(d: dict | None) -> Spectrum | None:
-            if d is None:
-                return None
-            return Spectrum(**{**d, "provenance": provenance(d["provenance"])})
+        def section(kind: type, d: dict, where: str) -> Any:
+            provenance = {n: _typed(Provenance, v, f"{where}.provenance.{n}")
+                          for n, v in d.get("provenance", {}).items()}  # fmt: skip
+            return _typed(kind, {**d, "provenance": provenance}, where)
 
-        classmeans = data.get("classmeans")
-        if classmeans is not None:
-            classmeans = ClassMeans(
-                **{**classmeans, "provenance": provenance(classmeans["provenance"])}
-            )
+        def optional(kind: type, key: str) -> Any:
+            return None if data.get(key) is None else section(kind, data[key], key)
+
         layerwise = data.get("layerwise")
         if layerwise is not None:
-            layerwise = {
-                name: Layer(**{**layer, "provenance": provenance(layer["provenance"])})
-                for name, layer in layerwise.items()
-            }
-        return cls(
-            backend=data["backend"],
-            model=ModelInfo(**data["model"]),
-            hessian=spectrum(data.get("hessian")),
-            ggn=spectrum(data.get("ggn")),
-            residual=spectrum(data.get("residual")),
-            classmeans=classmeans,
-            layerwise=layerwise,
-            timings=data.get("timings", {}),
-            matvecs=data.get("matvecs", {}),
-            data_passes=data.get("data_passes", {}),
-            skipped=data.get("skipped", {}),
-            config=data.get("config", {}),
-            versions=data.get("versions", {}),
+            layerwise = {n: section(Layer, v, f"layerwise.{n}") for n, v in layerwise.items()}
+        return _typed(
+            cls,
+            {
+                **{k: v for k, v in data.items() if k not in QUANTITIES},
+                "model": _typed(ModelInfo, data["model"], "model"),
+                "hessian": optional(Spectrum, "hessian"),
+                "ggn": optional(Spectrum, "ggn"),
+                "residual": optional(Spectrum, "residual"),
+                "classmeans": optional(ClassMeans, "classmeans"),
+                "layerwise": layerwise,
+            },
+            "report",
         )
 
     # -- summary --------------------------------------------------------------------------------
@@ -355,6 +350,47 @@ class Report:
 # faster than the pure-Python ones on a 400 kB report
 SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _typed(kind: type, values: dict[str, Any], where: str) -> Any:
+    """``kind(**values)`` after checking each value against the field's declared type."""
+    hints = typing.get_type_hints(kind)
+    for name, value in values.items():
+        if name in hints:
+            _check_type(value, hints[name], f"{where}.{name}")
+    return kind(**values)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """A TypeError naming ``where`` when ``value`` is not of the type ``hint`` (floats take
+    ints; containers are checked element by element)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or (isinstance(hint, type) and isinstance(value, hint) and hint is not bool
+                       and not (hint is int and isinstance(value, bool))):  # fmt: skip
+        return
+    if origin in (types.UnionType, typing.Union):
+        for option in args:
+            try:
+                return _check_type(value, option, where)
+            except TypeError:
+                continue
+    elif hint is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return
+    elif hint is bool and isinstance(value, bool):
+        return
+    elif origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_type(item, args[0], f"{where}[{i}]")
+        return
+    elif origin is dict and isinstance(value, dict):
+        for key, item in value.items():
+            _check_type(key, args[0], f"{where} key")
+            _check_type(item, args[1], f"{where}.{key}")
+        return
+    elif hint is type(None) and value is None:
+        return
+    kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    raise TypeError(f"{cut(where, NAME_CHARS)} is {cut(repr(value), NAME_CHARS)}, not {kind}")
 
 
 def yaml_text(data: Any) -> str:
