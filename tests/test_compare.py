@@ -256,6 +256,27 @@ def test_auto_says_which_saved_choice_it_could_not_use(digits_problem, tmp_path)
                         "density_probes": 0}, progress=False, choice_file=file)  # fmt: skip
 
 
+@requires("backpack")
+def test_auto_falls_through_a_saved_choice_that_refuses_the_model(digits_problem, tmp_path):
+    """A choice saved before the model gained a feature its backend cannot handle (a forward
+    hook, which BackPACK's class means refuse): the whole auto run failed with BackPACK's
+    refusal. That quantity now falls through to the documented order, and the warning says
+    which saved choice refused."""
+    model, data = digits_problem
+    hooked = model[1].register_forward_hook(lambda module, args, output: 2 * output)
+    file = tmp_path / "choices.yaml"
+    file.write_text(yaml.safe_dump({fingerprint(model): {"choices": {"classmeans": "backpack"}}}))
+    try:
+        with pytest.warns(UserWarning, match=r"but \{'classmeans': 'backpack'\} refused this "
+                          "model; for the rest, the first installed backend"):  # fmt: skip
+            report = curvkit.analyze(model, data, "auto", ["classmeans"], top_k=2,
+                                     options={"trace_matvecs": 6, "density_probes": 0},
+                                     progress=False, choice_file=file)  # fmt: skip
+    finally:
+        hooked.remove()
+    assert report.classmeans is not None and report.config["backends"]["classmeans"] != "backpack"
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -432,8 +432,9 @@ def _analyze_auto(
     report: Report | None = None
     used: dict[str, str] = {}
     for name in dict.fromkeys(plan.values()):  # the saved choices, one run per backend
-        group = [q for q in names if plan.get(q) == name]
-        report = _merge(report, analyze(model, data, name, group, **settings), used)
+        group = [q for q in names if plan.get(q) == name]  # a feature the model has gained
+        part = analyze(model, data, name, group, **settings, skip_unsupported=True)
+        report = _merge(report, part, used)  # since the choice was saved falls through
     for name in [b for b in AUTO_ORDER if b in installed]:  # the rest, in the documented order
         remaining = [q for q in names if q not in used]
         if not remaining:
@@ -448,13 +449,16 @@ def _analyze_auto(
                                f"{'; '.join(report.skipped.values())}")  # fmt: skip
     where = choice_path(choice_file)
     unusable = {q: b for q, b in saved.items() if q in names and q not in plan}
-    if plan:
+    refused = {q: b for q, b in plan.items() if used.get(q) != b}
+    if refused:
+        source = f"the choice saved in {where}, but {shown(refused)} refused this model"
+    elif plan:
         source = f"the choice saved in {where}"
     elif unusable:
         source = f"the choice saved in {where} names {shown(unusable)}, not installed here"
     else:
         source = f"no saved choice for this model in {where}"
-    if len(plan) < len(names):
+    if len(plan) < len(names) or refused:
         source += (
             f"; for {'the rest' if plan else 'each quantity'}, the first installed backend of "
             f"{', '.join(AUTO_ORDER)} that can compute it"
