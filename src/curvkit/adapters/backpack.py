@@ -40,13 +40,10 @@ from curvkit.errors import (
 from curvkit.layers import output_positions
 from curvkit.linalg import Operator, Options, TraceEstimate
 from curvkit.linalg.operator import instead, trace
-from curvkit.linalg.trace import batch_stderr
+from curvkit.linalg.trace import SPREAD_SAMPLES, batch_stderr
 from curvkit.problem import rounding_gap
 from curvkit.report import Provenance
 
-# groups (batches, split where there are fewer) whose spread gives the Monte-Carlo traces'
-# standard error: a t with 29 degrees of freedom is nearly normal
-MC_GROUPS = 30
 STORED = ("sqrt_ggn_exact", "kflr", "kfac", "diag_h", "diag_ggn_exact", "diag_ggn_mc")
 
 
@@ -392,9 +389,9 @@ class BackPACKBackend(Backend):
             ggn = DiagGGNMC(mc_samples=self.config["mc_samples"]) if mc else DiagGGNExact()
             extensions["diag_ggn_mc" if mc else "diag_ggn_exact"] = ggn
         # the Monte-Carlo standard error comes from the spread of the groups' sums: at least
-        # MC_GROUPS of them (batches split), as two batches' spread put errors at up to 54 of
+        # SPREAD_SAMPLES of them (batches split), as two batches' spread put errors at up to 54 of
         # its standard errors (z spread 9.5 over 60 seeds; 1.7 with four batches)
-        split = math.ceil(MC_GROUPS / self.problem.summary.num_batches) if mc else 1
+        split = math.ceil(SPREAD_SAMPLES / self.problem.summary.num_batches) if mc else 1
         per_batch: list[tuple[int, float]] = []
         failure = None
         try:

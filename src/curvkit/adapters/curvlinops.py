@@ -36,7 +36,7 @@ from curvkit.features import state_kept
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
 from curvkit.linalg.operator import density, instead, top_eigen, trace
-from curvkit.linalg.trace import mean_and_stderr
+from curvkit.linalg.trace import SPREAD_SAMPLES, mean_and_stderr
 from curvkit.problem import Problem
 from curvkit.report import Provenance
 
@@ -226,14 +226,15 @@ class CurvlinopsBackend(Backend):
         self, matrix: str, param: str | None, op: Operator, options: Options, seed: int
     ) -> tuple[TraceEstimate, Provenance]:
         """curvlinops' ``hutchinson_trace``, one probe per call (their spread gives the standard
-        error). Hutch++ is curvkit's on curvlinops' products: ``hutchpp_trace`` returns one
-        number, and the spread of 3–9 runs of it (2–8 degrees of freedom) put 2 of 60 traces of
-        a digits MLP 7 error bars off at 60 products, where curvkit's had none beyond 3 and a
-        20 % smaller error. No larger than the budget, the trace is exact."""
+        error, with at least SPREAD_SAMPLES probes; with fewer, curvkit's Hutchinson on
+        curvlinops' products). Hutch++ is curvkit's on curvlinops' products: ``hutchpp_trace``
+        returns one number, and the spread of 3–9 runs of it (2–8 degrees of freedom) put 2 of
+        60 traces of a digits MLP 7 error bars off at 60 products, where curvkit's had none
+        beyond 3 and a 20 % smaller error. No larger than the budget, the trace is exact."""
         from curvlinops import hutchinson_trace
 
         budget = options.trace_matvecs
-        if options.trace_method == "hutch++" or budget >= op.size:
+        if options.trace_method == "hutch++" or budget >= op.size or budget < SPREAD_SAMPLES:
             return trace(op, options, seed, native=False)
         start = op.clock()
         operator = self.library_operator(matrix, param)

@@ -38,8 +38,8 @@ from curvkit.backend import MATRICES, Backend, CountingBatches
 from curvkit.errors import UnsupportedError, finite
 from curvkit.linalg import Density, EigenResult, Operator, Options, TraceEstimate
 from curvkit.linalg.krylov import broadened_density
-from curvkit.linalg.operator import instead, top_eigen
-from curvkit.linalg.trace import mean_and_stderr
+from curvkit.linalg.operator import instead, top_eigen, trace
+from curvkit.linalg.trace import SPREAD_SAMPLES, mean_and_stderr
 from curvkit.report import Provenance
 
 EIG_NOTE = "torch.eig (removed from torch) answered by torch.linalg.eigh for PyHessian's tridiagonal matrix"
@@ -268,7 +268,11 @@ class PyHessianBackend(Backend):
     ) -> tuple[TraceEstimate, Provenance]:
         """Hutchinson (``hessian.trace``) with ``trace_matvecs`` probes and no early stop: its rule
         ``|Δmean| / (mean + 1e-6) < tol`` holds for any tol ≥ 0 once the running mean is
-        negative (an indefinite Hessian), which stopped it after 2 probes; nothing is below −∞."""
+        negative (an indefinite Hessian), which stopped it after 2 probes; nothing is below −∞.
+        The probes' spread gives the standard error; with fewer than SPREAD_SAMPLES, whose
+        spread is no honest one, curvkit's estimator runs on PyHessian's products instead."""
+        if options.trace_matvecs < SPREAD_SAMPLES:
+            return trace(op, options, seed, native=False)
         start, passes = op.clock(), self.passes
         with self._engine(matrix, param, seed) as engine:
             samples = engine.trace(maxIter=options.trace_matvecs, tol=-math.inf)
