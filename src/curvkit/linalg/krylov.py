@@ -260,7 +260,8 @@ def lanczos(
     newest block (started from random vectors in the complement) to have converged its largest
     Ritz value below θ_k, which shows that the complement holds nothing of the top k. Without
     such a breakdown, an eigenvalue repeated more often than the block size is seen only
-    through rounding and can be missed. ``max_iter`` bounds the products (default
+    through rounding and can be missed (``operator.top_eigen`` looks for the missing copies
+    where the values found tie). ``max_iter`` bounds the products (default
     max(6k + 40, 100) · (1 + block/4), at most dim). Deterministic for a given ``seed``.
     """
     if not 1 <= k <= dim:
