@@ -242,10 +242,10 @@ def top_eigen(
     """The k algebraically largest eigenpairs of ``what`` (words for a warning): the native
     routine, else curvkit's Lanczos. Unconverged pairs are approximate: the provenance says
     "not converged" and a warning says what would help."""
-    if not native:  # curvkit's, in place of a native routine (``instead``), which says the rest
-        return _lanczos(op, k, options, seed)
-    routine = op.native.get("top_eigen") or functools.partial(_lanczos, op)
+    routine = (native and op.native.get("top_eigen")) or functools.partial(_lanczos, op)
     result, provenance = _every_copy(op, *routine(k, options, seed), options, seed)
+    if not native:  # curvkit's, in place of a native routine (``instead``), which says the rest
+        return result, provenance
     if not result.converged:
         provenance.note = "; ".join(filter(None, ["not converged", provenance.note]))
         advice = result.stopped_by or (
