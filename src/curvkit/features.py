@@ -220,7 +220,7 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     replace a Parameter; and ``torch.func.functional_call`` leaves its arguments in place of
     the Parameters of a module reachable by two names (pytorch/pytorch#164759)."""
     saved = [
-        (m, dict(vars(m)), [(v, copy.copy(v)) for v in vars(m).values() if isinstance(v, (dict, set))])
+        (m, dict(vars(m)), [(v, v.copy()) for v in vars(m).values() if isinstance(v, (dict, set))])
         for m in model.modules()
     ]  # fmt: skip
     try:
