@@ -415,6 +415,21 @@ def test_names_of_any_length_give_short_messages(name):
     assert len(str(caught.value)) == 1000 and " … " in str(caught.value)
 
 
+def test_names_that_do_not_print_give_one_line_messages():
+    """A module named with a newline split curvkit's sentence over two lines, and one holding
+    a terminal escape (``\\x1b[31m``) coloured the terminal it was printed on: every curvkit
+    message and warning now shows such characters as their escapes."""
+    model = nn.Sequential()
+    model.add_module("first\nsecond", nn.Linear(64, 8))
+    model.add_module("act\x1b[31m", nn.Tanh())
+    model.add_module("head", nn.Linear(8, 10))
+    model.double()[0].register_full_backward_hook(lambda module, grad_in, grad_out: None)
+    with pytest.raises(UnsupportedError, match="torchfunc") as caught:  # torch.func cannot
+        curvkit.analyze(model, digits_batches(), "torchfunc", ["hessian"], progress=False)
+    message = str(caught.value)
+    assert "backward hooks on module(s) first\\nsecond" in message and message.isprintable()
+
+
 def test_classes_without_examples_are_named_in_a_short_warning():
     """30 outputs, 10 classes in the data: the 20 without examples are left out of the class
     means, and the warning names ten of them (before: every one, 5 kB for 990 classes)."""

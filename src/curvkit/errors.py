@@ -27,6 +27,13 @@ def cut(text: str, most: int) -> str:
     return f"{text[: most - tail - 3]} … {text[-tail:]}"
 
 
+def printable(text: str) -> str:
+    """``text`` with each character that does not print (a newline, a terminal escape) as its
+    escape sequence: a message is one line whatever names went into it (a module named
+    ``"a\\nb"`` split curvkit's sentence, and one holding ``"\\x1b[31m"`` coloured the terminal)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message ("" when it has none), cut to QUOTED_CHARS
     characters, for quoting it (a user's exception may carry a megabyte of text)."""
@@ -64,16 +71,16 @@ def warn(message: str) -> None:
         or frame.f_code.co_filename in (contextlib.__file__, functools.__file__)
     ):
         frame, level = frame.f_back, level + 1
-    warnings.warn(cut(message, MESSAGE_CHARS), stacklevel=level)
+    warnings.warn(cut(printable(message), MESSAGE_CHARS), stacklevel=level)
 
 
 class CurvkitError(Exception):
-    """Base class of every error curvkit raises on purpose; its message is cut to
+    """Base class of every error curvkit raises on purpose; its message is one line cut to
     MESSAGE_CHARS, whatever names or values went into it (a class or module name may be
-    100 000 characters long)."""
+    100 000 characters long, or hold a newline)."""
 
     def __str__(self) -> str:
-        return cut(super().__str__(), MESSAGE_CHARS)
+        return cut(printable(super().__str__()), MESSAGE_CHARS)
 
 
 class InvalidInputError(CurvkitError, ValueError):
@@ -88,7 +95,7 @@ class BackendNotFoundError(CurvkitError, KeyError):
     """No backend of that name is registered."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return cut(str(self.args[0]), MESSAGE_CHARS) if self.args else ""
+        return cut(printable(str(self.args[0])), MESSAGE_CHARS) if self.args else ""
 
 
 class MissingDependencyError(CurvkitError, ImportError):
