@@ -767,7 +767,7 @@ def _rop_gap(
                         [found[n].reshape(-1) if n in found else torch.zeros_like(p).reshape(-1)
                          for n, p in params.items()]
                     ).to(rows)  # fmt: skip
-        except (NotImplementedError, RuntimeError) as error:
+        except (NotImplementedError, RuntimeError, ValueError, TypeError) as error:
             return f"failing: {first_line(error)[:120].rstrip('.')}"
     off = float((rows - exact).abs().max() / exact.abs().max().clamp_min(1e-300))
     return f"{off:.0e} off double backward's" if off > _rounding(exact.dtype) else ""

@@ -238,7 +238,7 @@ class Report:
         return _typed(
             cls,
             {
-                **{k: v for k, v in data.items() if k not in QUANTITIES},
+                **{k: v for k, v in data.items() if k in typing.get_type_hints(cls)},
                 "model": _typed(ModelInfo, data["model"], "model"),
                 "hessian": optional(Spectrum, "hessian"),
                 "ggn": optional(Spectrum, "ggn"),
