@@ -2671,21 +2671,3 @@ def test_every_copy_of_a_repeated_eigenvalue_is_found(name):
     assert report.ggn.converged
     rtol = 1e-4 if name == "pyhessian" else 1e-6
     assert float((found - exact).abs().max()) <= rtol * float(exact[0])
-
-
-@pytest.mark.parametrize("name", BACKENDS)
-def test_an_overlap_with_an_eigenspace_that_is_not_unique_is_nan(name):
-    """The zero-initialised linear classifier's G has λ₁ 9-fold and λ₁₀ = λ₁₁ = …: its top-10
-    eigenspace holds one copy of λ₁₀ chosen by the solver, and the class-mean overlap came out
-    0.7358 on torchfunc and BackPACK and 0.7478 on curvlinops (the layer's 0.8406, 0.8419,
-    0.8638). Where λ_k ties λ_{k+1} the overlap is now NaN, with the reason in provenance."""
-    model = nn.Sequential(nn.Linear(64, 10)).double()
-    nn.init.zeros_(model[0].weight), nn.init.zeros_(model[0].bias)
-    report = curvkit.analyze(model, digits_batches(), name, ["classmeans", "layerwise"],
-                             top_k=12, progress=False, skip_unsupported=True, options=QUICK)  # fmt: skip
-    overlaps = dict(report.classmeans.overlap)
-    if report.layerwise:  # PyHessian gives no Kronecker factors
-        overlaps.update({f"layer {k}": v for k, v in report.layerwise["0"].overlap.items()})
-        assert "not unique" in report.layerwise["0"].provenance["overlap"].note
-    assert all(math.isnan(v) for v in overlaps.values()), overlaps
-    assert "not unique" in report.classmeans.provenance["overlap_ggn"].note

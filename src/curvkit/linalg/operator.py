@@ -258,26 +258,6 @@ def top_eigen(
     return result, provenance
 
 
-def top_eigen_and_next(
-    op: Operator, k: int, options: Options, seed: int, what: str = ""
-) -> tuple[EigenResult, Provenance, float | None]:
-    """``top_eigen`` for k + 1 pairs, returned as the top k and λ_{k+1} (None at the
-    operator's size, or where the extra pair does not fit the memory budget: the top k
-    alone then), which says whether the top-k eigenspace is unique (``top_space_unique``)."""
-    if k < op.size:
-        try:
-            result, provenance = top_eigen(op, k + 1, options, seed, what=what)
-        except UnsupportedError:  # one pair beyond the budget's room: the top k alone
-            pass
-        else:
-            following = float(result.values[k])
-            return dataclasses.replace(
-                result, values=result.values[:k], vectors=result.vectors[:, :k],
-                residuals=result.residuals[:k],
-            ), provenance, following  # fmt: skip
-    return *top_eigen(op, k, options, seed, what=what), None
-
-
 def _every_copy(
     op: Operator, result: EigenResult, provenance: Provenance, options: Options, seed: int
 ) -> tuple[EigenResult, Provenance]:

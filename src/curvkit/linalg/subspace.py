@@ -4,7 +4,6 @@ eigenvalues of ``L Lᵀ`` from ``Lᵀ L``, and products that reduce over P (``lo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -40,20 +39,6 @@ def subspace_overlap(u: Tensor, v: Tensor) -> float:
     NaN when one is empty, e.g. the span of class means that are all 0)."""
     k = min(u.shape[1], v.shape[1])
     return float(long_matmul(u.T, v).pow(2).sum()) / k if k else math.nan
-
-
-def top_space_unique(values: Sequence[float] | Tensor, following: float | None, tol: float) -> bool:
-    """Whether the eigenspace of the descending top ``values`` is unique: the last lies above
-    the next eigenvalue ``following`` by more than ``tol`` of the largest magnitude (True
-    where ``following`` is None: unknown or none). Where they tie, which copies span it is
-    arbitrary, and so is an overlap with it (a zero-initialised classifier's G, every
-    eigenvalue 9-fold: the class-mean overlap came out 0.7358 on one backend and 0.7478 on
-    another)."""
-    values = [float(v) for v in values]
-    if following is None or not values:
-        return True
-    scale = max(max(abs(v) for v in values), abs(following)) or 1.0
-    return values[-1] - following > tol * scale
 
 
 def orthonormal_basis(vectors: Tensor, rtol: float = 1e-10) -> Tensor:

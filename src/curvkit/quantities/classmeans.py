@@ -39,8 +39,8 @@ from curvkit.backend import Backend
 from curvkit.distributed import all_gather_objects
 from curvkit.errors import InvalidInputError, listed, warn
 from curvkit.linalg import Operator, gram_eigenvalues, orthonormal_basis, subspace_overlap
-from curvkit.linalg.operator import top_eigen, top_eigen_and_next, trace
-from curvkit.linalg.subspace import long_matmul, top_space_unique
+from curvkit.linalg.operator import top_eigen, trace
+from curvkit.linalg.subspace import long_matmul
 from curvkit.report import ClassMeans, Provenance
 
 if TYPE_CHECKING:
@@ -217,18 +217,8 @@ def classmeans(
                 backend.name, "refused", note=refused[matrix]
             )
             continue
-        top[matrix], vectors, following = _top_eigen(
-            backend, matrix, count, seed, spectra, provenance
-        )
-        if top_space_unique(top[matrix], following, backend.options.lanczos_tol):
-            overlap[matrix] = subspace_overlap(vectors, class_basis)
-        else:
-            overlap[matrix] = math.nan
-            provenance[f"overlap_{matrix}"] = Provenance(
-                backend.name, "undefined",
-                note=f"λ_C = λ_C+1 = {following:.6g}: the top-{count} eigenspace is not "
-                "unique, and its overlap depends on which copies were found",
-            )  # fmt: skip
+        top[matrix], vectors = _top_eigen(backend, matrix, count, seed, spectra, provenance)
+        overlap[matrix] = subspace_overlap(vectors, class_basis)
     ritz = []  # none when every class mean is 0 (a network whose G is 0)
     if class_basis.shape[1]:
         started = ggn.clock()
@@ -285,25 +275,24 @@ def _top_eigen(
     seed: int,
     spectra: Report | None,
     provenance: dict[str, Provenance],
-) -> tuple[list[float], Tensor, float | None]:
-    """Top-``count`` eigenvalues and eigenvectors of ``matrix`` and the next eigenvalue (None
-    where unknown): reused from the report when it has them."""
+) -> tuple[list[float], Tensor]:
+    """Top-``count`` eigenvalues and eigenvectors of ``matrix``: reused from the report when it
+    has them."""
     known = getattr(spectra, matrix, None) if spectra is not None else None
     if (
         known is not None
         and known.eigenvectors is not None
         and known.eigenvectors.shape[1] >= count
     ):
-        following = known.top_eigenvalues[count] if len(known.top_eigenvalues) > count else None
-        return known.top_eigenvalues[:count], known.eigenvectors[:, :count], following
-    result, provenance[f"lanczos_{matrix}"], following = top_eigen_and_next(
+        return known.top_eigenvalues[:count], known.eigenvectors[:, :count]
+    result, provenance[f"lanczos_{matrix}"] = top_eigen(
         backend.operator(matrix),
         count,
         backend.options,
         seed,
         what=f"the {matrix}'s top {count} in the class-mean overlap",
     )
-    return [float(v) for v in result.values], result.vectors, following
+    return [float(v) for v in result.values], result.vectors
 
 
 def _coordinates(group: GroupMeans, class_term_gram: Tensor) -> dict[str, object]:

@@ -33,8 +33,7 @@ from curvkit.features import model_features
 from curvkit.layers import kronecker_layers, kronecker_shape
 from curvkit.linalg import subspace_overlap
 from curvkit.linalg.krylov import normalised_w1
-from curvkit.linalg.operator import density, integer, top_eigen, top_eigen_and_next, trace
-from curvkit.linalg.subspace import top_space_unique
+from curvkit.linalg.operator import density, integer, top_eigen, trace
 from curvkit.linalg.trace import TraceEstimate
 from curvkit.problem import differentiable_kernels, model_guard
 from curvkit.report import Layer, Provenance, Spectrum
@@ -145,17 +144,13 @@ def layerwise(
         shape = kronecker_shape(modules[name])
         hessian_block = backend.operator("hessian", f"{name}.weight")
         k = min(top_k, hessian_block.size)
-        exact, exact_prov, following = top_eigen_and_next(
+        exact, exact_prov = top_eigen(
             hessian_block, k, options, seed, what=f"layer {name}'s Hessian block"
         )
-        exact_g, exact_g_prov, following_g = top_eigen_and_next(
+        exact_g, exact_g_prov = top_eigen(
             backend.operator("ggn", f"{name}.weight"), k, options, seed,
             what=f"layer {name}'s G block",
         )  # fmt: skip
-        unique = {
-            "hessian": top_space_unique(exact.values, following, options.lanczos_tol),
-            "ggn": top_space_unique(exact_g.values, following_g, options.lanczos_tol),
-        }
         provenance = {
             "kronecker": factor_prov,
             "top_eigenvalues": exact_prov,
@@ -176,29 +171,16 @@ def layerwise(
         else:
             a_values, a_vectors = psd_eigh(factors[name].A)
             kron_values, kron_vectors = kronecker_top(
-                psd_eigh(factors[name].B), (a_values, a_vectors), min(k + 1, hessian_block.size)
+                psd_eigh(factors[name].B), (a_values, a_vectors), k
             )
-            kron_unique = top_space_unique(
-                kron_values[:k], float(kron_values[k]) if len(kron_values) > k else None,
-                options.lanczos_tol,
-            )  # fmt: skip
-            kron_values, kron_vectors = kron_values[:k], kron_vectors[:, :k]
             kronecker.update(
                 top_eigenvalues=[float(v) for v in kron_values],
                 A_top_share=float(a_values.max() / a_values.sum()),
             )
             overlap = {
-                m: subspace_overlap(r.vectors, kron_vectors.to(r.vectors))
-                if unique[m] and kron_unique
-                else math.nan
-                for m, r in (("hessian", exact), ("ggn", exact_g))
+                "hessian": subspace_overlap(exact.vectors, kron_vectors.to(exact.vectors)),
+                "ggn": subspace_overlap(exact_g.vectors, kron_vectors.to(exact_g.vectors)),
             }
-            if not all(unique.values()) or not kron_unique:
-                provenance["overlap"] = Provenance(
-                    backend.name, "undefined",
-                    note=f"λ_{k} = λ_{k + 1} in the block or in B ⊗ A: a top-{k} eigenspace is "
-                    "not unique, and an overlap with it depends on which copies were found",
-                )  # fmt: skip
         layers[name] = Layer(
             shape=list(shape),
             trace=estimate.value,
